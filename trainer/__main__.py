@@ -1,0 +1,123 @@
+"""``python -m trainer`` / ``torchrun -m trainer``: load the config, run the Worker, exit with a code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from trainer import checkpoint, config, distributed, models
+from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
+from trainer.logs import add_rank_file, log, setup_console
+from trainer.signals import StopRequest
+
+STOP_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="Train an image classifier (one process per device).",
+        epilog="Example: python -m trainer -c configs/demo.yaml optim.lr=0.1 model.name=resnet18")
+    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML config file; repeat to layer several (later ones win)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.1")
+    return parser.parse_args(argv)
+
+
+@record
+def run(argv: list[str] | None = None) -> int:
+    """Everything but the process exit: returns the exit code (see trainer.errors)."""
+    args = parse_args(argv)
+    topology = distributed.discover()
+    setup_console(topology.rank)
+    debug = os.environ.get("TRAINER_DEBUG") == "1" or any(o.strip() == "log.debug=true" for o in args.overrides)
+    env = None
+    try:
+        cfg = config.load(args.config, args.overrides)
+        debug = debug or cfg.log.debug
+        setup_console(topology.rank, debug)
+        models.resolve_name(cfg.model.name)
+        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
+        run_dir = _agree_run_dir(env, cfg)
+        from trainer.worker import Worker
+
+        stop = StopRequest()
+        worker = Worker(cfg, env, run_dir, stop)
+        if resume_from is not None:
+            worker.resume(resume_from)
+        stop.install(STOP_SIGNALS)
+        code = worker.fit()
+        del worker
+        distributed.teardown(env)
+        return code
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        if topology.rank == 0 or not isinstance(exc, ConfigError):
+            prefix = "error" if topology.rank == 0 else f"error [rank {topology.rank}]"
+            print(f"{prefix}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
+    """Rank 0 creates the run directory and saves the resolved config; every rank then uses it."""
+    run_dir = cfg.run_dir.resolve()
+    problem = None
+    if env.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        except OSError as exc:
+            problem = (f"cannot write the run directory {run_dir} ({exc.strerror or exc}); "
+                       "choose a writable log.output_dir")
+    problem = distributed.broadcast_object(env, problem)
+    if problem:
+        raise UserError(problem)
+    add_rank_file(run_dir, env.rank)
+    return run_dir
+
+
+def _resume_source(resume: str, run_dir: Path) -> Path | None:
+    """``auto``: the run directory's latest checkpoint, if any; ``never``; or an explicit path."""
+    found = checkpoint.latest(run_dir)
+    if resume == "auto":
+        return found
+    if resume == "never":
+        if found is not None:
+            raise ConfigError(f"ckpt.resume=never but {run_dir} already holds checkpoints; "
+                              "choose another log.name, or ckpt.resume=auto to continue it")
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt.resume: checkpoint '{path}' not found (use auto, never or a file path)")
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    qualified = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(qualified):] if last.startswith(qualified) else last
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run, flush every sink, and exit without running interpreter teardown.
+
+    ``os._exit`` avoids a gloo thread aborting the process while Python finalizes.
+    """
+    code = run(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

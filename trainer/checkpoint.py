@@ -1,0 +1,131 @@
+"""Checkpoint files: atomic writes, safe loads, retention, and finding what to resume from.
+
+Layout under ``run_dir/checkpoints``: ``step_<global step>.pt`` files (the newest ``keep_last``
+are kept), ``last.pt`` (the newest) and ``best.pt`` (the best by the configured metric). The
+last two are hard links to a step file where the filesystem allows, so they cost no space.
+A checkpoint holds only tensors and plain Python values: ``torch.load(weights_only=True)`` loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import CheckpointError
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` so that a crash at any moment leaves the old file intact.
+
+    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); "
+                                  "the previous checkpoint is untouched") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def link_atomic(source: Path, alias: Path) -> None:
+    """Make ``alias`` (e.g. ``last.pt``) name the same file as ``source``, atomically."""
+    tmp = alias.with_name(f".{alias.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # filesystems without hard links: fall back to a copy
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, alias)
+    _fsync_dir(alias.parent)
+
+
+def step_files(folder: Path) -> list[Path]:
+    """The ``step_*.pt`` files in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step files; return what was removed."""
+    old = step_files(folder)[:-keep_last] if keep_last > 0 else []
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint a ``resume: auto`` run continues from, if any."""
+    last = checkpoint_dir(run_dir) / "last.pt"
+    if last.is_file():
+        return last
+    steps = step_files(checkpoint_dir(run_dir))
+    return steps[-1] if steps else None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, refusing anything but tensors and plain values."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
+                              f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
+                              f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
+    """Load weights strictly; on any mismatch, name the differing keys and shapes in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(weights)) if weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("shape checkpoint vs model", shapes)) if items]
+        raise CheckpointError(f"{origin} does not match the model ({'; '.join(parts)}); "
+                              "check model.name and the number of classes")
+    model.load_state_dict(weights)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

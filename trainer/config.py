@@ -1,0 +1,283 @@
+"""The configuration schema and its loader: defaults < YAML files < ``key=value`` overrides.
+
+The dataclasses below are the single source of truth for every key; ``configs/default.yaml``
+mirrors them with comments (a test keeps the two in sync). Unknown keys, wrong types and invalid
+values raise :class:`ConfigError` with one line that names the key and the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    root: str = ""
+    download: bool = False
+    cache_dir: str = "~/.cache/launchpad"
+    synthetic_classes: int = 6
+    synthetic_train_per_class: int = 500
+    synthetic_val_per_class: int = 100
+    synthetic_seed: int = 0
+    image_size: int = 32
+    val_crop_fraction: float = 1.0
+    random_resized_crop: bool = True
+    crop_scale_min: float = 0.35
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    batch_size: int = 64
+    val_batch_size: int = 0
+    num_workers: int = 2
+    persistent_workers: bool = True
+    pin_memory: bool = True
+    on_bad_sample: str = "error"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smallcnn"
+    init: str = "default"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    decay_norm_and_bias: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    step_epochs: float = 10.0
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    seed: int = 0
+    precision: str = "auto"
+    label_smoothing: float = 0.1
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0
+    on_nonfinite_loss: str = "stop"
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = "auto"
+    keep_last: int = 1
+    metric: str = "val/top1"
+    mode: str = "max"
+
+
+@dataclass
+class DistConfig:
+    device: str = "auto"
+    backend: str = "auto"
+    timeout_s: float = 300.0
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class LogConfig:
+    output_dir: str = "runs"
+    name: str = "default"
+    every_steps: int = 50
+    progress_bar: str = "auto"
+    tensorboard: bool = True
+    debug: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: every file of this run (logs, checkpoints, config) lives here."""
+        return Path(os.path.expanduser(self.log.output_dir)) / self.log.name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
+    "data.on_bad_sample": ("error", "skip"),
+    "model.init": ("default", "kaiming", "xavier"),
+    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
+    "sched.name": ("cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.on_nonfinite_loss": ("stop", "skip"),
+    "ckpt.mode": ("max", "min"),
+    "dist.device": ("auto", "cpu", "cuda", "mps"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "log.progress_bar": ("auto", "on", "off"),
+}
+"""Keys restricted to a set of values (matched case-insensitively, stored lower-case)."""
+
+POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
+            "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
+NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
+                "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
+                "sched.min_lr_ratio", "data.synthetic_seed", "train.seed")
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every leaf key of the schema as a dotted path, mapped to its Python type."""
+    keys: dict[str, type] = {}
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys.update(schema_keys(f.default_factory, path + "."))  # type: ignore[arg-type]
+        else:
+            keys[path] = f.type  # type: ignore[assignment]
+    return keys
+
+
+def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ()) -> Config:
+    """Build the config from the defaults, then each YAML file in order, then the overrides."""
+    known = schema_keys()
+    merged = OmegaConf.structured(Config)
+    layers = [(str(path), _read_yaml(Path(path))) for path in files]
+    layers += [(f"override '{item}'", _parse_override(item)) for item in overrides]
+    for origin, layer in layers:
+        for key in _leaf_keys(layer):
+            if key not in known:
+                raise ConfigError(f"unknown key '{key}' in {origin}{_suggest(key, known)}")
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(
+                f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
+                f"(in {origin})") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values against :data:`CHOICES`, :data:`POSITIVE` and :data:`NON_NEGATIVE`."""
+    for key, allowed in CHOICES.items():
+        value = str(get(cfg, key)).lower()
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{get(cfg, key)}' is not one of {', '.join(allowed)}"
+                              f"{_suggest(value, allowed, 'value')}")
+        _set(cfg, key, value)
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
+        raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        raise ConfigError("data.mean and data.std need 3 values each, std > 0, e.g. data.std=[0.25,0.25,0.25]")
+    if cfg.data.source != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
+    if not cfg.log.name or "/" in cfg.log.name:
+        raise ConfigError(f"log.name: '{cfg.log.name}' must be a non-empty folder name without '/'")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (safe to store in a checkpoint or JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text, as printed at start-up and saved in the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def get(cfg: Any, key: str) -> Any:
+    """The value at a dotted key, e.g. ``get(cfg, "optim.lr")``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, leaf, value)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: report the position, not a traceback
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
+    if layer is None or isinstance(layer, ListConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, e.g. 'optim:\\n  lr: 0.1'")
+    return layer
+
+
+def _parse_override(item: str) -> DictConfig:
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=0.1")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override '{item}' could not be parsed: {exc}".splitlines()[0]) from None
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return [prefix.rstrip(".")]
+    keys: list[str] = []
+    for key in node.keys():
+        keys += _leaf_keys(node[key], f"{prefix}{key}.")
+    return keys
+
+
+def _suggest(word: str, options: Iterable[str], what: str = "key") -> str:
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    leaf = word.rsplit(".", 1)[-1]
+    close += [o for o in options if o.rsplit(".", 1)[-1] == leaf and o not in close]
+    return f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else f"; see configs/default.yaml for every {what}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _value_of(layer: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(layer, key)
+    except OmegaConfBaseException:
+        return "?"

@@ -1,0 +1,228 @@
+"""Data sets, transforms, samplers and loaders.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): each sample seeds its
+own transform. The batches a rank sees therefore do not depend on the number of DataLoader
+workers, and a run resumed in the middle of an epoch sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torchvision import datasets, transforms
+
+from trainer.config import DataConfig
+from trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_SETS: dict[str, tuple[type, str]] = {
+    "cifar10": (datasets.CIFAR10, "CIFAR-10 (cifar-10-batches-py/)"),
+    "cifar100": (datasets.CIFAR100, "CIFAR-100 (cifar-100-python/)"),
+    "mnist": (datasets.MNIST, "MNIST (MNIST/raw/)"),
+    "fashionmnist": (datasets.FashionMNIST, "FashionMNIST (FashionMNIST/raw/)"),
+}
+
+
+@dataclass
+class Splits:
+    """The train and validation sets (yielding PIL images and int labels) and the class names."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+
+def prepare(cfg: DataConfig) -> None:
+    """One-time work before the data sets are opened (generate the synthetic set, download).
+
+    Call it on one process per node, then barrier, then :func:`load_splits` on every process.
+    """
+    if cfg.source == "synthetic":
+        _synthetic_root(cfg, create=True)
+    elif cfg.source in TORCHVISION_SETS and cfg.download:
+        load_splits(cfg, download=True)
+
+
+def load_splits(cfg: DataConfig, download: bool = False) -> Splits:
+    """Open the configured data source without transforms."""
+    if cfg.source == "synthetic":
+        return _image_folder_splits(_synthetic_root(cfg, create=False))
+    if cfg.source == "imagefolder":
+        return _image_folder_splits(Path(os.path.expanduser(cfg.root)))
+    return _torchvision_splits(cfg, download)
+
+
+def _synthetic_root(cfg: DataConfig, create: bool) -> Path:
+    from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+    spec = SyntheticSpec(num_classes=cfg.synthetic_classes, train_per_class=cfg.synthetic_train_per_class,
+                         val_per_class=cfg.synthetic_val_per_class, image_size=cfg.image_size,
+                         seed=cfg.synthetic_seed)
+    try:
+        return ensure_synthetic_dataset(os.path.expanduser(cfg.cache_dir), spec)
+    except ValueError as exc:
+        raise DataError(f"synthetic data: {exc}") from None
+
+
+def _image_folder_splits(root: Path) -> Splits:
+    if not root.is_dir():
+        raise DataError(f"data.root '{root}' does not exist; point data.root at a folder with train/ and val/")
+    found = {}
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"data.root '{root}' has no {split}/ folder; expected {root}/{split}/<class>/<image>")
+        try:
+            found[split] = datasets.ImageFolder(str(root / split))
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"{root / split}: {' '.join(str(exc).split())}") from None
+    train, val = found["train"], found["val"]
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"train/ and val/ under '{root}' have different classes "
+                        f"(only in train: {only_train or '-'}; only in val: {only_val or '-'})")
+    return Splits(train, val, list(train.classes))
+
+
+def _torchvision_splits(cfg: DataConfig, download: bool) -> Splits:
+    cls, layout = TORCHVISION_SETS[cfg.source]
+    root = os.path.expanduser(cfg.root)
+    try:
+        train = cls(root, train=True, download=download)
+        val = cls(root, train=False, download=download)
+    except RuntimeError as exc:
+        hint = ("downloading failed or is impossible here; copy the files there by hand"
+                if download else "set data.download=true to fetch it, or copy the files there")
+        raise DataError(f"{layout} not found or corrupt under data.root='{root}' ({str(exc).splitlines()[0]}); "
+                        f"{hint}") from None
+    except OSError as exc:  # URLError and socket errors when the download has no network
+        raise DataError(f"downloading {layout} to '{root}' failed ({exc}); "
+                        "copy the files there by hand and keep data.download=false") from None
+    return Splits(train, val, list(train.classes))
+
+
+def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
+    """Train: random resized crop and flip (each optional); val: resize and centre crop."""
+    size = cfg.image_size
+    steps: list[Callable] = [_to_rgb]
+    if train and cfg.random_resized_crop:
+        steps.append(transforms.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), antialias=True))
+    else:
+        steps += [transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
+                  transforms.CenterCrop(size)]
+    if train and cfg.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
+    return transforms.Compose(steps)
+
+
+def _to_rgb(image: Any) -> Any:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+SampleKey = tuple[int, int]
+"""(epoch, index): what the samplers yield and :class:`SeededTransformDataset` reads."""
+
+
+class SeededTransformDataset(Dataset):
+    """Applies ``transform`` to ``base[index]`` with the torch RNG seeded from (seed, epoch, index).
+
+    Unreadable samples raise :class:`DataError` naming the file, or, with ``skip_bad``, become
+    ``None`` so :func:`collate_skipping_bad` drops and counts them.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int, skip_bad: bool = False) -> None:
+        self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
+        epoch, index = key
+        try:
+            image, target = self.base[index]
+        except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
+            if self.skip_bad:
+                return None
+            raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
+                            "fix or remove it, or set data.on_bad_sample=skip") from None
+        state = torch.get_rng_state()
+        torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            return self.transform(image), target
+        finally:
+            torch.set_rng_state(state)
+
+    def _describe(self, index: int) -> str:
+        samples: Sequence | None = getattr(self.base, "samples", None)
+        return f"'{samples[index][0]}'" if samples else f"#{index}"
+
+
+def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; also return how many were dropped as unreadable."""
+    good = [sample for sample in batch if sample is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    images, targets = default_collate(good)
+    return images, targets, len(batch) - len(good)
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler that yields (epoch, index) keys and can start part-way into an epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_start(self, samples_done: int) -> None:
+        """Skip the first ``samples_done`` samples of this rank's shard (resume mid-epoch)."""
+        self.start = samples_done
+
+    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class EvalSampler(Sampler[SampleKey]):
+    """Every sample exactly once across ranks, no padding: rank r takes indices r, r+W, r+2W..."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, size, num_replicas)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return iter([(0, index) for index in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker distinct Python and NumPy seeds derived from torch's."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataConfig,
+                 device: torch.device, seed: int, drop_last: bool) -> DataLoader:
+    """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds."""
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate_skipping_bad, pin_memory=cfg.pin_memory and device.type == "cuda",
+        drop_last=drop_last, persistent_workers=cfg.persistent_workers and workers > 0,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if workers > 0 else None,
+    )

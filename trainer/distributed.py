@@ -1,0 +1,221 @@
+"""Who am I in the job (rank, local rank, world size), which device and backend, init and teardown.
+
+The Worker reads only the standard variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``) that python, torchrun, accelerate and our launcher set, and falls
+back to ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` under a plain ``srun``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the job, as read from the environment."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    source: str = "single process"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The resolved process: its topology, device and (when distributed) backend."""
+
+    topology: Topology
+    device: torch.device
+    backend: str | None
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.topology.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+
+def discover(environ: dict[str, str] | None = None) -> Topology:
+    """Read the topology from torchrun-style variables, else from SLURM's, else single process.
+
+    torchrun inside an sbatch job sets both (with ``SLURM_NTASKS=1``), so the standard ones win.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return Topology(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world,
+                        int(env.get("LOCAL_WORLD_SIZE", world)), "RANK/WORLD_SIZE")
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        world = int(env["SLURM_NTASKS"])
+        per_node = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
+        return Topology(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
+                        per_node or world, "SLURM_PROCID/SLURM_NTASKS")
+    return Topology()
+
+
+def slurm_master_address(environ: dict[str, str] | None = None) -> tuple[str, int]:
+    """The rendezvous host (first host of the job's node list) and a port derived from the job id."""
+    env = os.environ if environ is None else environ
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                               capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EnvironmentProblem(f"cannot expand SLURM node list '{nodelist}' with scontrol ({exc}); "
+                                 "set MASTER_ADDR and MASTER_PORT yourself") from None
+    if not hosts:
+        raise EnvironmentProblem(f"SLURM node list '{nodelist}' is empty; set MASTER_ADDR and MASTER_PORT")
+    try:
+        socket.getaddrinfo(hosts[0], None)
+    except socket.gaierror:
+        raise EnvironmentProblem(f"cannot resolve the first SLURM host '{hosts[0]}'; "
+                                 "set MASTER_ADDR to an address every node can reach") from None
+    return hosts[0], 20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000
+
+
+def select_device(requested: str, topology: Topology) -> torch.device:
+    """CUDA (one device per local rank), else MPS (single process only), else CPU."""
+    cuda, mps = torch.cuda.is_available(), _mps_available()
+    if requested == "cuda" and not cuda:
+        raise EnvironmentProblem("dist.device=cuda but no CUDA device is visible; use dist.device=auto or cpu")
+    if requested == "mps" and not mps:
+        raise EnvironmentProblem("dist.device=mps but MPS is not available here; use dist.device=auto or cpu")
+    kind = requested if requested != "auto" else "cuda" if cuda else "mps" if mps else "cpu"
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if topology.local_rank >= count:
+            raise EnvironmentProblem(
+                f"local rank {topology.local_rank} has no GPU: {count} visible for "
+                f"{topology.local_world_size} processes per node; start at most {count} per node")
+        return torch.device("cuda", topology.local_rank)
+    if kind == "mps":
+        if topology.world_size > 1:
+            if requested == "mps":
+                raise EnvironmentProblem("MPS supports one process only (no process groups); "
+                                         "run a single process or use dist.device=cpu")
+            kind = "cpu"
+        else:
+            return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
+    """Resolve this process and, when the job has several, join the process group."""
+    topology = discover()
+    dev = select_device(device, topology)
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // topology.local_world_size))
+    if topology.world_size == 1:
+        return DistEnv(topology, dev, None)
+    chosen = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
+    if chosen == "nccl" and dev.type != "cuda":
+        raise EnvironmentProblem("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(chosen, store=_rendezvous_store(topology, timeout_s), rank=topology.rank,
+                            world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
+                            device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(topology, dev, chosen)
+
+
+def _rendezvous_store(topology: Topology, timeout_s: float) -> dist.Store:
+    """A TCPStore namespaced by torchrun's restart count.
+
+    Restarted workers (``torchrun --max-restarts``) reuse the agent's store, where the dead
+    workers' keys still live (pytorch#135712); a per-attempt prefix gives each attempt a clean one.
+    """
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    elif "SLURM_JOB_ID" in os.environ:
+        host, port = slurm_master_address()
+    else:
+        raise EnvironmentProblem(f"WORLD_SIZE={topology.world_size} but MASTER_ADDR/MASTER_PORT are unset; "
+                                 "start with torchrun or python -m launcher")
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    try:
+        store = dist.TCPStore(host, port, topology.world_size,
+                              is_master=topology.rank == 0 and not agent_hosts_store,
+                              timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise EnvironmentProblem(f"cannot open the rendezvous store at {host}:{port} ({reason}); "
+                                 "is the port busy? choose another MASTER_PORT") from None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"attempt_{attempt}", store)
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if env.is_distributed:
+        if env.backend == "nccl":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(env: DistEnv, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not env.is_distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(env: DistEnv, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
+    if not env.is_distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def teardown(env: DistEnv) -> None:
+    """Leave the process group cleanly so no gloo thread outlives the interpreter."""
+    if not env.is_distributed or not dist.is_initialized():
+        return
+    gc.collect()
+    try:
+        barrier(env)
+    finally:
+        dist.destroy_process_group()
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())

@@ -1,0 +1,29 @@
+"""Errors a user can fix, and the process exit codes the Worker documents."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3
+"""Stopped by a signal (SIGTERM, SIGINT, the SLURM warning signal) after saving a checkpoint."""
+
+
+class UserError(Exception):
+    """A mistake in the config, data, checkpoint or environment, reported as one actionable line."""
+
+
+class ConfigError(UserError):
+    """An unknown key, a wrong type or an invalid value in the configuration."""
+
+
+class DataError(UserError):
+    """A data set that is missing, malformed or inconsistent."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, unsafe or does not match the model."""
+
+
+class EnvironmentProblem(UserError):
+    """The machine cannot do what the config asks (absent device, too many processes...)."""

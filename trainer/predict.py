@@ -1,0 +1,86 @@
+"""``python -m trainer.predict CHECKPOINT IMAGE_OR_FOLDER...``: classify images on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from trainer import checkpoint, data, models
+from trainer.config import DataConfig
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+
+
+class Predictor:
+    """A trained model on the CPU with its validation transform and class names."""
+
+    def __init__(self, checkpoint_path: Path) -> None:
+        state = checkpoint.load(checkpoint_path)
+        saved = state["config"]
+        self.classes: list[str] = state["classes"]
+        data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                                                   saved["data"]))  # type: ignore[assignment]
+        self.model = models.build_model(saved["model"]["name"], len(self.classes), data_cfg.image_size)
+        checkpoint.load_model_weights(self.model, state["model"], checkpoint_path)
+        self.model.eval()
+        self.transform = data.build_transform(data_cfg, train=False)
+
+    @torch.inference_mode()
+    def probabilities(self, image: Image.Image) -> torch.Tensor:
+        """Class probabilities for one image."""
+        logits = self.model(self.transform(image).unsqueeze(0))
+        return logits.float().softmax(dim=1)[0]
+
+    def top(self, image: Image.Image, k: int) -> list[tuple[str, float]]:
+        probs = self.probabilities(image)
+        values, indices = probs.topk(min(k, len(self.classes)))
+        return [(self.classes[i], v) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+def image_files(paths: list[Path]) -> Iterator[Path]:
+    """The given files, and every image file under the given folders (sorted)."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        else:
+            yield path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.predict",
+                                     description="Classify images with a trained checkpoint (runs on CPU).")
+    parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
+    parser.add_argument("paths", type=Path, nargs="+", help="image files or folders of images")
+    parser.add_argument("-k", "--top-k", type=int, default=3, help="classes to print per image")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        predictor = Predictor(args.checkpoint)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    failures, seen = 0, 0
+    for path in image_files(args.paths):
+        seen += 1
+        try:
+            with Image.open(path) as image:
+                ranked = predictor.top(image, args.top_k)
+        except (OSError, SyntaxError, ValueError) as exc:
+            failures += 1
+            print(f"error: cannot classify {path}: {exc}", file=sys.stderr)
+            continue
+        print(f"{path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
+    if seen == 0:
+        print(f"error: no image files found in {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The training loop: build data, model and optimizer, then fit -> train_epoch / evaluate."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer import checkpoint, data, distributed, models, optim, precision
+from trainer.config import Config, to_dict, to_yaml
+from trainer.distributed import DistEnv
+from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError
+from trainer.logs import MetricSinks, ProgressBar, log
+from trainer.metrics import EvalMeter, TrainMeter
+from trainer.seeding import capture_rng, restore_rng, seed_everything
+from trainer.signals import StopRequest
+
+STOP_POLL_STEPS = 10
+"""How often (in batches) ranks agree on whether a stop signal arrived; a collective, so not every step."""
+
+
+class Worker:
+    """One process of the job: owns its data shard, the (DDP-wrapped) model and the rank-0 sinks."""
+
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, stop: StopRequest) -> None:
+        self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
+        self.device = env.device
+        self.precision = precision.resolve(cfg.train.precision, self.device)
+        seed_everything(cfg.train.seed)
+        self._build_data()
+        self._build_model()
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum_steps)
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device)
+        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.epoch, self.batches_done, self.global_step = 0, 0, 0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.train_sums: torch.Tensor | None = None
+        self.skipped_samples = 0
+        self.sinks: MetricSinks | None = None
+
+    # ----------------------------------------------------------------------------- building
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        if env.topology.local_rank == 0:
+            data.prepare(cfg.data)
+        distributed.barrier(env)
+        splits = data.load_splits(cfg.data)
+        self.classes = splits.classes
+        skip = cfg.data.on_bad_sample == "skip"
+        train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
+                                                cfg.train.seed, skip)
+        val_set = data.SeededTransformDataset(splits.val, data.build_transform(cfg.data, False),
+                                              cfg.train.seed, skip)
+        self.train_sampler = data.TrainSampler(train_set, env.world_size, env.rank, cfg.train.seed)
+        batch = cfg.data.batch_size
+        if self.train_sampler.num_samples < batch:
+            raise DataError(f"each of the {env.world_size} processes gets {self.train_sampler.num_samples} "
+                            f"training samples, fewer than data.batch_size={batch}; lower the batch size")
+        self.batches_per_epoch = self.train_sampler.num_samples // batch
+        self.train_loader = data.build_loader(train_set, self.train_sampler, batch, cfg.data, self.device,
+                                              cfg.train.seed + env.rank, drop_last=True)
+        val_sampler = data.EvalSampler(len(val_set), env.world_size, env.rank)
+        self.val_loader = data.build_loader(val_set, val_sampler, cfg.data.val_batch_size or batch, cfg.data,
+                                            self.device, cfg.train.seed, drop_last=False)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.net.to(self.device, memory_format=self.memory_format)
+        self.eval_model: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
+        self.model: nn.Module = self.eval_model
+        if self.env.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.eval_model, device_ids=ids,
+                                                 find_unused_parameters=cfg.dist.find_unused_parameters)
+
+    # ----------------------------------------------------------------------------- running
+    def fit(self) -> int:
+        """Train until ``train.epochs`` or a stop signal; return the process exit code."""
+        cfg, env = self.cfg, self.env
+        self._announce()
+        self.sinks = MetricSinks(env, self.run_dir, cfg.log.tensorboard)
+        self.sinks.config_text(to_yaml(cfg))
+        try:
+            while self.epoch < cfg.train.epochs:
+                train_stats = self.train_epoch()
+                if train_stats is None:
+                    self.save_checkpoint()
+                    log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
+                                self.stop.signal_name, self.epoch + 1, self.batches_done, EXIT_STOPPED)
+                    return EXIT_STOPPED
+                val_stats = self.evaluate()
+                self._end_epoch(train_stats, val_stats)
+            self._finish()
+            return EXIT_OK
+        finally:
+            self.sinks.close()
+
+    def train_epoch(self) -> dict[str, float] | None:
+        """One pass over this rank's shard (from ``batches_done`` on); None if a stop was requested."""
+        cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
+        self.net.train()
+        self.train_sampler.set_epoch(self.epoch)
+        self.train_sampler.set_start(self.batches_done * cfg.data.batch_size)
+        meter = TrainMeter(self.device)
+        if self.train_sums is not None:
+            meter.sums.copy_(self.train_sums)
+            self.train_sums = None
+        bar = ProgressBar(self.env, cfg.log.progress_bar, self.batches_per_epoch, f"epoch {self.epoch + 1}")
+        bar.update(self.batches_done)
+        started, waited = time.perf_counter(), 0.0
+        batches = iter(self.train_loader)
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            images, targets, skipped = batch
+            self.skipped_samples += skipped
+            self.batches_done += 1
+            boundary = self.batches_done % accum == 0 or self.batches_done == self.batches_per_epoch
+            logits, loss = self._train_step(images, targets, boundary)
+            meter.update(logits, targets, loss)
+            bar.update()
+            if self.batches_done % cfg.log.every_steps == 0:
+                bar.set_postfix(loss=f"{meter.mean_loss():.4f}")
+                self.sinks.scalars({"train/loss_running": meter.mean_loss(),
+                                    "train/lr": self.scheduler.get_last_lr()[0]}, self.global_step)
+            if self.batches_done % STOP_POLL_STEPS == 0 and distributed.any_rank(self.env, self.stop.requested):
+                self.train_sums = meter.sums
+                bar.close()
+                return None
+        bar.close()
+        elapsed = time.perf_counter() - started
+        stats = meter.reduce()
+        stats.update(images_per_s=stats["samples"] / elapsed, data_wait=waited / elapsed, time_s=elapsed)
+        return stats
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor,
+                    boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        syncing = boundary or not isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if syncing else self.model.no_sync():
+            with self.precision.autocast(self.device):
+                logits = self.model(images)
+            loss = self.criterion(logits.float(), targets)
+            self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
+        if boundary:
+            if self.cfg.train.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.global_step += 1
+        return logits.detach(), loss.detach()
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole validation set, every sample counted once across ranks."""
+        self.net.eval()
+        meter = EvalMeter(len(self.classes), self.device)
+        for images, targets, skipped in self.val_loader:
+            self.skipped_samples += skipped
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.precision.autocast(self.device):
+                logits = self.eval_model(images)
+            loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            meter.update(logits.float(), targets, loss_sum)
+        return meter.reduce()
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    def _end_epoch(self, train: dict[str, float], val: dict[str, float]) -> None:
+        cfg = self.cfg
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step}
+        record.update({f"train/{k}": v for k, v in train.items()})
+        record.update({f"val/{k}": v for k, v in val.items()})
+        record["train/lr"] = self.scheduler.get_last_lr()[0]
+        record["train/global_batch"] = cfg.data.batch_size * self.env.world_size * cfg.train.grad_accum_steps
+        record["train/peak_mem_mb"] = _peak_memory_mb(self.device)
+        skipped = sum(distributed.all_gather_objects(self.env, self.skipped_samples))
+        if skipped:
+            record["data/skipped_samples"] = skipped
+            log.warning("epoch %d: skipped %d unreadable samples so far (data.on_bad_sample=skip)",
+                        self.epoch + 1, skipped)
+        value = record.get(cfg.ckpt.metric)
+        if value is None:
+            raise DataError(f"ckpt.metric '{cfg.ckpt.metric}' is not a logged metric; "
+                            f"choose one of {', '.join(k for k in record if k.startswith('val/'))}")
+        improved = self.best is None or (value > self.best if cfg.ckpt.mode == "max" else value < self.best)
+        if improved:
+            self.best = value
+        self.history.append(record)
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        log.info("epoch %d/%d  train loss %.4f top1 %.3f | val loss %.4f top1 %.4f top5 %.4f f1 %.4f | "
+                 "lr %.3g | %.0f img/s | data wait %.0f%%", record["epoch"], cfg.train.epochs,
+                 train["loss"], train["top1"], val["loss"], val["top1"], val["top5"], val["f1"],
+                 record["train/lr"], train["images_per_s"], 100 * train["data_wait"])
+        self.sinks.epoch(record, self.global_step)
+        self.save_checkpoint(best=improved)
+
+    def _announce(self) -> None:
+        cfg, env = self.cfg, self.env
+        log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters | precision %s | "
+                 "%d classes, %d train / %d val samples | batch %d per process, %d global",
+                 self.run_dir, env.world_size, self.device, env.backend or "no process group",
+                 models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
+                 self.precision.name, len(self.classes), len(self.train_sampler.dataset),
+                 len(self.val_loader.dataset), cfg.data.batch_size,
+                 cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
+
+    def _finish(self) -> None:
+        if not self.history:
+            log.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.epoch)
+            return
+        final = {k: v for k, v in self.history[-1].items() if k.startswith("val/") and k != "val/samples"}
+        self.sinks.hparams(_flatten(to_dict(self.cfg)), final)
+        ckpts = checkpoint.checkpoint_dir(self.run_dir)
+        log.info("done: val top1 %.4f (best %s %.4f)", final["val/top1"], self.cfg.ckpt.metric, self.best)
+        log.info("logs: %s (TensorBoard: tensorboard --logdir %s), metrics: %s",
+                 self.run_dir / "logs", self.sinks.tensorboard_dir, self.sinks.jsonl_path)
+        log.info("checkpoints: %s, %s", ckpts / "last.pt", ckpts / "best.pt")
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective: gathers every rank's RNG)."""
+        sums = self.train_sums.cpu() if self.train_sums is not None else None
+        per_rank = distributed.all_gather_objects(self.env, {"rng": capture_rng(), "train_sums": sums})
+        return {
+            "format": 1, "model": models.unwrap(self.net).state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done,
+            "global_step": self.global_step, "world_size": self.env.world_size, "best": self.best,
+            "history": self.history, "per_rank": per_rank, "classes": self.classes,
+            "config": to_dict(self.cfg), "versions": _versions(),
+        }
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Rank 0 writes ``step_<n>.pt`` atomically and points ``last.pt`` (and ``best.pt``) at it."""
+        state = self.state()
+        if self.env.is_main:
+            folder = checkpoint.checkpoint_dir(self.run_dir)
+            path = folder / f"step_{self.global_step:09d}.pt"
+            checkpoint.save_atomic(state, path)
+            checkpoint.link_atomic(path, folder / "last.pt")
+            if best:
+                checkpoint.link_atomic(path, folder / "best.pt")
+            checkpoint.prune(folder, self.cfg.ckpt.keep_last)
+        distributed.barrier(self.env)
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
+        state = checkpoint.load(path)
+        if state.get("classes") != self.classes:
+            raise CheckpointError(f"{path} was trained on classes {state.get('classes')}, "
+                                  f"but the data has {self.classes}; check data.source and data.root")
+        checkpoint.load_model_weights(models.unwrap(self.net), state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best, self.history = state["best"], state["history"]
+        self.batches_done = state["batches_done"]
+        if state["world_size"] == self.env.world_size:
+            mine = state["per_rank"][self.env.rank]
+            restore_rng(mine["rng"])
+            if mine["train_sums"] is not None:
+                self.train_sums = mine["train_sums"].to(self.device)
+        elif self.batches_done:
+            log.warning("checkpoint %s was written by %d processes, this run has %d: restarting epoch %d "
+                        "from its first batch", path, state["world_size"], self.env.world_size, self.epoch + 1)
+            self.batches_done = 0
+        log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batches_done,
+                 self.global_step)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__)}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
