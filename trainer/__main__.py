@@ -16,9 +16,6 @@ from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, log, setup_console
 from trainer.signals import StopRequest
 
-STOP_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m trainer", description="Train an image classifier (one process per device).",
@@ -51,7 +48,7 @@ def run(argv: list[str] | None = None) -> int:
         worker = Worker(cfg, env, run_dir, stop)
         if resume_from is not None:
             worker.resume(resume_from)
-        stop.install(STOP_SIGNALS)
+        stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal.upper()}))
         code = worker.fit()
         del worker
         distributed.teardown(env)

@@ -91,6 +91,10 @@ class CheckpointConfig:
     keep_last: int = 1
     metric: str = "val/top1"
     mode: str = "max"
+    every_steps: int = 0
+    every_minutes: float = 0.0
+    warning_signal: str = "SIGUSR1"
+    requeue: bool = True
 
 
 @dataclass
@@ -137,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "ckpt.mode": ("max", "min"),
+    "ckpt.warning_signal": ("sigusr1", "sigusr2", "sigterm", "sigint", "sighup", "sigquit"),
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "log.progress_bar": ("auto", "on", "off"),
@@ -147,7 +152,8 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
             "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
-                "sched.min_lr_ratio", "data.synthetic_seed", "train.seed")
+                "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
+                "ckpt.every_minutes")
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -188,6 +194,8 @@ def validate(cfg: Config) -> None:
     """Check values against :data:`CHOICES`, :data:`POSITIVE` and :data:`NON_NEGATIVE`."""
     for key, allowed in CHOICES.items():
         value = str(get(cfg, key)).lower()
+        if "on" in allowed:  # YAML reads a bare on/off as a boolean
+            value = {"true": "on", "false": "off"}.get(value, value)
         if value not in allowed:
             raise ConfigError(f"{key}: '{get(cfg, key)}' is not one of {', '.join(allowed)}"
                               f"{_suggest(value, allowed, 'value')}")

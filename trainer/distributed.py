@@ -196,13 +196,13 @@ def all_gather_objects(env: DistEnv, obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
+def any_rank(env: DistEnv, flags: list[bool]) -> list[bool]:
+    """Each flag, true on every rank when it is true on at least one (a collective: call it on all)."""
     if not env.is_distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return flags
+    values = torch.tensor([float(flag) for flag in flags], device=env.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
 
 
 def teardown(env: DistEnv) -> None:

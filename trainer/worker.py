@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import checkpoint, data, distributed, models, optim, precision
+from trainer import checkpoint, data, distributed, models, optim, precision, slurm
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError
@@ -46,6 +46,7 @@ class Worker:
         self.history: list[dict[str, Any]] = []
         self.train_sums: torch.Tensor | None = None
         self.skipped_samples = 0
+        self.last_save = time.monotonic()
         self.sinks: MetricSinks | None = None
 
     # ----------------------------------------------------------------------------- building
@@ -98,7 +99,10 @@ class Worker:
                 if train_stats is None:
                     self.save_checkpoint()
                     log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
-                                self.stop.signal_name, self.epoch + 1, self.batches_done, EXIT_STOPPED)
+                                self.stop.signal_name or "a signal on another rank", self.epoch + 1,
+                                self.batches_done, EXIT_STOPPED)
+                    if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal.upper():
+                        slurm.requeue_if_configured(cfg.ckpt.requeue)
                     return EXIT_STOPPED
                 val_stats = self.evaluate()
                 self._end_epoch(train_stats, val_stats)
@@ -138,15 +142,34 @@ class Worker:
                 bar.set_postfix(loss=f"{meter.mean_loss():.4f}")
                 self.sinks.scalars({"train/loss_running": meter.mean_loss(),
                                     "train/lr": self.scheduler.get_last_lr()[0]}, self.global_step)
-            if self.batches_done % STOP_POLL_STEPS == 0 and distributed.any_rank(self.env, self.stop.requested):
-                self.train_sums = meter.sums
-                bar.close()
-                return None
+            if boundary and self.batches_done < self.batches_per_epoch:
+                stop, save = self._poll(meter)
+                if stop:
+                    bar.close()
+                    return None
+                if save:
+                    self.save_checkpoint()
+                    self.train_sums = None
         bar.close()
         elapsed = time.perf_counter() - started
         stats = meter.reduce()
         stats.update(images_per_s=stats["samples"] / elapsed, data_wait=waited / elapsed, time_s=elapsed)
         return stats
+
+    def _poll(self, meter: TrainMeter) -> tuple[bool, bool]:
+        """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?
+
+        Ranks agree through one small all-reduce, so it runs every step only in a single process.
+        """
+        ckpt = self.cfg.ckpt
+        due = ckpt.every_steps > 0 and self.global_step % ckpt.every_steps == 0
+        if self.env.is_distributed and self.global_step % STOP_POLL_STEPS and not due:
+            return False, False
+        timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save >= ckpt.every_minutes * 60
+        stop, timed = distributed.any_rank(self.env, [self.stop.requested, timed])
+        if stop or due or timed:
+            self.train_sums = meter.sums
+        return stop, due or timed
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor,
                     boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +286,7 @@ class Worker:
                 checkpoint.link_atomic(path, folder / "best.pt")
             checkpoint.prune(folder, self.cfg.ckpt.keep_last)
         distributed.barrier(self.env)
+        self.last_save = time.monotonic()
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
