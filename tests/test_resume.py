@@ -127,3 +127,32 @@ def test_keep_last_and_best_tracking(reference: tuple[Path, dict]) -> None:
     assert best["epoch"] == losses.index(min(losses)) + 1
     assert [json.loads(line)["val/loss"] for line in
             (tmp / "runs" / "retention" / "metrics.jsonl").read_text().splitlines()] == losses
+
+
+SLOW_WRITER = """
+import os, sys, time, torch
+from pathlib import Path
+from trainer import checkpoint
+def stalled_fsync(fd):
+    print("writing", flush=True)
+    time.sleep(60)
+os.fsync = stalled_fsync
+checkpoint.save_atomic({"model": {"w": torch.full((1000,), 2.0)}}, Path(sys.argv[1]))
+"""
+
+
+def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    from trainer import checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(1000)}}, path)
+    before = path.read_bytes()
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)], cwd=REPO, env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"  # the new bytes are on disk, not yet renamed
+    temp_files = [p for p in path.parent.iterdir() if p.name != "last.pt"]
+    assert temp_files and temp_files[0].stat().st_size > 0
+    writer.kill()
+    writer.wait(timeout=30)
+    assert path.read_bytes() == before
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(1000))
