@@ -58,7 +58,7 @@ def seeded_smallcnn(init: str) -> nn.Sequential:
     return model
 
 
-def test_default_init_is_pytorch_default_and_deterministic() -> None:
+def test_default_init_keeps_pytorch_init_and_is_seeded() -> None:
     a, b = seeded_smallcnn("default"), seeded_smallcnn("default")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     head = a[-1]

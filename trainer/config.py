@@ -83,6 +83,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0
     on_nonfinite_loss: str = "stop"
+    ema_decay: float = 0.0
+    cudnn_benchmark: bool = True
+    tf32: bool = True
 
 
 @dataclass
@@ -153,7 +156,7 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
-                "ckpt.every_minutes")
+                "ckpt.every_minutes", "train.ema_decay")
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -206,6 +209,8 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    if cfg.train.ema_decay >= 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:

@@ -27,3 +27,7 @@ class CheckpointError(UserError):
 
 class EnvironmentProblem(UserError):
     """The machine cannot do what the config asks (absent device, too many processes...)."""
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite (the message names the step)."""

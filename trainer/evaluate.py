@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(cfg, env, cfg.run_dir, StopRequest())
         checkpoint.load_model_weights(models.unwrap(worker.net), checkpoint.load(args.checkpoint)["model"],
                                       args.checkpoint)
-        metrics = worker.evaluate()
+        metrics = worker.evaluate(worker.eval_model)
         if env.is_main:
             print(json.dumps(metrics), flush=True)
         del worker

@@ -7,29 +7,63 @@ import torch.distributed as dist
 
 
 class TrainMeter:
-    """Running sums of loss, top-1 hits and sample count for one epoch, kept on the device."""
+    """One epoch's training loss, kept on the device: one small copy per step, no host sync.
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    Step losses collect in a window that is folded into the sum (and checked for NaN/inf) only
+    when :meth:`flush` is called, every ``window`` steps or so.
+    """
 
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:
-        n = targets.numel()
-        correct = (logits.argmax(dim=1) == targets).sum()
-        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                  torch.tensor(n, dtype=torch.float64, device=self.sums.device)])
+    def __init__(self, device: torch.device, window: int) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.window = torch.zeros(window, dtype=torch.float32, device=device)
+        self.window_sizes: list[int] = []
+        self.window_start_step = 0
+
+    def update(self, loss: torch.Tensor, batch_size: int, step: int) -> None:
+        """Record the mean loss of one batch; flushes by itself when the window is full."""
+        if len(self.window_sizes) == len(self.window):
+            self.flush()
+        if not self.window_sizes:
+            self.window_start_step = step
+        self.window[len(self.window_sizes)].copy_(loss.detach(), non_blocking=True)
+        self.window_sizes.append(batch_size)
+
+    def flush(self) -> int | None:
+        """Fold the window into the sum; return the step of the first non-finite loss, if any."""
+        k = len(self.window_sizes)
+        if k == 0:
+            return None
+        losses = self.window[:k].double()
+        sizes = torch.tensor(self.window_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
+        self.loss_sum += (losses * sizes).sum()
+        self.count += sum(self.window_sizes)
+        self.window_sizes.clear()
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return None
+        return self.window_start_step + int((~finite).nonzero()[0, 0])
 
     def mean_loss(self) -> float:
-        """This rank's mean loss so far (reads the device: call it only every N steps)."""
-        loss_sum, _, count = self.sums.tolist()
-        return loss_sum / max(count, 1.0)
+        """This rank's mean loss so far (reads the device)."""
+        return self.loss_sum.item() / max(self.count, 1)
+
+    def state(self) -> torch.Tensor:
+        """Loss sum and count as a CPU tensor (flush first)."""
+        return torch.tensor([self.loss_sum.item(), float(self.count)], dtype=torch.float64)
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.loss_sum.fill_(float(state[0]))
+        self.count = int(state[1])
 
     def reduce(self) -> dict[str, float]:
-        """Loss and top-1 over all ranks (a collective: every rank must call it)."""
-        sums = self.sums.clone()
+        """Mean loss and sample count over all ranks (a collective: every rank must call it)."""
+        sums = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64,
+                                                        device=self.loss_sum.device)])
         if dist.is_initialized():
             dist.all_reduce(sums)
-        loss_sum, correct, count = sums.tolist()
-        return {"loss": loss_sum / max(count, 1.0), "top1": correct / max(count, 1.0), "samples": int(count)}
+        loss_sum, count = sums.tolist()
+        return {"loss": loss_sum / max(count, 1.0), "samples": int(count)}
 
 
 class EvalMeter:

@@ -40,3 +40,10 @@ def resolve(requested: str, device: torch.device) -> Precision:
         raise ConfigError("train.precision=bf16: this GPU has no bf16 support; use fp16 or auto")
     dtype = torch.bfloat16 if requested == "bf16" else torch.float16
     return Precision(requested, dtype, scaled=requested == "fp16" and kind == "cuda")
+
+
+def configure_cuda_math(cudnn_benchmark: bool, tf32: bool) -> None:
+    """cuDNN autotuning and TF32 tensor-core math for fp32 matmuls and convolutions (CUDA only)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import checkpoint, data, distributed, models, optim, precision, slurm
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv
-from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError
+from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss
 from trainer.logs import MetricSinks, ProgressBar, log
 from trainer.metrics import EvalMeter, TrainMeter
 from trainer.seeding import capture_rng, restore_rng, seed_everything
@@ -33,6 +34,8 @@ class Worker:
         self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
         self.device = env.device
         self.precision = precision.resolve(cfg.train.precision, self.device)
+        if self.device.type == "cuda":
+            precision.configure_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32)
         seed_everything(cfg.train.seed)
         self._build_data()
         self._build_model()
@@ -44,8 +47,11 @@ class Worker:
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
-        self.train_sums: torch.Tensor | None = None
-        self.skipped_samples = 0
+        self.meter = TrainMeter(self.device, cfg.log.every_steps)
+        self.ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+                    if cfg.train.ema_decay > 0 else None)
+        self.skipped_samples, self.skipped_steps = 0, 0
+        self.scaler_skips = torch.zeros((), dtype=torch.int32, device=self.device)
         self.last_save = time.monotonic()
         self.sinks: MetricSinks | None = None
 
@@ -89,23 +95,17 @@ class Worker:
     # ----------------------------------------------------------------------------- running
     def fit(self) -> int:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         self._announce()
-        self.sinks = MetricSinks(env, self.run_dir, cfg.log.tensorboard)
+        self.sinks = MetricSinks(self.env, self.run_dir, cfg.log.tensorboard)
         self.sinks.config_text(to_yaml(cfg))
         try:
             while self.epoch < cfg.train.epochs:
                 train_stats = self.train_epoch()
                 if train_stats is None:
-                    self.save_checkpoint()
-                    log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
-                                self.stop.signal_name or "a signal on another rank", self.epoch + 1,
-                                self.batches_done, EXIT_STOPPED)
-                    if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal.upper():
-                        slurm.requeue_if_configured(cfg.ckpt.requeue)
-                    return EXIT_STOPPED
-                val_stats = self.evaluate()
-                self._end_epoch(train_stats, val_stats)
+                    return self._stop()
+                self._end_epoch(train_stats, self.evaluate(self.eval_model),
+                                self.evaluate(self.ema.module) if self.ema else None)
             self._finish()
             return EXIT_OK
         finally:
@@ -117,10 +117,8 @@ class Worker:
         self.net.train()
         self.train_sampler.set_epoch(self.epoch)
         self.train_sampler.set_start(self.batches_done * cfg.data.batch_size)
-        meter = TrainMeter(self.device)
-        if self.train_sums is not None:
-            meter.sums.copy_(self.train_sums)
-            self.train_sums = None
+        if self.batches_done == 0:
+            self.meter = TrainMeter(self.device, cfg.log.every_steps)
         bar = ProgressBar(self.env, cfg.log.progress_bar, self.batches_per_epoch, f"epoch {self.epoch + 1}")
         bar.update(self.batches_done)
         started, waited = time.perf_counter(), 0.0
@@ -135,28 +133,71 @@ class Worker:
             self.skipped_samples += skipped
             self.batches_done += 1
             boundary = self.batches_done % accum == 0 or self.batches_done == self.batches_per_epoch
-            logits, loss = self._train_step(images, targets, boundary)
-            meter.update(logits, targets, loss)
+            loss = self._train_step(images, targets, boundary)
+            self.meter.update(loss, targets.shape[0], self.global_step)
             bar.update()
             if self.batches_done % cfg.log.every_steps == 0:
-                bar.set_postfix(loss=f"{meter.mean_loss():.4f}")
-                self.sinks.scalars({"train/loss_running": meter.mean_loss(),
+                self._flush_meter()
+                bar.set_postfix(loss=f"{self.meter.mean_loss():.4f}")
+                self.sinks.scalars({"train/loss_running": self.meter.mean_loss(),
                                     "train/lr": self.scheduler.get_last_lr()[0]}, self.global_step)
             if boundary and self.batches_done < self.batches_per_epoch:
-                stop, save = self._poll(meter)
+                stop, save = self._poll()
                 if stop:
                     bar.close()
                     return None
                 if save:
                     self.save_checkpoint()
-                    self.train_sums = None
         bar.close()
+        self._flush_meter()
         elapsed = time.perf_counter() - started
-        stats = meter.reduce()
+        stats = self.meter.reduce()
         stats.update(images_per_s=stats["samples"] / elapsed, data_wait=waited / elapsed, time_s=elapsed)
         return stats
 
-    def _poll(self, meter: TrainMeter) -> tuple[bool, bool]:
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, boundary: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; at an accumulation boundary, step the optimizer."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        syncing = boundary or not isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if syncing else self.model.no_sync():
+            with self.precision.autocast(self.device):
+                logits = self.model(images)
+            loss = self.criterion(logits.float(), targets)
+            self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
+        if boundary:
+            self._optimizer_step()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step (or skip non-finite gradients), update the scaler, EMA and schedule."""
+        train = self.cfg.train
+        skip_nonfinite = train.on_nonfinite_loss == "skip" and not self.scaler.is_enabled()
+        if train.clip_grad_norm > 0 or skip_nonfinite:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.net.parameters(), train.clip_grad_norm or float("inf"))
+            if skip_nonfinite and not torch.isfinite(norm):  # the one per-step sync, opt-in
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale_before is not None:  # the scaler lowers its scale exactly when it skipped the step
+            self.scaler_skips += (self.scaler._scale < scale_before).int()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        self.scheduler.step()
+        self.global_step += 1
+
+    def _flush_meter(self) -> None:
+        bad_step = self.meter.flush()
+        if bad_step is not None and self.cfg.train.on_nonfinite_loss == "stop":
+            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} (epoch {self.epoch + 1}); "
+                                "lower optim.lr, set train.clip_grad_norm, or train.on_nonfinite_loss=skip")
+
+    def _poll(self) -> tuple[bool, bool]:
         """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?
 
         Ranks agree through one small all-reduce, so it runs every step only in a single process.
@@ -167,53 +208,43 @@ class Worker:
             return False, False
         timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save >= ckpt.every_minutes * 60
         stop, timed = distributed.any_rank(self.env, [self.stop.requested, timed])
-        if stop or due or timed:
-            self.train_sums = meter.sums
         return stop, due or timed
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor,
-                    boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        targets = targets.to(self.device, non_blocking=True)
-        syncing = boundary or not isinstance(self.model, DistributedDataParallel)
-        with nullcontext() if syncing else self.model.no_sync():
-            with self.precision.autocast(self.device):
-                logits = self.model(images)
-            loss = self.criterion(logits.float(), targets)
-            self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
-        if boundary:
-            if self.cfg.train.clip_grad_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.global_step += 1
-        return logits.detach(), loss.detach()
+    def _stop(self) -> int:
+        """Save where the loop stopped, requeue under SLURM on the warning signal, return the exit code."""
+        cfg = self.cfg
+        self.save_checkpoint()
+        log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
+                    self.stop.signal_name or "a signal on another rank", self.epoch + 1, self.batches_done,
+                    EXIT_STOPPED)
+        if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal.upper():
+            slurm.requeue_if_configured(cfg.ckpt.requeue)
+        return EXIT_STOPPED
 
     @torch.inference_mode()
-    def evaluate(self) -> dict[str, float]:
-        """Metrics over the whole validation set, every sample counted once across ranks."""
-        self.net.eval()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` over the whole validation set, every sample counted once across ranks."""
+        model.eval()
         meter = EvalMeter(len(self.classes), self.device)
         for images, targets, skipped in self.val_loader:
             self.skipped_samples += skipped
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast(self.device):
-                logits = self.eval_model(images)
+                logits = model(images)
             loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
             meter.update(logits.float(), targets, loss_sum)
         return meter.reduce()
 
     # ----------------------------------------------------------------------------- bookkeeping
-    def _end_epoch(self, train: dict[str, float], val: dict[str, float]) -> None:
+    def _end_epoch(self, train: dict[str, float], val: dict[str, float], val_ema: dict[str, float] | None) -> None:
         cfg = self.cfg
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step}
         record.update({f"train/{k}": v for k, v in train.items()})
         record.update({f"val/{k}": v for k, v in val.items()})
+        record.update({f"val_ema/{k}": v for k, v in (val_ema or {}).items()})
         record["train/lr"] = self.scheduler.get_last_lr()[0]
+        record["train/skipped_steps"] = self.skipped_steps + int(self.scaler_skips)
         record["train/global_batch"] = cfg.data.batch_size * self.env.world_size * cfg.train.grad_accum_steps
         record["train/peak_mem_mb"] = _peak_memory_mb(self.device)
         skipped = sum(distributed.all_gather_objects(self.env, self.skipped_samples))
@@ -230,10 +261,10 @@ class Worker:
             self.best = value
         self.history.append(record)
         self.epoch, self.batches_done = self.epoch + 1, 0
-        log.info("epoch %d/%d  train loss %.4f top1 %.3f | val loss %.4f top1 %.4f top5 %.4f f1 %.4f | "
-                 "lr %.3g | %.0f img/s | data wait %.0f%%", record["epoch"], cfg.train.epochs,
-                 train["loss"], train["top1"], val["loss"], val["top1"], val["top5"], val["f1"],
-                 record["train/lr"], train["images_per_s"], 100 * train["data_wait"])
+        log.info("epoch %d/%d  train loss %.4f | val loss %.4f top1 %.4f top5 %.4f f1 %.4f | lr %.3g | "
+                 "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
+                 train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],
+                 train["images_per_s"], 100 * train["data_wait"], record["train/peak_mem_mb"])
         self.sinks.epoch(record, self.global_step)
         self.save_checkpoint(best=improved)
 
@@ -263,8 +294,11 @@ class Worker:
     # ----------------------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly (a collective: gathers every rank's RNG)."""
-        sums = self.train_sums.cpu() if self.train_sums is not None else None
-        per_rank = distributed.all_gather_objects(self.env, {"rng": capture_rng(), "train_sums": sums})
+        mid_epoch = self.batches_done > 0
+        if mid_epoch:
+            self._flush_meter()
+        per_rank = distributed.all_gather_objects(
+            self.env, {"rng": capture_rng(), "train_meter": self.meter.state() if mid_epoch else None})
         return {
             "format": 1, "model": models.unwrap(self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -272,6 +306,7 @@ class Worker:
             "global_step": self.global_step, "world_size": self.env.world_size, "best": self.best,
             "history": self.history, "per_rank": per_rank, "classes": self.classes,
             "config": to_dict(self.cfg), "versions": _versions(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def save_checkpoint(self, best: bool = False) -> None:
@@ -301,11 +336,13 @@ class Worker:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = state["best"], state["history"]
         self.batches_done = state["batches_done"]
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         if state["world_size"] == self.env.world_size:
             mine = state["per_rank"][self.env.rank]
             restore_rng(mine["rng"])
-            if mine["train_sums"] is not None:
-                self.train_sums = mine["train_sums"].to(self.device)
+            if mine["train_meter"] is not None:
+                self.meter.load_state(mine["train_meter"])
         elif self.batches_done:
             log.warning("checkpoint %s was written by %d processes, this run has %d: restarting epoch %d "
                         "from its first batch", path, state["world_size"], self.env.world_size, self.epoch + 1)

@@ -1,0 +1,84 @@
+"""Time from process start to the first finished training step: ``python -m trainer`` vs a plain script.
+
+Both sides are fresh child processes, spawned alternately ``repeats`` times each, reading the same
+synthetic image folder (generated beforehand) through a DataLoader with the same workers.
+
+* Start point: the parent's ``time.time()`` immediately before ``subprocess.Popen``.
+* End point: the child's ``time.time()`` printed right after its first ``optimizer.step()``
+  returns (``MARK first_step``; the Worker side via a probe around ``Worker._train_step``).
+
+Children also mark ``python_up`` (interpreter running), ``imports`` and ``built`` (config, data
+sets, model and optimizer ready), so the report can say which phase costs what.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import Row, Spec, interleave, median, paired_ratios
+from trainer import config, data
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("python_up", "imports", "built", "first_step")
+
+
+@dataclass
+class Startup:
+    """The result of :func:`measure`: the table row plus each side's phase marks (seconds after spawn)."""
+
+    row: Row
+    marks: dict[str, dict[str, list[float]]]
+
+
+def measure(spec: Spec, workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) -> Startup:
+    """Spawn ``python -m trainer`` (probed) and the plain script alternately; median seconds to the first step."""
+    overrides = [f"model.name={spec.model}", f"data.image_size={spec.image_size}", f"data.batch_size={spec.batch}",
+                 f"data.synthetic_classes={spec.classes}", "data.synthetic_train_per_class=100",
+                 "data.synthetic_val_per_class=20", f"data.num_workers={workers}",
+                 f"data.cache_dir={workdir / 'cache'}", f"log.output_dir={workdir / 'runs'}", "log.progress_bar=on",
+                 "dist.device=cpu", "train.precision=fp32"]
+    root = _prepare_data(overrides)
+    counter = iter(range(10 ** 6))
+    marks: dict[str, dict[str, list[float]]] = {"worker": {}, "hand-written": {}}
+    commands = {
+        "worker": lambda: [sys.executable, "-m", "bench.startup_worker", *overrides,
+                           f"log.name=startup-{next(counter)}"],
+        "hand-written": lambda: [sys.executable, "-m", "bench.startup_plain", str(root), str(spec.image_size),
+                                 str(spec.batch), str(workers)],
+    }
+    runs = {side: (lambda side=side: _spawn(commands[side](), marks[side])) for side in commands}
+    seconds = interleave(runs, repeats)
+    row = Row(f"start-up to first step: python -m trainer vs plain script ({spec.model}, {workers} loader workers)",
+              "s", median(seconds["worker"]), median(seconds["hand-written"]), "plain script", goal, False,
+              paired_ratios(seconds["worker"], seconds["hand-written"]),
+              "spawn (parent) -> first optimizer.step() returned (child)")
+    return Startup(row, marks)
+
+
+def _prepare_data(overrides: list[str]) -> Path:
+    """Generate the synthetic image folder once, outside the timing; return its train/ folder."""
+    cfg = config.load([], overrides)
+    data.prepare(cfg.data)
+    return Path(data.load_splits(cfg.data).train.root)  # type: ignore[attr-defined]
+
+
+def _spawn(cmd: list[str], marks: dict[str, list[float]]) -> float:
+    """Run one child; record its marks relative to the spawn; return seconds to its first step."""
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    spawned = time.time()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("MARK "):
+            _, name, stamp = line.split()
+            found[name] = float(stamp) - spawned
+    if done.returncode != 0 or "first_step" not in found:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    for name, value in found.items():
+        marks.setdefault(name, []).append(value)
+    return found["first_step"]
