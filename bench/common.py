@@ -157,10 +157,14 @@ def make_batches(spec: Spec, count: int, seed: int = 0, distinct: int = 8) -> li
     return [pool[i % len(pool)] for i in range(count)]
 
 
-def max_param_diff(a: nn.Module, b: nn.Module) -> float:
-    """Largest absolute difference between two models' parameters and buffers (same work check)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point())
+def max_param_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts' floating-point entries (same work check)."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- timing and results

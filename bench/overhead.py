@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import trainer.worker
 from bench.common import (Batch, PlainLoop, Row, Spec, build_worker, interleave, make_batches, max_param_diff,
-                          median, paired_ratios, time_worker_epoch)
+                          median, paired_ratios, snapshot, time_worker_epoch)
 from trainer.worker import Worker
 
 
@@ -34,6 +34,7 @@ class Overhead:
     row: Row
     us_per_step: dict[str, list[float]]
     param_max_abs_diff: float
+    param_max_abs_moved: float
     extra_ops_per_step: dict[str, float]
     steps: int
 
@@ -43,6 +44,7 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int, ab
     """Interleave timed epochs of ``steps`` tiny steps: Worker, hand-written, and (``ablation``) variants."""
     worker = build_worker(spec, workdir, "overhead", extra=["log.progress_bar=on"])
     plain = PlainLoop(spec, worker.net)
+    start = snapshot(plain.model)
     batches = make_batches(spec, steps)
     runs: dict[str, Callable[[list[Batch]], float]] = {"worker": lambda b: quiet_epoch(worker, b),
                                                        "hand-written": plain.run}
@@ -53,13 +55,14 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int, ab
         run(batches[:warmup])
     seconds = interleave({name: (lambda run=run: run(batches)) for name, run in runs.items()}, repeats)
     us = {name: [s / steps * 1e6 for s in values] for name, values in seconds.items()}
-    diff = max_param_diff(worker.net, plain.model)
+    final = snapshot(plain.model)
+    diff, moved = max_param_diff(worker.net.state_dict(), final), max_param_diff(start, final)
     census = op_census(worker, plain, batches[:200]) if ablation else {}
     row = Row(f"tiny steps: {spec.describe()}, {steps} steps, logging + progress bar on", "us/step",
               median(us["worker"]), median(us["hand-written"]), "hand-written", goal, False,
               paired_ratios(us["worker"], us["hand-written"]),
               f"TensorBoard scalars every {worker.cfg.log.every_steps} steps; tqdm to /dev/null")
-    return Overhead(row, us, diff, census, steps)
+    return Overhead(row, us, diff, moved, census, steps)
 
 
 def quiet_epoch(worker: Worker, batches: list[Batch]) -> float:

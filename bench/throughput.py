@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import (PlainLoop, Row, Spec, build_worker, make_batches, max_param_diff, median,
-                          paired_ratios, interleave, time_worker_epoch)
+from bench.common import (PlainLoop, Row, Spec, build_worker, interleave, make_batches, max_param_diff, median,
+                          paired_ratios, snapshot, time_worker_epoch)
 
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
@@ -31,6 +31,7 @@ class Throughput:
     row: Row
     images_per_s: dict[str, list[float]]
     param_max_abs_diff: float
+    param_max_abs_moved: float
     gflop_per_image: float
     peak_tflops: float | None
     syncs_per_epoch: dict[str, int] | None
@@ -48,13 +49,15 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int,
     """Interleave ``repeats`` timed epochs of ``steps`` batches on each side, after ``warmup`` untimed ones."""
     worker = build_worker(spec, workdir, f"throughput-{spec.model}")
     plain = PlainLoop(spec, worker.net)
+    start = snapshot(plain.model)
     batches = make_batches(spec, steps)
     time_worker_epoch(worker, batches[:warmup])
     plain.run(batches[:warmup])
     seconds = interleave({"worker": lambda: time_worker_epoch(worker, batches),
                           "plain": lambda: plain.run(batches)}, repeats)
     rates = {side: [spec.batch * steps / s for s in values] for side, values in seconds.items()}
-    diff = max_param_diff(worker.net, plain.model)  # both saw the same batches from the same weights
+    final = snapshot(plain.model)  # both sides saw the same batches from the same weights:
+    diff, moved = max_param_diff(worker.net.state_dict(), final), max_param_diff(start, final)
     device = torch.device(spec.device)
     syncs = None
     if device.type == "cuda":
@@ -62,7 +65,7 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int,
                  "plain": count_syncs(lambda: plain.run(batches))}
     row = Row(f"throughput {spec.describe()}", "images/s", median(rates["worker"]), median(rates["plain"]),
               "hand-written", goal, True, paired_ratios(rates["worker"], rates["plain"]))
-    return Throughput(row, rates, diff, training_flops(plain, spec) / spec.batch / 1e9,
+    return Throughput(row, rates, diff, moved, training_flops(plain, spec) / spec.batch / 1e9,
                       peak_tflops or peak_for(device), syncs, steps)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer import slurm
 from trainer.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
@@ -78,26 +77,6 @@ def discover(environ: dict[str, str] | None = None) -> Topology:
     return Topology()
 
 
-def slurm_master_address(environ: dict[str, str] | None = None) -> tuple[str, int]:
-    """The rendezvous host (first host of the job's node list) and a port derived from the job id."""
-    env = os.environ if environ is None else environ
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                               capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise EnvironmentProblem(f"cannot expand SLURM node list '{nodelist}' with scontrol ({exc}); "
-                                 "set MASTER_ADDR and MASTER_PORT yourself") from None
-    if not hosts:
-        raise EnvironmentProblem(f"SLURM node list '{nodelist}' is empty; set MASTER_ADDR and MASTER_PORT")
-    try:
-        socket.getaddrinfo(hosts[0], None)
-    except socket.gaierror:
-        raise EnvironmentProblem(f"cannot resolve the first SLURM host '{hosts[0]}'; "
-                                 "set MASTER_ADDR to an address every node can reach") from None
-    return hosts[0], 20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000
-
-
 def select_device(requested: str, topology: Topology) -> torch.device:
     """CUDA (one device per local rank), else MPS (single process only), else CPU."""
     cuda, mps = torch.cuda.is_available(), _mps_available()
@@ -151,8 +130,8 @@ def _rendezvous_store(topology: Topology, timeout_s: float) -> dist.Store:
     """
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    elif "SLURM_JOB_ID" in os.environ:
-        host, port = slurm_master_address()
+    elif (job := slurm.allocation()) is not None:
+        host, port = job.rendezvous()
     else:
         raise EnvironmentProblem(f"WORLD_SIZE={topology.world_size} but MASTER_ADDR/MASTER_PORT are unset; "
                                  "start with torchrun or python -m launcher")

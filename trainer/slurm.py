@@ -1,12 +1,68 @@
-"""What the Worker needs to know about SLURM: the job id and how to requeue the job."""
+"""What the Worker and the launcher need to know about SLURM: the job, its hosts, requeueing."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import subprocess
+from dataclasses import dataclass
+
+from trainer.errors import EnvironmentProblem
 
 log = logging.getLogger("trainer")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The SLURM job this process runs in."""
+
+    job_id: str
+    hosts: list[str]
+    node_rank: int
+    in_step: bool
+    """True inside an ``srun`` job step, False in the batch script itself."""
+
+    @property
+    def nnodes(self) -> int:
+        return len(self.hosts)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """The first host of the node list (checked to resolve) and a port derived from the job id."""
+        host = self.hosts[0]
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            raise EnvironmentProblem(f"cannot resolve '{host}', the first host of the SLURM node list; "
+                                     "set MASTER_ADDR to an address every node can reach") from None
+        return host, 20000 + int(re.sub(r"\D", "", self.job_id) or 0) % 10000
+
+
+def allocation(environ: dict[str, str] | None = None) -> Allocation | None:
+    """The current SLURM allocation, or None outside SLURM."""
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or socket.gethostname()
+    return Allocation(job_id=job_id(env) or env["SLURM_JOB_ID"], hosts=expand_hostlist(nodelist),
+                      node_rank=int(env.get("SLURM_NODEID", "0")), in_step="SLURM_STEP_ID" in env)
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand SLURM's compressed host list: ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", hostlist):
+        prefix, ranges, suffix = match.groups()
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            width = len(first)
+            for number in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{number:0{width}d}{suffix}")
+    return hosts
 
 
 def job_id(environ: dict[str, str] | None = None) -> str | None:
