@@ -114,7 +114,8 @@ def _no_bar(worker: Worker) -> contextlib.AbstractContextManager:
 
 
 def _no_logging(worker: Worker) -> contextlib.AbstractContextManager:
-    return _setting(worker, "log.every_steps", 10 ** 9)
+    # Longer than an epoch, so nothing is logged; not huge: TrainMeter allocates a window this long.
+    return _setting(worker, "log.every_steps", 100_000)
 
 
 ABLATIONS: dict[str, Patch] = {
