@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -129,6 +130,9 @@ def _to_rgb(image: Any) -> Any:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+LOADER_PREFETCH = 4
+"""Batches each DataLoader worker prepares ahead."""
+
 SampleKey = tuple[int, int]
 """(epoch, index): what the samplers yield and :class:`SeededTransformDataset` reads."""
 
@@ -215,6 +219,19 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def shared_memory_warning(num_workers: int, batch_bytes: int, path: str = "/dev/shm") -> str | None:
+    """A warning when ``path`` is too small for the batches DataLoader workers pass through it."""
+    if num_workers == 0 or not os.path.isdir(path):
+        return None
+    free = shutil.disk_usage(path).free
+    needed = 2 * num_workers * LOADER_PREFETCH * batch_bytes
+    if free >= needed:
+        return None
+    return (f"{path} has {free / 2**20:.0f} MiB free but {num_workers} DataLoader workers need about "
+            f"{needed / 2**20:.0f} MiB: expect 'Bus error' or a hang; enlarge it (docker run --shm-size=8g) "
+            "or set data.num_workers=0")
+
+
 def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataConfig,
                  device: torch.device, seed: int, drop_last: bool) -> DataLoader:
     """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds."""
@@ -224,5 +241,5 @@ def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataC
         collate_fn=collate_skipping_bad, pin_memory=cfg.pin_memory and device.type == "cuda",
         drop_last=drop_last, persistent_workers=cfg.persistent_workers and workers > 0,
         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
     )

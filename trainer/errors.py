@@ -31,3 +31,7 @@ class EnvironmentProblem(UserError):
 
 class NonFiniteLoss(UserError):
     """The training loss became NaN or infinite (the message names the step)."""
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory in a training step (the message names the batch size)."""

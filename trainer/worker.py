@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trainer import checkpoint, data, distributed, models, optim, precision, slurm
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv
-from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss
+from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
 from trainer.metrics import EvalMeter, TrainMeter
 from trainer.seeding import capture_rng, restore_rng, seed_everything
@@ -74,6 +74,9 @@ class Worker:
             raise DataError(f"each of the {env.world_size} processes gets {self.train_sampler.num_samples} "
                             f"training samples, fewer than data.batch_size={batch}; lower the batch size")
         self.batches_per_epoch = self.train_sampler.num_samples // batch
+        batch_bytes = batch * 3 * cfg.data.image_size ** 2 * 4
+        if (shm := data.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
+            log.warning(shm)
         self.train_loader = data.build_loader(train_set, self.train_sampler, batch, cfg.data, self.device,
                                               cfg.train.seed + env.rank, drop_last=True)
         val_sampler = data.EvalSampler(len(val_set), env.world_size, env.rank)
@@ -160,11 +163,17 @@ class Worker:
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
         syncing = boundary or not isinstance(self.model, DistributedDataParallel)
-        with nullcontext() if syncing else self.model.no_sync():
-            with self.precision.autocast(self.device):
-                logits = self.model(images)
-            loss = self.criterion(logits.float(), targets)
-            self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
+        try:
+            with nullcontext() if syncing else self.model.no_sync():
+                with self.precision.autocast(self.device):
+                    logits = self.model(images)
+                loss = self.criterion(logits.float(), targets)
+                self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
+        except torch.OutOfMemoryError:
+            batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
+            raise OutOfMemory(f"{self.device} ran out of memory at data.batch_size={batch} per process; try "
+                              f"data.batch_size={max(1, batch // 2)} train.grad_accum_steps={accum * 2} "
+                              "(same global batch), or train.precision=bf16") from None
         if boundary:
             self._optimizer_step()
         return loss.detach()
