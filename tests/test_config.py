@@ -159,13 +159,14 @@ def test_unknown_choice_lists_choices_and_suggests(override: str, key: str, sugg
 @pytest.mark.parametrize("key", sorted(config.CHOICES))
 def test_every_documented_choice_is_accepted_case_insensitively(key: str) -> None:
     rejected = []
-    for spelling in [v for value in config.CHOICES[key] for v in (value, value.upper())]:
-        try:
-            loaded = config.get(config.load([], ["data.root=/data", f"{key}={spelling}"]), key)
-        except ConfigError as exc:
-            loaded = str(exc)
-        if loaded != spelling.lower():
-            rejected.append(f"{spelling} -> {loaded}")
+    for value in config.CHOICES[key]:
+        for spelling in (value.lower(), value.upper()):
+            try:
+                loaded = config.get(config.load([], ["data.root=/data", f"{key}={spelling}"]), key)
+            except ConfigError as exc:
+                loaded = str(exc)
+            if loaded != value:
+                rejected.append(f"{spelling} -> {loaded}")
     assert not rejected
 
 

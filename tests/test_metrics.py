@@ -100,14 +100,55 @@ def test_eval_meter_empty_is_zero_not_nan() -> None:
                    "samples": 0}
 
 
+def train_meter(losses: list[float], sizes: list[int], steps: list[int], window: int = 8) -> TrainMeter:
+    meter = TrainMeter(CPU, window)
+    for loss, size, step in zip(losses, sizes, steps):
+        meter.update(torch.tensor(loss), size, step)
+    return meter
+
+
 def test_train_meter_weights_loss_by_batch_size() -> None:
-    meter = TrainMeter(CPU)
-    meter.update(logits_for([0, 1], 3), torch.tensor([0, 0]), torch.tensor(1.0))  # 1 of 2 right
-    meter.update(logits_for([2] * 6, 3), torch.tensor([2, 2, 2, 1, 1, 1]), torch.tensor(3.0))  # 3 of 6
+    meter = train_meter([1.0, 3.0], sizes=[2, 6], steps=[0, 1])
+    assert meter.flush() is None
     assert meter.mean_loss() == pytest.approx((2 * 1.0 + 6 * 3.0) / 8)  # not the batch mean 2.0
     assert not dist.is_initialized()
-    assert meter.reduce() == pytest.approx({"loss": 2.5, "top1": 4 / 8, "samples": 8})
+    assert meter.reduce() == pytest.approx({"loss": 2.5, "samples": 8})
     assert meter.reduce()["samples"] == 8  # reduce does not consume the sums
+
+
+def test_train_meter_flushes_itself_when_the_window_is_full() -> None:
+    losses, sizes = [1.0, 2.0, 3.0, 4.0, 5.0], [1, 2, 3, 4, 5]
+    meter = train_meter(losses, sizes, steps=list(range(5)), window=2)
+    assert meter.flush() is None
+    expected = sum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
+    assert meter.reduce() == pytest.approx({"loss": expected, "samples": 15})
+
+
+def test_train_meter_state_round_trip() -> None:
+    first = train_meter([1.0, 3.0], sizes=[2, 6], steps=[0, 1])
+    first.flush()
+    resumed = TrainMeter(CPU, 8)
+    resumed.load_state(first.state())
+    resumed.update(torch.tensor(5.0), 2, 2)
+    resumed.flush()
+    assert resumed.reduce() == pytest.approx({"loss": (2 + 18 + 10) / 10, "samples": 10})
+
+
+def test_train_meter_flush_names_first_non_finite_step() -> None:
+    meter = train_meter([1.0, float("nan"), float("inf"), 2.0], sizes=[4] * 4, steps=[10, 11, 12, 13])
+    assert meter.flush() == 11
+    assert meter.flush() is None  # reported once
+
+
+def test_train_meter_names_step_under_gradient_accumulation() -> None:
+    # grad_accum_steps=2: the Worker passes the optimizer step, which two micro-batches share.
+    meter = train_meter([1.0, 1.0, float("nan"), 1.0], sizes=[4] * 4, steps=[5, 5, 6, 6])
+    assert meter.flush() == 6
+
+
+def test_train_meter_reports_non_finite_loss_from_an_automatic_flush() -> None:
+    meter = train_meter([float("nan"), 1.0, 1.0], sizes=[4] * 3, steps=[0, 1, 2], window=2)
+    assert meter.flush() == 0  # the NaN was folded in by update()'s own flush
 
 
 # --- two real processes ------------------------------------------------------------------------------
@@ -126,9 +167,10 @@ def reduce_shard(rank: int, port: int, out: str) -> None:
     try:
         logits, targets = shared_batch()
         shard = slice(0, 7) if rank == 0 else slice(7, 20)  # unequal shards
-        evals, train = EvalMeter(NUM_CLASSES, CPU), TrainMeter(CPU)
+        evals, train = EvalMeter(NUM_CLASSES, CPU), TrainMeter(CPU, 4)
         evals.update(logits[shard], targets[shard], torch.tensor(float(rank + 1)))
-        train.update(logits[shard], targets[shard], torch.tensor(float(rank + 1)))
+        train.update(torch.tensor(float(rank + 1)), shard.stop - shard.start, 0)
+        train.flush()
         Path(out, f"{rank}.json").write_text(json.dumps({"eval": evals.reduce(), "train": train.reduce()}))
     finally:
         dist.destroy_process_group()
@@ -155,6 +197,4 @@ def test_reduce_over_two_gloo_processes_equals_one_meter(tmp_path: Path) -> None
     for rank in (0, 1):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["eval"] == pytest.approx(whole.reduce())
-        assert result["train"] == pytest.approx({
-            "loss": (7 * 1.0 + 13 * 2.0) / 20,
-            "top1": (logits.argmax(1) == targets).double().mean().item(), "samples": 20})
+        assert result["train"] == pytest.approx({"loss": (7 * 1.0 + 13 * 2.0) / 20, "samples": 20})

@@ -48,7 +48,7 @@ def run(argv: list[str] | None = None) -> int:
         worker = Worker(cfg, env, run_dir, stop)
         if resume_from is not None:
             worker.resume(resume_from)
-        stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal.upper()}))
+        stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
         code = worker.fit()
         del worker
         distributed.teardown(env)

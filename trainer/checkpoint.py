@@ -94,12 +94,14 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream: cut or not a checkpoint
+            raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint") from None
+        detail = _first_line(str(exc).split("WeightsUnpickler error:")[-1])
         raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
                               f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
-                              f"({str(exc).splitlines()[0]})") from None
+                              f"({_first_line(str(exc)) or type(exc).__name__})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
     return state
@@ -119,6 +121,10 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
         raise CheckpointError(f"{origin} does not match the model ({'; '.join(parts)}); "
                               "check model.name and the number of classes")
     model.load_state_dict(weights)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _fsync_dir(folder: Path) -> None:

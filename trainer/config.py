@@ -144,12 +144,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "ckpt.mode": ("max", "min"),
-    "ckpt.warning_signal": ("sigusr1", "sigusr2", "sigterm", "sigint", "sighup", "sigquit"),
+    "ckpt.warning_signal": ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"),
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "log.progress_bar": ("auto", "on", "off"),
 }
-"""Keys restricted to a set of values (matched case-insensitively, stored lower-case)."""
+"""Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
 
 POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
             "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
@@ -199,10 +199,11 @@ def validate(cfg: Config) -> None:
         value = str(get(cfg, key)).lower()
         if "on" in allowed:  # YAML reads a bare on/off as a boolean
             value = {"true": "on", "false": "off"}.get(value, value)
-        if value not in allowed:
+        canonical = {choice.lower(): choice for choice in allowed}
+        if value not in canonical:
             raise ConfigError(f"{key}: '{get(cfg, key)}' is not one of {', '.join(allowed)}"
-                              f"{_suggest(value, allowed, 'value')}")
-        _set(cfg, key, value)
+                              f"{_suggest(value, canonical, 'value')}")
+        _set(cfg, key, canonical[value])
     for key in POSITIVE:
         if not get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {get(cfg, key)}")

@@ -18,31 +18,34 @@ class TrainMeter:
         self.count = 0
         self.window = torch.zeros(window, dtype=torch.float32, device=device)
         self.window_sizes: list[int] = []
-        self.window_start_step = 0
+        self.window_steps: list[int] = []
+        self.pending_bad_step: int | None = None  # found by an automatic flush, reported by the next flush()
 
     def update(self, loss: torch.Tensor, batch_size: int, step: int) -> None:
         """Record the mean loss of one batch; flushes by itself when the window is full."""
         if len(self.window_sizes) == len(self.window):
-            self.flush()
-        if not self.window_sizes:
-            self.window_start_step = step
+            self.pending_bad_step = self.flush()
         self.window[len(self.window_sizes)].copy_(loss.detach(), non_blocking=True)
         self.window_sizes.append(batch_size)
+        self.window_steps.append(step)
 
     def flush(self) -> int | None:
         """Fold the window into the sum; return the step of the first non-finite loss, if any."""
         k = len(self.window_sizes)
+        pending, self.pending_bad_step = self.pending_bad_step, None
         if k == 0:
-            return None
+            return pending
         losses = self.window[:k].double()
         sizes = torch.tensor(self.window_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
         self.loss_sum += (losses * sizes).sum()
         self.count += sum(self.window_sizes)
+        steps = self.window_steps[:]
         self.window_sizes.clear()
+        self.window_steps.clear()
         finite = torch.isfinite(losses)
-        if bool(finite.all()):
-            return None
-        return self.window_start_step + int((~finite).nonzero()[0, 0])
+        if pending is not None or bool(finite.all()):
+            return pending
+        return steps[int((~finite).nonzero()[0, 0])]
 
     def mean_loss(self) -> float:
         """This rank's mean loss so far (reads the device)."""
@@ -102,7 +105,7 @@ def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str
     recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros_like(hits))
-    present = actual > 0
+    present = (actual > 0) | (predicted > 0)  # every class seen as a target or a prediction
     n = max(int(present.sum()), 1)
     return {
         "loss": loss_sum / max(count, 1.0), "top1": hits.sum().item() / max(count, 1.0),

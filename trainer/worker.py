@@ -226,7 +226,7 @@ class Worker:
         log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.epoch + 1, self.batches_done,
                     EXIT_STOPPED)
-        if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal.upper():
+        if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal:
             slurm.requeue_if_configured(cfg.ckpt.requeue)
         return EXIT_STOPPED
 
