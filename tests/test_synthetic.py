@@ -211,8 +211,9 @@ def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
         ("num_classes", True, "num_classes must be an integer"),
     ],
 )
-def test_invalid_spec_is_rejected(field: str, value: object, message: str) -> None:
+def test_invalid_spec_is_rejected(tmp_path: Path, field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
-        SyntheticSpec(**{field: value})
+        ensure_synthetic_dataset(tmp_path / "cache", SyntheticSpec(**{field: value}))
     assert "\n" not in str(error.value)
     assert repr(value) in str(error.value) or str(value) in str(error.value)
+    assert not (tmp_path / "cache").exists()  # rejected before anything is written

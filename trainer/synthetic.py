@@ -101,30 +101,13 @@ SHAPES: tuple[str, ...] = tuple(_GEOMETRY)
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """Everything that determines the generated images; invalid values raise ValueError."""
+    """Everything that determines the generated images (checked by ensure_synthetic_dataset)."""
 
     num_classes: int = 6
     train_per_class: int = 500
     val_per_class: int = 100
     image_size: int = 32
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        limits = {
-            "num_classes": (2, len(SHAPES)),
-            "train_per_class": (1, None),
-            "val_per_class": (1, None),
-            "image_size": (16, None),
-            "seed": (0, None),
-        }
-        for name, (low, high) in limits.items():
-            value = getattr(self, name)
-            wanted = f"between {low} and {high}" if high is not None else f">= {low}"
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"synthetic data: {name} must be an integer {wanted}, got {value!r}")
-            if value < low or (high is not None and value > high):
-                hint = f" (there are {len(SHAPES)} shapes)" if name == "num_classes" else ""
-                raise ValueError(f"synthetic data: {name} must be {wanted}{hint}, got {value}")
 
 
 # --- Rendering ---
@@ -174,6 +157,25 @@ def _render(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 # --- The on-disk tree ---
+
+
+def _validate(spec: SyntheticSpec) -> None:
+    """Raise ValueError with one actionable line if a field of ``spec`` is out of range."""
+    limits = {
+        "num_classes": (2, len(SHAPES)),
+        "train_per_class": (1, None),
+        "val_per_class": (1, None),
+        "image_size": (16, None),
+        "seed": (0, None),
+    }
+    for name, (low, high) in limits.items():
+        value = getattr(spec, name)
+        wanted = f"between {low} and {high}" if high is not None else f">= {low}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer {wanted}, got {value!r}")
+        if value < low or (high is not None and value > high):
+            hint = f" (there are {len(SHAPES)} shapes)" if name == "num_classes" else ""
+            raise ValueError(f"{name} must be {wanted}{hint}, got {value}")
 
 
 def _tree_name(spec: SyntheticSpec) -> str:
@@ -250,8 +252,9 @@ def ensure_synthetic_dataset(cache_dir: str | os.PathLike[str], spec: SyntheticS
     The root is ``cache_dir/<name encoding the spec>``. A complete tree is never modified; one
     without its marker file (interrupted or damaged) is replaced. Safe to call from several
     processes at once: each generates into its own temporary directory, the first rename wins and
-    the others discard their copy.
+    the others discard their copy. Raises ValueError, with one actionable line, for an invalid spec.
     """
+    _validate(spec)
     cache = Path(cache_dir).expanduser()
     root = cache / _tree_name(spec)
     if _is_complete(root, spec):
