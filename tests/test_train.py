@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from trainer import checkpoint, models
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 4
+EPOCHS = 5
 
 
 def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -25,8 +25,8 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> su
 
 def small_run_args(tmp: Path, name: str) -> list[str]:
     return [f"log.output_dir={tmp / 'runs'}", f"log.name={name}", f"data.cache_dir={tmp / 'cache'}",
-            "data.synthetic_classes=3", "data.synthetic_train_per_class=100", "data.synthetic_val_per_class=30",
-            "data.image_size=16", "data.batch_size=32", "data.num_workers=1", "optim.lr=0.1",
+            "data.synthetic_classes=3", "data.synthetic_train_per_class=150", "data.synthetic_val_per_class=30",
+            "data.image_size=24", "data.batch_size=32", "data.num_workers=1",
             f"train.epochs={EPOCHS}", "log.progress_bar=off"]
 
 
@@ -83,7 +83,7 @@ def test_checkpoint_round_trip(trained: tuple[Path, subprocess.CompletedProcess]
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in state["model"])
     best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
     assert best["best"] == max(r["val/top1"] for r in history(run_dir)) == state["best"]
-    model = models.build_model("smallcnn", len(state["classes"]), 16)
+    model = models.build_model("smallcnn", len(state["classes"]), 24)
     checkpoint.load_model_weights(model, state["model"], folder / "last.pt")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state["model"][name])

@@ -32,7 +32,7 @@ class DataConfig:
     synthetic_seed: int = 0
     image_size: int = 32
     val_crop_fraction: float = 1.0
-    random_resized_crop: bool = True
+    random_resized_crop: bool = False
     crop_scale_min: float = 0.35
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -56,7 +56,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4

@@ -103,6 +103,11 @@ class Worker:
         self.sinks = MetricSinks(self.env, self.run_dir, cfg.log.tensorboard)
         self.sinks.config_text(to_yaml(cfg))
         try:
+            if self.epoch >= cfg.train.epochs:
+                log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
+                         "raise train.epochs to continue it, or choose another log.name",
+                         self.run_dir, self.epoch, cfg.train.epochs)
+                return EXIT_OK
             while self.epoch < cfg.train.epochs:
                 train_stats = self.train_epoch()
                 if train_stats is None:
@@ -289,9 +294,6 @@ class Worker:
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
     def _finish(self) -> None:
-        if not self.history:
-            log.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.epoch)
-            return
         final = {k: v for k, v in self.history[-1].items() if k.startswith("val/") and k != "val/samples"}
         self.sinks.hparams(_flatten(to_dict(self.cfg)), final)
         ckpts = checkpoint.checkpoint_dir(self.run_dir)
