@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, distributed, models
+from trainer import checkpoint, config, distributed, models, slurm
 from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, log, setup_console
 from trainer.signals import StopRequest
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml",
                         help="YAML config file; repeat to layer several (later ones win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.1")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # `a=1 -c f.yaml b=2` too (wrappers append overrides)
 
 
 @record
@@ -36,6 +36,11 @@ def run(argv: list[str] | None = None) -> int:
     env = None
     try:
         cfg = config.load(args.config, args.overrides)
+        # The SLURM warning signal may come (up to 60 s early) during process-group init, data
+        # preparation or model building: it must not kill the process with its default action.
+        # (TERM and INT keep interrupting start-up at once, as a user at a terminal expects.)
+        stop = StopRequest()
+        stop.install([cfg.ckpt.warning_signal])
         debug = debug or cfg.log.debug
         setup_console(topology.rank, debug)
         models.resolve_name(cfg.model.name)
@@ -44,14 +49,16 @@ def run(argv: list[str] | None = None) -> int:
         run_dir = _agree_run_dir(env, cfg)
         from trainer.worker import Worker
 
-        stop = StopRequest()
         worker = Worker(cfg, env, run_dir, stop)
         if resume_from is not None:
             worker.resume(resume_from)
         stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
         code = worker.fit()
+        requeue = worker.requeue
         del worker
         distributed.teardown(env)
+        if requeue:  # after teardown: SLURM answers a requeue with SIGTERM to the whole step
+            slurm.requeue()
         return code
     except UserError as exc:
         if debug:

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -214,6 +215,12 @@ class EvalSampler(Sampler[SampleKey]):
 
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker distinct Python and NumPy seeds derived from torch's."""
+    # Stop signals are the main process's business. SLURM signals every process of a job step
+    # (scancel, preemption, `scontrol requeue`, --signal), and torch re-arms SIGTERM in DataLoader
+    # workers so that it kills them: the main process then dies mid-stop with "DataLoader worker
+    # (pid N) is killed by signal: Terminated" instead of saving its checkpoint.
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

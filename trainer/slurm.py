@@ -73,12 +73,16 @@ def job_id(environ: dict[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-def requeue_if_configured(enabled: bool) -> None:
+def requeue() -> None:
     """Put this SLURM job back in the queue so it resumes from its checkpoint (rank 0 only)."""
     job = job_id()
-    if not enabled or job is None:
+    if job is None:
         return
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:   # e.g. no scontrol inside a container
+        log.error("could not requeue SLURM job %s: %s (the batch script may requeue it)", job, exc)
+        return
     if result.returncode == 0:
         log.warning("requeued SLURM job %s: it will resume from the checkpoint", job)
     else:

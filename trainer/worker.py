@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from trainer import checkpoint, data, distributed, models, optim, precision, slurm
+from trainer import checkpoint, data, distributed, models, optim, precision
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
@@ -53,6 +53,7 @@ class Worker:
         self.skipped_samples, self.skipped_steps = 0, 0
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=self.device)
         self.last_save = time.monotonic()
+        self.requeue = False
         self.sinks: MetricSinks | None = None
 
     # ----------------------------------------------------------------------------- building
@@ -225,14 +226,13 @@ class Worker:
         return stop, due or timed
 
     def _stop(self) -> int:
-        """Save where the loop stopped, requeue under SLURM on the warning signal, return the exit code."""
+        """Save where the loop stopped; on the warning signal, ask for a SLURM requeue after teardown."""
         cfg = self.cfg
         self.save_checkpoint()
         log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.epoch + 1, self.batches_done,
                     EXIT_STOPPED)
-        if self.env.is_main and self.stop.signal_name == cfg.ckpt.warning_signal:
-            slurm.requeue_if_configured(cfg.ckpt.requeue)
+        self.requeue = self.env.is_main and cfg.ckpt.requeue and self.stop.signal_name == cfg.ckpt.warning_signal
         return EXIT_STOPPED
 
     @torch.inference_mode()

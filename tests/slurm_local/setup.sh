@@ -8,7 +8,8 @@
 #   - starts munged (as user munge), slurmctld and slurmd (each daemonizes, PID in a pidfile),
 #   - waits until the node is idle (exit 1 if it never is).
 # On any failure it stops whatever it started (teardown.sh), so a failed setup leaves nothing behind.
-# Exit codes: 0 up, 1 failed (cleaned up), 4 a cluster is already running here (left alone).
+# Exit codes: 0 up; 1 failed (cleaned up); 3 slurm/munge missing and apt could not install them;
+# 4 a SLURM daemon is already running here (left alone).
 # Usage: NCPUS=2 tests/slurm_local/setup.sh     Stop with tests/slurm_local/teardown.sh
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,18 +24,21 @@ for f in /run/slurmctld.pid /run/slurmd.pid; do
     exit 4
   fi
 done
+trap 'echo "setup.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 trap 'rc=$?; if [ $rc != 0 ]; then echo "setup.sh: failed (rc $rc), stopping what was started" >&2; "$HERE/teardown.sh" >&2 || true; fi' EXIT
 
 # 0) packages (skipped if present). A temporary policy-rc.d keeps dpkg from starting the services.
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  command -v apt-get >/dev/null || { echo "setup.sh: slurm is not installed and there is no apt-get" >&2; exit 1; }
+  command -v apt-get >/dev/null || { echo "setup.sh: slurm is not installed and there is no apt-get" >&2; exit 3; }
   made_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1
   fi
+  installed=0
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    slurm-wlm munge
-  [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+    slurm-wlm munge && installed=1
+  if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  [ $installed = 1 ] || { echo "setup.sh: apt-get could not install slurm-wlm and munge" >&2; exit 3; }
 fi
 
 # 1) munge: key + runtime dirs, munged runs as user munge
@@ -44,7 +48,7 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown munge:munge /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge
 chmod 400 /etc/munge/munge.key; chmod 755 /run/munge
-runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null   # daemonizes; pid in /run/munge/munged.pid
+runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1   # daemonizes; pid in /run/munge/munged.pid
 for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
 munge -n | unmunge >/dev/null
 
