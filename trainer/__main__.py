@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -52,6 +53,7 @@ def run(argv: list[str] | None = None) -> int:
         worker = Worker(cfg, env, run_dir, stop)
         if resume_from is not None:
             worker.resume(resume_from)
+        _save_config(env, cfg, run_dir)  # only now: a refused start leaves the run's config.yaml as it was
         stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
         code = worker.fit()
         requeue = worker.requeue
@@ -70,13 +72,15 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
-    """Rank 0 creates the run directory and saves the resolved config; every rank then uses it."""
+    """Rank 0 creates the run directory and checks it is writable, writing nothing in it yet
+    (see :func:`_save_config`); every rank then uses it."""
     run_dir = cfg.run_dir.resolve()
     problem = None
     if env.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+            if not os.access(run_dir, os.W_OK):  # also EROFS for root
+                raise OSError(errno.EACCES, "not writable")
         except OSError as exc:
             problem = (f"cannot write the run directory {run_dir} ({exc.strerror or exc}); "
                        "choose a writable log.output_dir")
@@ -85,6 +89,20 @@ def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
         raise UserError(problem)
     add_rank_file(run_dir, env.rank)
     return run_dir
+
+
+def _save_config(env: distributed.DistEnv, cfg: config.Config, run_dir: Path) -> None:
+    """Rank 0 saves the resolved config into the run directory, once data, model and checkpoint checked out."""
+    problem = None
+    if env.is_main:
+        try:
+            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        except OSError as exc:
+            problem = (f"cannot write {run_dir / 'config.yaml'} ({exc.strerror or exc}); "
+                       "free some space or choose a writable log.output_dir")
+    problem = distributed.broadcast_object(env, problem)
+    if problem:
+        raise UserError(problem)
 
 
 def _resume_source(resume: str, run_dir: Path) -> Path | None:

@@ -42,8 +42,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); "
+        cause = _os_error(exc)
+        if cause is not None:
+            raise CheckpointError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
                                   "the previous checkpoint is untouched") from None
         raise
     _fsync_dir(path.parent)
@@ -96,7 +97,8 @@ def load(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         if "Unsupported operand" in str(exc):  # bytes that are no pickle stream: cut or not a checkpoint
             raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint") from None
-        detail = _first_line(str(exc).split("WeightsUnpickler error:")[-1])
+        text = str(exc).split("WeightsUnpickler error:")[-1]
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "") or _first_line(text)
         raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
                               f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -121,6 +123,18 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
         raise CheckpointError(f"{origin} does not match the model ({'; '.join(parts)}); "
                               "check model.name and the number of classes")
     model.load_state_dict(weights)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` or the OSError behind it: torch.save reports a failed write (ENOSPC, EIO...) as the
+    RuntimeError of closing its zip writer ("unexpected pos ..."), with the OSError as its context."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _first_line(text: str) -> str:

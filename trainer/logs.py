@@ -15,13 +15,19 @@ log = logging.getLogger("trainer")
 
 
 def setup_console(rank: int, debug: bool = False) -> None:
-    """Rank 0 prints INFO to stdout; other ranks print warnings and errors prefixed ``host:rank``."""
+    """Rank 0 prints INFO to stdout and warnings to stderr; other ranks print only warnings and
+    errors, prefixed ``host:rank``."""
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     if rank == 0:
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        info = logging.StreamHandler(sys.stdout)
+        info.addFilter(lambda record: record.levelno < logging.WARNING)
+        info.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(info)
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.WARNING)
