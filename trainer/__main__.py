@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -75,31 +76,32 @@ def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
     """Rank 0 creates the run directory and checks it is writable, writing nothing in it yet
     (see :func:`_save_config`); every rank then uses it."""
     run_dir = cfg.run_dir.resolve()
-    problem = None
-    if env.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(run_dir, os.W_OK):  # also EROFS for root
-                raise OSError(errno.EACCES, "not writable")
-        except OSError as exc:
-            problem = (f"cannot write the run directory {run_dir} ({exc.strerror or exc}); "
-                       "choose a writable log.output_dir")
-    problem = distributed.broadcast_object(env, problem)
-    if problem:
-        raise UserError(problem)
+
+    def create() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):  # also EROFS for root
+            raise OSError(errno.EACCES, "not writable")
+
+    _on_rank0(env, create, f"cannot write the run directory {run_dir}", "choose a writable log.output_dir")
     add_rank_file(run_dir, env.rank)
     return run_dir
 
 
 def _save_config(env: distributed.DistEnv, cfg: config.Config, run_dir: Path) -> None:
-    """Rank 0 saves the resolved config into the run directory, once data, model and checkpoint checked out."""
+    """Rank 0 saves the resolved config, once data, model and checkpoint have checked out."""
+    path = run_dir / "config.yaml"
+    _on_rank0(env, lambda: path.write_text(config.to_yaml(cfg)), f"cannot write {path}",
+              "free some space or choose a writable log.output_dir")
+
+
+def _on_rank0(env: distributed.DistEnv, action: Callable[[], object], failure: str, fix: str) -> None:
+    """Run file-system ``action`` on rank 0; if it fails, every rank raises the same UserError."""
     problem = None
     if env.is_main:
         try:
-            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+            action()
         except OSError as exc:
-            problem = (f"cannot write {run_dir / 'config.yaml'} ({exc.strerror or exc}); "
-                       "free some space or choose a writable log.output_dir")
+            problem = f"{failure} ({exc.strerror or exc}); {fix}"
     problem = distributed.broadcast_object(env, problem)
     if problem:
         raise UserError(problem)
