@@ -15,45 +15,52 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import overhead, report, scaling, startup, throughput
+from bench import ablation, overhead, report, scaling, startup, throughput
 from bench.common import Row, Spec
 
 CASES = ("throughput", "scaling", "overhead", "startup")
+STARTED = time.monotonic()
 
 
 @dataclass(frozen=True)
 class Plan:
     """How much work each case does; :func:`plan` picks one per device and ``--quick``."""
 
-    spec: Spec
-    steps: int
-    warmup: int
-    repeats: int
-    scaling_steps: int
-    scaling_epochs: int
-    scaling_repeats: int
-    tiny: Spec
-    tiny_steps: int
-    startup_repeats: int
-    cases: tuple[str, ...]
+    spec: Spec  # throughput (and, per process, scaling)
+    steps: int = 2  # timed steps per side per round: short rounds pair up well on a busy machine
+    warmup: int = 2
+    repeats: int = 20  # interleaved rounds of the throughput case
+    scaling_steps: int = 3
+    scaling_epochs: int = 2  # timed epochs per child job
+    scaling_repeats: int = 2
+    tiny: Spec = Spec("linear", 16, 16, 10)
+    tiny_steps: int = 2000
+    tiny_repeats: int = 7
+    startup_repeats: int = 5
+    ablation_steps: int = 500
+    ablation_repeats: int = 15
+    cases: tuple[str, ...] = CASES
 
 
 def plan(device: str, quick: bool) -> Plan:
     tiny = Spec("linear", 16, 16, 10, device=device)
     if device == "cuda":
-        spec = Spec("resnet50", 224, 64 if quick else 128, 10, "bf16", True, "cuda")
         cases = ("throughput", "overhead") + (("scaling",) if torch.cuda.device_count() >= 2 else ())
-        return Plan(spec, 10 if quick else 30, 3 if quick else 10, 2 if quick else 5, 5, 2, 1 if quick else 2,
-                    tiny, 300 if quick else 2000, 2 if quick else 5, cases)
+        full = Plan(Spec("resnet50", 224, 128, 10, "bf16", True, "cuda"), steps=10, warmup=10, repeats=10,
+                    scaling_steps=10, tiny=tiny, cases=cases)
+        return replace(full, spec=replace(full.spec, batch=64), warmup=3, repeats=3) if quick else full
     if quick:
-        return Plan(Spec("resnet18", 32, 16), 3, 1, 2, 2, 1, 1, tiny, 300, 2, CASES)
-    return Plan(Spec("resnet18", 64, 64), 8, 2, 5, 3, 2, 2, tiny, 2000, 5, CASES)
+        return Plan(Spec("resnet18", 32, 16), warmup=1, repeats=3, scaling_steps=2, scaling_epochs=1,
+                    scaling_repeats=1, tiny_steps=300, tiny_repeats=3, startup_repeats=2, ablation_steps=200,
+                    ablation_repeats=3)
+    return Plan(Spec("resnet18", 64, 64))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="much shorter run, to check that everything works")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: resnet18 64px fp32; cuda: resnet50 224px bf16 channels_last + MFU")
-    parser.add_argument("--repeats", type=int, help="interleaved rounds per comparison (default 5, --quick 2)")
-    parser.add_argument("--steps", type=int, help="timed steps per round in the throughput case")
+    parser.add_argument("--repeats", type=int,
+                        help="interleaved rounds of every comparison (default: throughput 20, tiny steps 7, start-up 5)")
+    parser.add_argument("--steps", type=int, help="timed steps per side per round in the throughput case (default 2)")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--ablation", action="store_true",
                         help="also attribute the tiny-step overhead to Worker features (about 1-2 min more)")
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     p = plan(args.device, args.quick)
     p = replace(p, repeats=args.repeats or p.repeats, steps=args.steps or p.steps,
-                startup_repeats=args.repeats or p.startup_repeats,
+                tiny_repeats=args.repeats or p.tiny_repeats, startup_repeats=args.repeats or p.startup_repeats,
                 cases=tuple(args.cases.split(",")) if args.cases else p.cases)
     unknown = set(p.cases) - set(CASES)
     if unknown:
@@ -116,9 +124,8 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         _say(f"scaling: {p.scaling_repeats} rounds of fresh 1- and 2-process jobs")
         rows.append(scaling.measure(p.spec, workdir, p.scaling_steps, 1, p.scaling_epochs, p.scaling_repeats))
     if "overhead" in p.cases:
-        _say(f"overhead: {p.tiny.describe()}, {p.repeats} rounds x {p.tiny_steps} steps"
-             f"{' with ablation' if args.ablation else ''}")
-        details["overhead"] = tiny = overhead.measure(p.tiny, workdir, p.tiny_steps, 50, p.repeats, args.ablation)
+        _say(f"overhead: {p.tiny.describe()}, {p.tiny_repeats} rounds x {p.tiny_steps} steps")
+        details["overhead"] = tiny = overhead.measure(p.tiny, workdir, p.tiny_steps, 50, p.tiny_repeats)
         rows.append(tiny.row)
         notes += report.overhead_details(tiny)
     if "startup" in p.cases:
@@ -126,9 +133,16 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         details["startup"] = boot = startup.measure(replace(p.tiny, device="cpu"), workdir, p.startup_repeats)
         rows.append(boot.row)
         notes += report.startup_details(boot)
+    if args.ablation:
+        _say(f"ablation: {p.ablation_repeats} rounds x {p.ablation_steps} tiny steps per variant")
+        details["ablation"] = parts = ablation.measure(p.tiny, p.spec, workdir, p.ablation_steps,
+                                                          p.ablation_repeats)
+        notes += ["", *ablation.table(parts)]
+    _say("done")
     meta["torch_threads"] = torch.get_num_threads()
     meta["load_average_end"] = os.getloadavg()
-    print(f"\nResults: medians; ratio = Worker / baseline; torch threads {meta['torch_threads']}; "
+    print(f"\nResults: Worker and baseline are medians; ratio = median over rounds of Worker / baseline "
+          f"(each round times both back to back), [min, max] over rounds; torch threads {meta['torch_threads']}; "
           f"load average {meta['load_average_start'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end\n")
     print(report.table(rows))
     print("\n" + "\n".join(notes))
@@ -139,7 +153,8 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
 
 
 def _say(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, with the seconds since the run started."""
+    print(f"... [{time.monotonic() - STARTED:5.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 import torchvision
@@ -51,6 +51,27 @@ class Spec:
         return f"{self.model} {self.image_size}px, batch {self.batch}, {self.precision}{layout}, {self.device}"
 
 
+class Timing(NamedTuple):
+    """One timed run: wall-clock seconds, and CPU seconds of this process (all its threads).
+
+    On a shared machine CPU time is the steadier of the two: it does not count the time this
+    process waited for a core. It does count OpenMP threads spinning and background threads.
+    """
+
+    wall: float
+    cpu: float
+
+
+def clock() -> Timing:
+    """Both clocks now; subtract two readings with :func:`since`."""
+    return Timing(time.perf_counter(), time.process_time())
+
+
+def since(start: Timing) -> Timing:
+    now = clock()
+    return Timing(now.wall - start.wall, now.cpu - start.cpu)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (a no-op on the CPU, where every op is synchronous)."""
     if device.type == "cuda":
@@ -88,16 +109,16 @@ def build_worker(spec: Spec, workdir: Path, name: str, extra: Sequence[str] = ()
     return worker
 
 
-def time_worker_epoch(worker: Worker, batches: Sequence[Batch]) -> float:
-    """Seconds for ``worker.train_epoch()`` over ``batches`` (held in memory, no DataLoader)."""
+def time_worker_epoch(worker: Worker, batches: Sequence[Batch]) -> Timing:
+    """Time ``worker.train_epoch()`` over ``batches`` (held in memory, no DataLoader)."""
     worker.train_loader = batches
     worker.batches_per_epoch = len(batches)
     worker.batches_done = 0  # normally reset at the end of an epoch, by Worker._end_epoch
     synchronize(worker.device)
-    start = time.perf_counter()
+    start = clock()
     worker.train_epoch()
     synchronize(worker.device)
-    return time.perf_counter() - start
+    return since(start)
 
 
 # ----------------------------------------------------------------------------- the hand-written side
@@ -116,33 +137,38 @@ class PlainLoop:
     implementation, same label-smoothed loss, same autocast dtype and memory format.
     """
 
-    def __init__(self, spec: Spec, init_from: nn.Module) -> None:
+    def __init__(self, spec: Spec, init_from: nn.Module, foreach: bool | None = None,
+                 loss_divisor: int | None = None) -> None:
+        """``foreach`` and ``loss_divisor`` (``loss / n`` before backward) exist only for the ablation."""
         self.device = torch.device(spec.device)
+        self.loss_divisor = loss_divisor
         self.dtype, self.memory_format = spec.autocast_dtype, spec.memory_format
         self.model = build_plain_model(spec).to(self.device, memory_format=self.memory_format)
         self.model.load_state_dict(init_from.state_dict())  # start from the Worker's weights
         params = list(self.model.parameters())
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, nesterov=True)
+        self.optimizer = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=foreach)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
 
-    def run(self, batches: Sequence[Batch]) -> float:
-        """Train on ``batches``; return the seconds it took."""
+    def run(self, batches: Sequence[Batch]) -> Timing:
+        """Train on ``batches``; return how long it took."""
         model, optimizer, criterion, device = self.model, self.optimizer, self.criterion, self.device
         model.train()
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         for images, targets, _ in batches:
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext():
                 loss = criterion(model(images), targets)
+            if self.loss_divisor:
+                loss = loss / self.loss_divisor
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        return time.perf_counter() - start
+        return since(start)
 
 
 # ----------------------------------------------------------------------------- data and checks
@@ -167,14 +193,62 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class StepStamps(Sequence[Batch]):
+    """``batches`` that note the time whenever the next one is taken: per-step times of any loop.
+
+    Per-step times show a step's own cost even on a busy machine: most steps of a few hundred
+    microseconds run without being preempted, so low percentiles hardly move with the load.
+    """
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+        self.stamps: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Batch:  # type: ignore[override]
+        return self.batches[index]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            self.stamps.append(time.perf_counter())
+            yield batch
+        self.stamps.append(time.perf_counter())
+
+    def step_us(self) -> list[float]:
+        """Microseconds between consecutive requests for a batch: one training step each, with the
+        loop's per-step bookkeeping but not its per-epoch set-up and wind-down."""
+        return [(b - a) * 1e6 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def recorded(run: Callable[[Sequence[Batch]], Timing], batches: Sequence[Batch],
+             step_us: list[float]) -> Callable[[], Timing]:
+    """A zero-argument run of ``run(batches)`` that also appends its per-step times to ``step_us``."""
+    def go() -> Timing:
+        stamped = StepStamps(batches)
+        timing = run(stamped)
+        step_us.extend(stamped.step_us())
+        return timing
+    return go
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 # ----------------------------------------------------------------------------- timing and results
-def interleave(runs: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+T = TypeVar("T")
+
+
+def interleave(runs: Mapping[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
     """Call every run once per round, ``repeats`` rounds; each round starts one run later (A B, B A, ...).
 
     Rotating the order cancels drift in the machine's load; returns each run's values in order.
     """
     names = list(runs)
-    values: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, list[T]] = {name: [] for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
@@ -198,10 +272,16 @@ class Row:
     goal: float
     higher_is_better: bool
     pair_ratios: list[float] = field(default_factory=list)
+    cpu_ratio: float | None = None  # the same ratio measured in CPU time, where that makes sense
     note: str = ""
 
     @property
     def ratio(self) -> float:
+        """The median of the per-round ratios (each round's two runs were timed back to back)."""
+        return statistics.median(self.pair_ratios) if self.pair_ratios else self.ratio_of_medians
+
+    @property
+    def ratio_of_medians(self) -> float:
         return self.worker / self.baseline
 
     @property

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Row, median
+from bench.common import Row, median, percentile
 from bench.overhead import Overhead
 from bench.startup import PHASES, Startup
 from bench.throughput import Throughput
@@ -47,13 +47,17 @@ def _git(*args: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """One Markdown row per comparison: medians, their ratio, the spread of per-round ratios, the goal."""
-    lines = ["| case | metric | Worker | baseline | ratio | per-round ratios | goal | |",
-             "|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| case | metric | Worker | baseline | ratio | [min, max] | ratio of medians | CPU-time ratio | goal | |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|---|"]
     for row in rows:
-        spread = f"{min(row.pair_ratios):.3f} .. {max(row.pair_ratios):.3f}" if row.pair_ratios else ""
+        pairs = row.pair_ratios
+        spread = f"[{min(pairs):.2f}, {max(pairs):.2f}]" if pairs else ""
+        cpu = f"{row.cpu_ratio:.3f}" if row.cpu_ratio else "-"
         lines.append(f"| {row.case} | {row.metric} | {_num(row.worker)} | {_num(row.baseline)} ({row.baseline_name}) "
-                     f"| **{row.ratio:.3f}** | {spread} | {row.goal_text} | {'ok' if row.ok else 'MISSED'} |")
-    return "\n".join(lines)
+                     f"| **{row.ratio:.3f}** | {spread} | {row.ratio_of_medians:.3f} | {cpu} | {row.goal_text} "
+                     f"| {'ok' if row.ok else 'MISSED'} |")
+    notes = [f"- {row.case.split(':')[0]}: {row.note}" for row in rows if row.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _num(value: float) -> str:
@@ -65,6 +69,12 @@ def throughput_details(result: Throughput) -> list[str]:
              f"- {result.gflop_per_image:.3f} GFLOP per image (forward + backward, FlopCounterMode); achieved "
              + ", ".join(f"{side} {median(r) * result.gflop_per_image / 1e3:.3f} TFLOP/s"
                          for side, r in result.images_per_s.items())]
+    steps = result.step_us
+    if all(steps.values()):
+        lines.append("- per-step wall time, all rounds pooled: " + ", ".join(
+            f"{side} median {median(v) / 1e3:.0f} ms, p10 {percentile(v, 0.1) / 1e3:.0f} ms" for side, v in steps.items())
+            + f" (Worker / hand-written: median {median(steps['worker']) / median(steps['plain']):.3f}, "
+              f"p10 {percentile(steps['worker'], 0.1) / percentile(steps['plain'], 0.1):.3f})")
     if result.peak_tflops:
         lines.append(f"- MFU vs {result.peak_tflops:g} TFLOP/s bf16 dense peak: worker {result.mfu('worker'):.1%}, "
                      f"hand-written {result.mfu('plain'):.1%}")
@@ -80,30 +90,28 @@ def _same_work(diff: float, moved: float) -> str:
 
 
 def overhead_details(result: Overhead) -> list[str]:
-    base = median(result.us_per_step["worker"])
-    plain = median(result.us_per_step["hand-written"])
-    lines = [_same_work(result.param_max_abs_diff, result.param_max_abs_moved),
-             f"- Worker overhead: {base - plain:+.1f} us/step over the hand-written loop's {plain:.1f} us/step"]
-    if len(result.us_per_step) > 2:
-        lines += ["", "| variant | us/step (median) | vs Worker | vs hand-written |", "|---|---:|---:|---:|"]
-        for name, values in result.us_per_step.items():
-            m = median(values)
-            lines.append(f"| {name} | {m:.1f} | {m - base:+.1f} | {m - plain:+.1f} |")
-    if result.extra_ops_per_step:
-        lines += ["", "- ATen ops per step in the Worker beyond the hand-written loop's: "
-                  + ", ".join(f"{name} x{n:.2g}" for name, n in result.extra_ops_per_step.items())]
-    return lines
+    plain, cpu_plain = median(result.us_per_step["hand-written"]), median(result.cpu_us_per_step["hand-written"])
+    return [_same_work(result.param_max_abs_diff, result.param_max_abs_moved),
+            f"- Worker overhead per tiny step: {median(result.us_per_step['worker']) - plain:+.1f} us wall "
+            f"(hand-written: {plain:.1f}), {median(result.cpu_us_per_step['worker']) - cpu_plain:+.1f} us CPU "
+            f"(hand-written: {cpu_plain:.1f})",
+            "- per-step wall time, median of every single step (hardly affected by preemption, but blind to "
+            "the logging every 50 steps): " + ", ".join(f"{side} {median(v):.1f} us"
+                                                         for side, v in result.step_us.items())
+            + f" (ratio {median(result.step_us['worker']) / median(result.step_us['hand-written']):.3f})"]
 
 
 def startup_details(result: Startup) -> list[str]:
     lines = ["| side | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for side, marks in result.marks.items():
         lines.append(f"| {side} | " + " | ".join(f"{median(marks[p]):.2f}" if p in marks else "" for p in PHASES) + " |")
-    return ["- seconds after spawn (medians) at which each child reached each phase:", "", *lines]
+    return ["- seconds after spawn (medians) at which each child reached each phase, and its own CPU seconds "
+            "(main process) at the first step:", "", *lines]
 
 
 def to_json(path: Path, meta: dict[str, Any], rows: list[Row], details: dict[str, Any]) -> None:
     """Everything, raw samples included, as one JSON document."""
-    out = {"meta": meta, "rows": [{**dataclasses.asdict(r), "ratio": r.ratio, "ok": r.ok} for r in rows],
+    out = {"meta": meta, "rows": [{**dataclasses.asdict(r), "ratio": r.ratio, "ratio_of_medians": r.ratio_of_medians,
+                                   "ok": r.ok} for r in rows],
            "details": {k: dataclasses.asdict(v) for k, v in details.items()}}
     path.write_text(json.dumps(out, indent=2, default=str) + "\n")

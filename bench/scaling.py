@@ -36,13 +36,14 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, epochs: int, rep
     return Row(f"scaling 2 proc x batch {spec.batch} vs 1 x {single.batch} ({spec.model} {spec.image_size}px)",
                "images/s", median(rates["2 processes"]), median(rates["1 process"]), "Worker, 1 process",
                goal, True, paired_ratios(rates["2 processes"], rates["1 process"]),
-               "1 process: torch threads = cores; 2 processes: OMP_NUM_THREADS=1 each")
+               note="1 process: torch threads = cores; 2 processes: OMP_NUM_THREADS=1 each")
 
 
 def _launch(spec: Spec, nproc: int, workdir: Path, steps: int, warmup: int, epochs: int) -> float:
     """Run one child job; return the median of its epochs' global images/s."""
     args = ["--model", spec.model, "--image-size", str(spec.image_size), "--batch", str(spec.batch),
-            "--classes", str(spec.classes), "--device", spec.device, "--steps", str(steps),
+            "--classes", str(spec.classes), "--precision", spec.precision, "--device", spec.device,
+            "--channels-last", str(int(spec.channels_last)), "--steps", str(steps),
             "--warmup", str(warmup), "--epochs", str(epochs), "--workdir", str(workdir)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if nproc == 1:
@@ -62,11 +63,13 @@ def _launch(spec: Spec, nproc: int, workdir: Path, steps: int, warmup: int, epoc
 def child(argv: list[str] | None = None) -> None:
     """One rank: build the Worker (joining the process group under torchrun), time epochs, report."""
     parser = argparse.ArgumentParser(prog="python -m bench.scaling")
-    for name, kind in [("model", str), ("image-size", int), ("batch", int), ("classes", int), ("device", str),
-                       ("steps", int), ("warmup", int), ("epochs", int), ("workdir", Path)]:
+    for name, kind in [("model", str), ("image-size", int), ("batch", int), ("classes", int), ("precision", str),
+                       ("device", str), ("channels-last", int), ("steps", int), ("warmup", int), ("epochs", int),
+                       ("workdir", Path)]:
         parser.add_argument(f"--{name}", type=kind, required=True)
     args = parser.parse_args(argv)
-    spec = Spec(args.model, args.image_size, args.batch, args.classes, device=args.device)
+    spec = Spec(args.model, args.image_size, args.batch, args.classes, args.precision, bool(args.channels_last),
+                args.device)
     world = distributed.discover().world_size
     worker = build_worker(spec, args.workdir, f"scaling-{world}")
     batches = make_batches(spec, args.steps, seed=worker.env.rank)

@@ -8,14 +8,14 @@ Same data folder, transforms, batch, DataLoader workers, model, optimizer and lo
 import sys
 import time
 
-print(f"MARK python_up {time.time():.6f}", flush=True)
+print(f"MARK python_up {time.time():.6f} {time.process_time():.6f}", flush=True)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-print(f"MARK imports {time.time():.6f}", flush=True)
+print(f"MARK imports {time.time():.6f} {time.process_time():.6f}", flush=True)
 
 
 def main(root: str, image_size: int, batch: int, workers: int) -> None:
@@ -33,13 +33,13 @@ def main(root: str, image_size: int, batch: int, workers: int) -> None:
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=0.05, momentum=0.9, nesterov=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    print(f"MARK built {time.time():.6f}", flush=True)
+    print(f"MARK built {time.time():.6f} {time.process_time():.6f}", flush=True)
     for images, targets in loader:
         loss = criterion(model(images), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"MARK first_step {time.time():.6f}", flush=True)
+        print(f"MARK first_step {time.time():.6f} {time.process_time():.6f}", flush=True)
         break
 
 

@@ -8,12 +8,12 @@ Further ``MARK`` lines time the phases before it.
 import sys
 import time
 
-print(f"MARK python_up {time.time():.6f}", flush=True)
+print(f"MARK python_up {time.time():.6f} {time.process_time():.6f}", flush=True)
 
 from trainer import __main__ as cli  # noqa: E402  (the marks above and below time these imports)
 from trainer.worker import Worker  # noqa: E402
 
-print(f"MARK imports {time.time():.6f}", flush=True)
+print(f"MARK imports {time.time():.6f} {time.process_time():.6f}", flush=True)
 
 
 class FirstStepDone(Exception):
@@ -25,7 +25,7 @@ def main() -> int:
 
     def timed_build(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         build(self, *args, **kwargs)
-        print(f"MARK built {time.time():.6f}", flush=True)
+        print(f"MARK built {time.time():.6f} {time.process_time():.6f}", flush=True)
 
     def first_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         step(self, *args, **kwargs)
@@ -33,7 +33,7 @@ def main() -> int:
             import torch
 
             torch.cuda.synchronize(self.device)
-        print(f"MARK first_step {time.time():.6f}", flush=True)
+        print(f"MARK first_step {time.time():.6f} {time.process_time():.6f}", flush=True)
         raise FirstStepDone
 
     Worker.__init__, Worker._train_step = timed_build, first_step  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import (PlainLoop, Row, Spec, build_worker, interleave, make_batches, max_param_diff, median,
-                          paired_ratios, snapshot, time_worker_epoch)
+                          paired_ratios, recorded, snapshot, time_worker_epoch)
 
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
@@ -30,6 +30,7 @@ class Throughput:
 
     row: Row
     images_per_s: dict[str, list[float]]
+    step_us: dict[str, list[float]]  # every timed step's wall time, all rounds pooled
     param_max_abs_diff: float
     param_max_abs_moved: float
     gflop_per_image: float
@@ -53,9 +54,11 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int,
     batches = make_batches(spec, steps)
     time_worker_epoch(worker, batches[:warmup])
     plain.run(batches[:warmup])
-    seconds = interleave({"worker": lambda: time_worker_epoch(worker, batches),
-                          "plain": lambda: plain.run(batches)}, repeats)
-    rates = {side: [spec.batch * steps / s for s in values] for side, values in seconds.items()}
+    step_us: dict[str, list[float]] = {"worker": [], "plain": []}
+    timings = interleave({"worker": recorded(lambda b: time_worker_epoch(worker, b), batches, step_us["worker"]),
+                          "plain": recorded(plain.run, batches, step_us["plain"])}, repeats)
+    rates = {side: [spec.batch * steps / t.wall for t in values] for side, values in timings.items()}
+    cpu = {side: median([t.cpu for t in values]) for side, values in timings.items()}
     final = snapshot(plain.model)  # both sides saw the same batches from the same weights:
     diff, moved = max_param_diff(worker.net.state_dict(), final), max_param_diff(start, final)
     device = torch.device(spec.device)
@@ -64,8 +67,9 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, repeats: int,
         syncs = {"worker": count_syncs(lambda: time_worker_epoch(worker, batches)),
                  "plain": count_syncs(lambda: plain.run(batches))}
     row = Row(f"throughput {spec.describe()}", "images/s", median(rates["worker"]), median(rates["plain"]),
-              "hand-written", goal, True, paired_ratios(rates["worker"], rates["plain"]))
-    return Throughput(row, rates, diff, moved, training_flops(plain, spec) / spec.batch / 1e9,
+              "hand-written", goal, True, paired_ratios(rates["worker"], rates["plain"]),
+              cpu["plain"] / cpu["worker"] if device.type == "cpu" else None)
+    return Throughput(row, rates, step_us, diff, moved, training_flops(plain, spec) / spec.batch / 1e9,
                       peak_tflops or peak_for(device), syncs, steps)
 
 
@@ -91,7 +95,7 @@ def peak_for(device: torch.device) -> float | None:
     return None
 
 
-def count_syncs(run: Callable[[], float]) -> int:
+def count_syncs(run: Callable[[], object]) -> int:
     """How many synchronizing CUDA calls ``run`` makes (its own final synchronize included)."""
     torch.cuda.set_sync_debug_mode("warn")
     try:
