@@ -161,7 +161,7 @@ class SeededTransformDataset(Dataset):
             raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
                             "fix or remove it, or set data.on_bad_sample=skip") from None
         state = torch.get_rng_state()
-        torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
             return self.transform(image), target
         finally:

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 _SPLITS = ("train", "val")
 _MARKER = "DONE.json"
-_FORMAT = 1  # bump when the images change, so that old trees are no longer trusted
+_FORMAT = 2  # bump when the images change, so that old trees are no longer trusted
 _SUPERSAMPLE = 4  # draw at 4x the output size, then box-filter down (anti-aliasing)
 _SIZE_RANGE = (0.35, 0.80)  # shape diameter as a fraction of the image side
 _MAX_ROTATION_DEG = 30.0

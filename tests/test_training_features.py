@@ -1,0 +1,125 @@
+"""Gradient accumulation, clipping, bf16 on CPU, non-finite losses and EMA, on the real Worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from trainer import config, distributed
+from trainer.errors import NonFiniteLoss
+from trainer.logs import MetricSinks
+from trainer.signals import StopRequest
+from trainer.worker import Worker
+
+REPO = Path(__file__).resolve().parents[1]
+EXACT_LINEAR = ["model.name=linear", "train.label_smoothing=0", "optim.weight_decay=0", "optim.momentum=0",
+                "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0"]
+
+
+def small(tmp: Path, *extra: str) -> list[str]:
+    return [f"log.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp.parent / 'cache'}", "data.synthetic_classes=3",
+            "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=8", "data.image_size=16",
+            "data.num_workers=0", "train.epochs=2", "log.progress_bar=off", *extra]
+
+
+def build_worker(tmp: Path, *extra: str) -> Worker:
+    cfg = config.load([], small(tmp, *extra))
+    env = distributed.setup("cpu")
+    return Worker(cfg, env, cfg.run_dir, StopRequest())
+
+
+def weights_after(tmp: Path, name: str, *extra: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    result = subprocess.run([*launcher, "-m", "trainer", *small(tmp, f"log.name={name}", *extra)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return torch.load(tmp / "runs" / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_accumulating_two_batches_equals_one_double_batch(tmp_path: Path, nproc: int) -> None:
+    double = weights_after(tmp_path, "double", *EXACT_LINEAR, "data.batch_size=16", nproc=nproc)
+    accumulated = weights_after(tmp_path, "accum", *EXACT_LINEAR, "data.batch_size=8", "train.grad_accum_steps=2",
+                                nproc=nproc)
+    for key, tensor in double.items():
+        torch.testing.assert_close(accumulated[key], tensor, atol=1e-5, rtol=0)
+
+
+def test_clipping_caps_the_global_gradient_norm(tmp_path: Path) -> None:
+    norms: dict[str, list[float]] = {}
+    for clip in ("0", "0.05"):
+        worker = build_worker(tmp_path, f"train.clip_grad_norm={clip}", "train.epochs=1")
+        seen = norms.setdefault(clip, [])
+        original_step = worker.optimizer.step
+
+        def recording_step(*args: object, _seen: list = seen, _w: Worker = worker, _step=original_step) -> object:
+            grads = [p.grad for p in _w.net.parameters() if p.grad is not None]
+            _seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return _step(*args)
+
+        worker.optimizer.step = recording_step  # type: ignore[method-assign]
+        worker.sinks = MetricSinks(worker.env, worker.run_dir, tensorboard=False)
+        assert worker.train_epoch() is not None
+    assert max(norms["0"]) > 0.05, "without clipping the test would prove nothing"
+    assert max(norms["0.05"]) <= 0.05 + 1e-6
+
+
+@pytest.mark.slow
+def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
+    weights_after(tmp_path, "bf16", "train.precision=bf16", "train.epochs=3", "data.image_size=24")
+    records = [json.loads(line) for line in (tmp_path / "runs" / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert OmegaConf.load(tmp_path / "runs" / "bf16" / "config.yaml").train.precision == "bf16"
+
+
+def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path, "log.name=nan")
+    criterion, calls = worker.criterion, []
+
+    def nan_on_fifth_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = criterion(logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    worker.criterion = nan_on_fifth_batch  # type: ignore[assignment]
+    with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step 5 \(epoch 2\)"):
+        worker.fit()
+    saved = [torch.load(p, weights_only=True)["global_step"] for p in (worker.run_dir / "checkpoints").glob("step_*.pt")]
+    assert saved and max(saved) < 5, "only the healthy epoch-1 model is checkpointed, never a diverged one"
+
+
+def test_a_nan_step_is_skipped_when_configured(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path, "log.name=skip", "train.on_nonfinite_loss=skip", "train.epochs=1")
+    criterion, calls = worker.criterion, []
+
+    def nan_on_third_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = criterion(logits, targets)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    worker.criterion = nan_on_third_batch  # type: ignore[assignment]
+    assert worker.fit() == 0
+    assert worker.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in worker.net.parameters())
+
+
+def test_ema_weights_differ_from_and_track_the_model(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path, "log.name=ema", "train.ema_decay=0.9", "train.epochs=2", "data.batch_size=16")
+    initial = [p.detach().clone() for p in worker.net.parameters()]
+    assert worker.fit() == 0
+    model = list(worker.net.parameters())
+    ema = list(worker.ema.module.parameters())
+    gap = sum((e - m).norm().item() for e, m in zip(ema, model))
+    travelled = sum((i - m).norm().item() for i, m in zip(initial, model))
+    assert gap > 0 and gap < 0.5 * travelled
+    record = json.loads((worker.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < record["val_ema/top1"] <= 1 and record["val_ema/samples"] == record["val/samples"]
