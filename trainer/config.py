@@ -181,13 +181,17 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ())
         for key in _leaf_keys(layer):
             if key not in known:
                 raise ConfigError(f"unknown key '{key}' in {origin}{_suggest(key, known)}")
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise ConfigError(
-                f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
-                f"(in {origin})") from None
+    try:  # one merge of all layers: each OmegaConf.merge deep-copies the whole config
+        merged = OmegaConf.merge(merged, *(layer for _, layer in layers))
+    except OmegaConfBaseException:
+        for origin, layer in layers:  # again layer by layer, to name the one at fault
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as exc:
+                key = getattr(exc, "full_key", None) or "?"
+                raise ConfigError(
+                    f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
+                    f"(in {origin})") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg

@@ -7,39 +7,42 @@ import torch.distributed as dist
 
 
 class TrainMeter:
-    """One epoch's training loss, kept on the device: one small copy per step, no host sync.
+    """One epoch's training loss, kept on the device: no op and no host sync per step.
 
-    Step losses collect in a window that is folded into the sum (and checked for NaN/inf) only
-    when :meth:`flush` is called, every ``window`` steps or so.
+    Step losses (the 0-d tensors the step computed anyway) collect in a list that is stacked,
+    folded into the sum and checked for NaN/inf only when :meth:`flush` is called, every
+    ``window`` steps or so.
     """
 
     def __init__(self, device: torch.device, window: int) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
-        self.window = torch.zeros(window, dtype=torch.float32, device=device)
+        self.window = window
+        self.losses: list[torch.Tensor] = []
         self.window_sizes: list[int] = []
         self.window_steps: list[int] = []
         self.pending_bad_step: int | None = None  # found by an automatic flush, reported by the next flush()
 
     def update(self, loss: torch.Tensor, batch_size: int, step: int) -> None:
-        """Record the mean loss of one batch; flushes by itself when the window is full."""
-        if len(self.window_sizes) == len(self.window):
+        """Record one batch's mean loss (a 0-d tensor); flushes by itself when the window is full."""
+        if len(self.losses) == self.window:
             self.pending_bad_step = self.flush()
-        self.window[len(self.window_sizes)].copy_(loss.detach(), non_blocking=True)
+        self.losses.append(loss.detach() if loss.requires_grad else loss)
         self.window_sizes.append(batch_size)
         self.window_steps.append(step)
 
     def flush(self) -> int | None:
         """Fold the window into the sum; return the step of the first non-finite loss, if any."""
-        k = len(self.window_sizes)
+        k = len(self.losses)
         pending, self.pending_bad_step = self.pending_bad_step, None
         if k == 0:
             return pending
-        losses = self.window[:k].double()
+        losses = torch.stack(self.losses).double()
         sizes = torch.tensor(self.window_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
         self.loss_sum += (losses * sizes).sum()
         self.count += sum(self.window_sizes)
         steps = self.window_steps[:]
+        self.losses.clear()
         self.window_sizes.clear()
         self.window_steps.clear()
         finite = torch.isfinite(losses)

@@ -13,7 +13,7 @@ from trainer.config import OptimConfig, SchedConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD, Adam, AdamW or Adagrad; norm and bias parameters skip weight decay unless configured.
 
-    Uses the fused implementation on CUDA where one exists, the foreach one elsewhere.
+    Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere.
     """
     decay, no_decay = [], []
     for param in model.parameters():
@@ -22,7 +22,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [group for group in groups if group["params"]]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **fast)

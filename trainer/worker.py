@@ -147,8 +147,9 @@ class Worker:
             bar.update()
             if self.batches_done % cfg.log.every_steps == 0:
                 self._flush_meter()
-                bar.set_postfix(loss=f"{self.meter.mean_loss():.4f}")
-                self.sinks.scalars({"train/loss_running": self.meter.mean_loss(),
+                running = self.meter.mean_loss()
+                bar.set_postfix(loss=f"{running:.4f}")
+                self.sinks.scalars({"train/loss_running": running,
                                     "train/lr": self.scheduler.get_last_lr()[0]}, self.global_step)
             if boundary and self.batches_done < self.batches_per_epoch:
                 stop, save = self._poll()
@@ -174,7 +175,8 @@ class Worker:
                 with self.precision.autocast(self.device):
                     logits = self.model(images)
                 loss = self.criterion(logits.float(), targets)
-                self.scaler.scale(loss / self.cfg.train.grad_accum_steps).backward()
+                accum = self.cfg.train.grad_accum_steps
+                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
         except torch.OutOfMemoryError:
             batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
             raise OutOfMemory(f"{self.device} ran out of memory at data.batch_size={batch} per process; try "
