@@ -15,7 +15,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer import checkpoint, config, distributed, models, slurm
 from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
-from trainer.logs import add_rank_file, log, setup_console
+from trainer.logs import add_rank_file, setup_console
 from trainer.signals import StopRequest
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
