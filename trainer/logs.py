@@ -70,29 +70,38 @@ class ProgressBar:
 
 
 class MetricSinks:
-    """Rank 0's TensorBoard writer and JSON-lines file; every method is a no-op on other ranks."""
+    """Rank 0's TensorBoard writer and JSON-lines file; every method is a no-op on other ranks.
+
+    The writer (and the TensorBoard import, a few hundred ms) is opened at the first write, so
+    it never delays the first training step; text logged before then is written first.
+    """
 
     def __init__(self, env: DistEnv, run_dir: Path, tensorboard: bool) -> None:
         self.enabled = env.is_main
-        self.writer = None
+        self.tensorboard = self.enabled and tensorboard
+        self.tensorboard_dir = str(run_dir / "tensorboard") if self.tensorboard else None
         self.jsonl_path = run_dir / "metrics.jsonl"
-        if self.enabled and tensorboard:
+        self.pending_text: list[tuple[str, str]] = []
+        self._writer: Any = None
+
+    def writer(self) -> Any:
+        """The SummaryWriter, opened on first use (None when TensorBoard is off or not rank 0)."""
+        if self._writer is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-    @property
-    def tensorboard_dir(self) -> str | None:
-        return self.writer.log_dir if self.writer is not None else None
+            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            for tag, text in self.pending_text:
+                self._writer.add_text(tag, text, 0)
+        return self._writer
 
     def config_text(self, yaml_text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text("config", "```yaml\n" + yaml_text + "\n```", 0)
+        if self.tensorboard:
+            self.pending_text.append(("config", "```yaml\n" + yaml_text + "\n```"))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if (writer := self.writer()) is not None:
             for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+                writer.add_scalar(name, value, step)
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
         """Write one epoch's reduced metrics to TensorBoard and append them to metrics.jsonl."""
@@ -104,14 +113,14 @@ class MetricSinks:
 
     def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
         """Record the run's hyper-parameters and final metrics in the same event file."""
-        if self.writer is None:
+        if (writer := self.writer()) is None:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         for summary in hparams_summary(clean, final):
-            self.writer.file_writer.add_summary(summary)
+            writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
