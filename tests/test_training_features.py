@@ -81,16 +81,21 @@ def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
     assert OmegaConf.load(tmp_path / "runs" / "bf16" / "config.yaml").train.precision == "bf16"
 
 
-def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None:
-    worker = build_worker(tmp_path, "log.name=nan")
+def inject_nan_loss(worker: Worker, on_batch: int) -> None:
+    """Make the worker's loss NaN on its ``on_batch``-th training batch (1-based)."""
     criterion, calls = worker.criterion, []
 
-    def nan_on_fifth_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def nan_once(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         loss = criterion(logits, targets)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return loss * float("nan") if len(calls) == on_batch else loss
 
-    worker.criterion = nan_on_fifth_batch  # type: ignore[assignment]
+    worker.criterion = nan_once  # type: ignore[assignment]
+
+
+def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None:
+    worker = build_worker(tmp_path, "log.name=nan")
+    inject_nan_loss(worker, on_batch=5)
     with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step 5 \(epoch 2\)"):
         worker.fit()
     saved = [torch.load(p, weights_only=True)["global_step"] for p in (worker.run_dir / "checkpoints").glob("step_*.pt")]
@@ -99,14 +104,7 @@ def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None
 
 def test_a_nan_step_is_skipped_when_configured(tmp_path: Path) -> None:
     worker = build_worker(tmp_path, "log.name=skip", "train.on_nonfinite_loss=skip", "train.epochs=1")
-    criterion, calls = worker.criterion, []
-
-    def nan_on_third_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        loss = criterion(logits, targets)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    worker.criterion = nan_on_third_batch  # type: ignore[assignment]
+    inject_nan_loss(worker, on_batch=3)
     assert worker.fit() == 0
     assert worker.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in worker.net.parameters())
