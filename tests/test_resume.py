@@ -68,6 +68,14 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert math_history(a) == math_history(b)
 
 
+def resume_and_compare(tmp: Path, name: str, expected: dict) -> None:
+    """Run the interrupted job again: it must resume and end exactly like the reference run."""
+    resumed = torchrun(tmp, name)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert_same_run(final_state(tmp, name), expected)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("resume")
@@ -85,10 +93,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference: tuple[Pat
     assert "checkpoint saved, exit code 3" in output
     stopped = final_state(tmp, "sigterm")
     assert 0 < stopped["global_step"] < expected["global_step"]
-    resumed = torchrun(tmp, "sigterm")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert_same_run(final_state(tmp, "sigterm"), expected)
+    resume_and_compare(tmp, "sigterm", expected)
 
 
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(reference: tuple[Path, dict]) -> None:
@@ -97,10 +102,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(reference: 
     wait_for(tmp / "runs" / "sigkill" / "checkpoints" / "step_000000016.pt", run)
     os.killpg(run.pid, signal.SIGKILL)  # the agent and both workers, no chance to save
     run.communicate(timeout=60)
-    resumed = torchrun(tmp, "sigkill")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert_same_run(final_state(tmp, "sigkill"), expected)
+    resume_and_compare(tmp, "sigkill", expected)
 
 
 def test_max_restarts_recovers_a_crashed_worker(reference: tuple[Path, dict]) -> None:
