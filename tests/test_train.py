@@ -87,11 +87,27 @@ def test_checkpoint_round_trip(trained: tuple[Path, subprocess.CompletedProcess]
     checkpoint.load_model_weights(model, state["model"], folder / "last.pt")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state["model"][name])
-    tmp = run_dir.parent.parent
-    evaluated = run_module("trainer.evaluate", str(folder / "last.pt"), *small_run_args(tmp, "eval"))
+
+
+def test_evaluate_needs_only_the_checkpoint_and_a_validation_split(
+        trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """Model, data and image size come from the checkpoint's saved config; the train split (here
+    one image per class, fewer than a batch) is never built."""
+    run_dir = trained[0]
+    evaluated = run_module("trainer.evaluate", str(run_dir / "checkpoints" / "last.pt"),
+                           "data.synthetic_train_per_class=1")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert metrics["top1"] == pytest.approx(history(run_dir)[-1]["val/top1"])
+    assert metrics["samples"] == 3 * 30
+
+
+def test_evaluate_refuses_data_with_other_classes(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    evaluated = run_module("trainer.evaluate", str(trained[0] / "checkpoints" / "last.pt"),
+                           "data.synthetic_classes=4", "data.synthetic_train_per_class=1")
+    assert evaluated.returncode == 2
+    assert evaluated.stderr.startswith("error: ") and len(evaluated.stderr.strip().splitlines()) == 1
+    assert "was trained on classes" in evaluated.stderr
 
 
 def test_finished_run_is_not_trained_again(trained: tuple[Path, subprocess.CompletedProcess]) -> None:

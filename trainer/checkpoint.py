@@ -109,6 +109,13 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_classes(state: dict[str, Any], classes: list[str], origin: Path) -> None:
+    """Refuse a checkpoint trained on other classes than the data set's."""
+    if state.get("classes") != classes:
+        raise CheckpointError(f"{origin} was trained on classes {state.get('classes')}, "
+                              f"but the data has {classes}; check data.source and data.root")
+
+
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
     """Load weights strictly; on any mismatch, name the differing keys and shapes in one line."""
     own = model.state_dict()

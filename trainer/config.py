@@ -172,11 +172,14 @@ def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
     return keys
 
 
-def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ()) -> Config:
-    """Build the config from the defaults, then each YAML file in order, then the overrides."""
+def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
+         base: dict[str, Any] | None = None) -> Config:
+    """Build the config from the defaults (then ``base``, e.g. a checkpoint's saved config), then
+    each YAML file in order, then the overrides."""
     known = schema_keys()
     merged = OmegaConf.structured(Config)
-    layers = [(str(path), _read_yaml(Path(path))) for path in files]
+    layers = [("the checkpoint's saved config", OmegaConf.create(base))] if base is not None else []
+    layers += [(str(path), _read_yaml(Path(path))) for path in files]
     layers += [(f"override '{item}'", _parse_override(item)) for item in overrides]
     for origin, layer in layers:
         for key in _leaf_keys(layer):

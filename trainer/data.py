@@ -239,6 +239,14 @@ def shared_memory_warning(num_workers: int, batch_bytes: int, path: str = "/dev/
             "or set data.num_workers=0")
 
 
+def build_val_loader(split: Dataset, cfg: DataConfig, world_size: int, rank: int, device: torch.device,
+                     seed: int) -> DataLoader:
+    """This rank's share of the validation set with the eval transform: every sample counted once."""
+    dataset = SeededTransformDataset(split, build_transform(cfg, False), seed, cfg.on_bad_sample == "skip")
+    return build_loader(dataset, EvalSampler(len(dataset), world_size, rank), cfg.val_batch_size or cfg.batch_size,
+                        cfg, device, seed, drop_last=False)
+
+
 def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataConfig,
                  device: torch.device, seed: int, drop_last: bool) -> DataLoader:
     """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds."""

@@ -1,7 +1,8 @@
 """``python -m trainer.evaluate CHECKPOINT [key=value ...]``: validation metrics of a checkpoint.
 
-Runs under any launcher like the trainer itself (every sample counted once across ranks) and
-prints one JSON line of metrics on rank 0.
+The data, model and train settings start from those saved in the checkpoint, then ``-c`` files,
+then overrides (e.g. another ``data.root``). Only the validation split is read. Runs under any launcher like the trainer itself
+(every sample counted once across ranks) and prints one JSON line of metrics on rank 0.
 """
 
 from __future__ import annotations
@@ -10,34 +11,55 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from trainer import checkpoint, config, distributed, models
+import torch
+
+from trainer import checkpoint, config, data, distributed, models, precision
 from trainer.__main__ import _one_line
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from trainer.logs import setup_console
-from trainer.signals import StopRequest
+from trainer.metrics import evaluate_model
+
+MODEL_SECTIONS = ("data", "model", "train")
+"""The parts of a checkpoint's saved config that evaluation starts from (not dist, log or ckpt)."""
+
+
+def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dict[str, Any],
+                        origin: Path) -> dict[str, float]:
+    """Metrics of the checkpoint's model weights on the validation split of ``cfg.data``."""
+    if env.topology.local_rank == 0:
+        data.prepare(cfg.data)
+    distributed.barrier(env)
+    splits = data.load_splits(cfg.data)
+    checkpoint.check_classes(state, splits.classes, origin)
+    model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)
+    checkpoint.load_model_weights(model, state["model"], origin)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model.to(env.device, memory_format=memory_format)
+    loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
+    metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device,
+                                precision.resolve(cfg.train.precision, env.device), memory_format)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
     parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     topology = distributed.discover()
     setup_console(topology.rank)
     try:
-        cfg = config.load(args.config, args.overrides)
+        state = checkpoint.load(args.checkpoint)
+        saved = state.get("config") or {}  # what the model was trained on; not where or how it ran
+        base = {section: saved[section] for section in MODEL_SECTIONS if section in saved}
+        cfg = config.load(args.config, args.overrides, base=base)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
-        from trainer.worker import Worker
-
-        worker = Worker(cfg, env, cfg.run_dir, StopRequest())
-        checkpoint.load_model_weights(models.unwrap(worker.net), checkpoint.load(args.checkpoint)["model"],
-                                      args.checkpoint)
-        metrics = worker.evaluate(worker.eval_model)
+        metrics = evaluate_checkpoint(cfg, env, state, args.checkpoint)
         if env.is_main:
             print(json.dumps(metrics), flush=True)
-        del worker
         distributed.teardown(env)
         return EXIT_OK
     except UserError as exc:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.precision import Precision
 
 
 class TrainMeter:
@@ -97,6 +101,23 @@ class EvalMeter:
         confusion = packed[: self.num_classes ** 2].view(self.num_classes, self.num_classes)
         loss_sum, top5 = packed[-2:].tolist()
         return summarise(confusion, loss_sum, top5)
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+                   precision: Precision, memory_format: torch.memory_format = torch.contiguous_format,
+                   ) -> tuple[dict[str, float], int]:
+    """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here."""
+    model.eval()
+    meter, skipped = EvalMeter(num_classes, device), 0
+    for images, targets, bad in loader:
+        skipped += bad
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits = model(images).float()
+        meter.update(logits, targets, nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    return meter.reduce(), skipped
 
 
 def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str, float]:

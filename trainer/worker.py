@@ -17,9 +17,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trainer import checkpoint, data, distributed, models, optim, precision
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv
-from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
+from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
-from trainer.metrics import EvalMeter, TrainMeter
+from trainer.metrics import TrainMeter, evaluate_model
 from trainer.seeding import capture_rng, restore_rng, seed_everything
 from trainer.signals import StopRequest
 
@@ -67,8 +67,6 @@ class Worker:
         skip = cfg.data.on_bad_sample == "skip"
         train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
                                                 cfg.train.seed, skip)
-        val_set = data.SeededTransformDataset(splits.val, data.build_transform(cfg.data, False),
-                                              cfg.train.seed, skip)
         self.train_sampler = data.TrainSampler(train_set, env.world_size, env.rank, cfg.train.seed)
         batch = cfg.data.batch_size
         if self.train_sampler.num_samples < batch:
@@ -80,9 +78,8 @@ class Worker:
             log.warning(shm)
         self.train_loader = data.build_loader(train_set, self.train_sampler, batch, cfg.data, self.device,
                                               cfg.train.seed + env.rank, drop_last=True)
-        val_sampler = data.EvalSampler(len(val_set), env.world_size, env.rank)
-        self.val_loader = data.build_loader(val_set, val_sampler, cfg.data.val_batch_size or batch, cfg.data,
-                                            self.device, cfg.train.seed, drop_last=False)
+        self.val_loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
+                                                cfg.train.seed)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -237,20 +234,12 @@ class Worker:
         self.requeue = self.env.is_main and cfg.ckpt.requeue and self.stop.signal_name == cfg.ckpt.warning_signal
         return EXIT_STOPPED
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of ``model`` over the whole validation set, every sample counted once across ranks."""
-        model.eval()
-        meter = EvalMeter(len(self.classes), self.device)
-        for images, targets, skipped in self.val_loader:
-            self.skipped_samples += skipped
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(self.device, non_blocking=True)
-            with self.precision.autocast(self.device):
-                logits = model(images)
-            loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-            meter.update(logits.float(), targets, loss_sum)
-        return meter.reduce()
+        metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device, self.precision,
+                                          self.memory_format)
+        self.skipped_samples += skipped
+        return metrics
 
     # ----------------------------------------------------------------------------- bookkeeping
     def _end_epoch(self, train: dict[str, float], val: dict[str, float], val_ema: dict[str, float] | None) -> None:
@@ -339,9 +328,7 @@ class Worker:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
         state = checkpoint.load(path)
-        if state.get("classes") != self.classes:
-            raise CheckpointError(f"{path} was trained on classes {state.get('classes')}, "
-                                  f"but the data has {self.classes}; check data.source and data.root")
+        checkpoint.check_classes(state, self.classes, path)
         checkpoint.load_model_weights(models.unwrap(self.net), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
