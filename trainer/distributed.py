@@ -36,11 +36,17 @@ class Topology:
 
 @dataclass(frozen=True)
 class DistEnv:
-    """The resolved process: its topology, device and (when distributed) backend."""
+    """The resolved process: its topology, device and (when distributed) backend.
+
+    ``control`` is a gloo group over every rank for host-side agreement (stop flags, objects,
+    barriers): on CPU tensors it never waits for, or copies from, a CUDA stream. It is a group
+    of its own on every backend, so the path CI runs on CPU is the one NCCL jobs run.
+    """
 
     topology: Topology
     device: torch.device
     backend: str | None
+    control: Any = None
 
     @property
     def rank(self) -> int:
@@ -119,7 +125,8 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0)
     dist.init_process_group(chosen, store=_rendezvous_store(topology, timeout_s), rank=topology.rank,
                             world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
                             device_id=dev if dev.type == "cuda" else None)
-    return DistEnv(topology, dev, chosen)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return DistEnv(topology, dev, chosen, control)
 
 
 def _rendezvous_store(topology: Topology, timeout_s: float) -> dist.Store:
@@ -151,10 +158,7 @@ def _rendezvous_store(topology: Topology, timeout_s: float) -> dist.Store:
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op in a single process)."""
     if env.is_distributed:
-        if env.backend == "nccl":
-            dist.barrier(device_ids=[env.device.index])
-        else:
-            dist.barrier()
+        dist.barrier(group=env.control)
 
 
 def broadcast_object(env: DistEnv, obj: Any) -> Any:
@@ -162,7 +166,7 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     if not env.is_distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=env.control)
     return box[0]
 
 
@@ -171,7 +175,7 @@ def all_gather_objects(env: DistEnv, obj: Any) -> list[Any]:
     if not env.is_distributed:
         return [obj]
     out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=env.control)
     return out
 
 
@@ -179,8 +183,8 @@ def any_rank(env: DistEnv, flags: list[bool]) -> list[bool]:
     """Each flag, true on every rank when it is true on at least one (a collective: call it on all)."""
     if not env.is_distributed:
         return flags
-    values = torch.tensor([float(flag) for flag in flags], device=env.device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    values = torch.tensor([float(flag) for flag in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=env.control)
     return [bool(value) for value in values.tolist()]
 
 

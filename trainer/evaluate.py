@@ -1,8 +1,9 @@
 """``python -m trainer.evaluate CHECKPOINT [key=value ...]``: validation metrics of a checkpoint.
 
 The data, model and train settings start from those saved in the checkpoint, then ``-c`` files,
-then overrides (e.g. another ``data.root``). Only the validation split is read. Runs under any launcher like the trainer itself
-(every sample counted once across ranks) and prints one JSON line of metrics on rank 0.
+then overrides (e.g. another ``data.root``). Only the validation split is read. Runs under any
+launcher like the trainer itself (every sample counted once across ranks) and prints one JSON
+line of metrics on rank 0.
 """
 
 from __future__ import annotations
