@@ -269,7 +269,7 @@ class Row:
     worker: float
     baseline: float
     baseline_name: str
-    goal: float
+    goal: float | None  # None: reported, no goal
     higher_is_better: bool
     pair_ratios: list[float] = field(default_factory=list)
     cpu_ratio: float | None = None  # the same ratio measured in CPU time, where that makes sense
@@ -286,11 +286,18 @@ class Row:
 
     @property
     def ok(self) -> bool:
+        """Goal met (always true for a row that is only reported, ``goal=None``)."""
+        if self.goal is None:
+            return True
         return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
 
     @property
     def goal_text(self) -> str:
-        return f"{'>=' if self.higher_is_better else '<='} {self.goal:g}"
+        return "-" if self.goal is None else f"{'>=' if self.higher_is_better else '<='} {self.goal:g}"
+
+    @property
+    def verdict(self) -> str:
+        return "reported" if self.goal is None else "ok" if self.ok else "MISSED"
 
 
 def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:

@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "BENCH_RESULT "
 
 
-def measure(spec: Spec, workdir: Path, steps: int, warmup: int, epochs: int, repeats: int,
-            goal: float = 1.0) -> Row:
+def measure(spec: Spec, workdir: Path, steps: int, warmup: int, epochs: int, repeats: int) -> Row:
     """Interleave 1-process and 2-process runs; ``spec.batch`` is the per-process batch of the 2-process run."""
     single = replace(spec, batch=2 * spec.batch)
     runs = {"1 process": lambda: _launch(single, 1, workdir, steps, warmup, epochs),
@@ -35,7 +34,7 @@ def measure(spec: Spec, workdir: Path, steps: int, warmup: int, epochs: int, rep
     rates = interleave(runs, repeats)
     return Row(f"scaling 2 proc x batch {spec.batch} vs 1 x {single.batch} ({spec.model} {spec.image_size}px)",
                "images/s", median(rates["2 processes"]), median(rates["1 process"]), "Worker, 1 process",
-               goal, True, paired_ratios(rates["2 processes"], rates["1 process"]),
+               None, True, paired_ratios(rates["2 processes"], rates["1 process"]),
                note="1 process: torch threads = cores; 2 processes: OMP_NUM_THREADS=1 each")
 
 
