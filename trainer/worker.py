@@ -64,9 +64,8 @@ class Worker:
         distributed.barrier(env)
         splits = data.load_splits(cfg.data)
         self.classes = splits.classes
-        skip = cfg.data.on_bad_sample == "skip"
         train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
-                                                cfg.train.seed, skip)
+                                                cfg.train.seed, cfg.data.on_bad_sample == "skip")
         self.train_sampler = data.TrainSampler(train_set, env.world_size, env.rank, cfg.train.seed)
         batch = cfg.data.batch_size
         if self.train_sampler.num_samples < batch:
