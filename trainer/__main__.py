@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @record
 def run(argv: list[str] | None = None) -> int:
     """Everything but the process exit: returns the exit code (see trainer.errors)."""
-    # torch's import leaves ~300,000 long-lived objects that every full garbage collection would
+    # torch's import leaves ~330,000 long-lived objects that every full garbage collection would
     # rescan (0.2 s each here, a third of start-up's own work) and whose reference counts forked
     # DataLoader workers would copy: keep them out of the collector while the run lasts.
     gc.freeze()

@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
+from trainer import distributed
 from trainer.config import DataConfig
+from trainer.distributed import DistEnv
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,21 @@ class Splits:
 def prepare(cfg: DataConfig) -> None:
     """One-time work before the data sets are opened (generate the synthetic set, download).
 
-    Call it on one process per node, then barrier, then :func:`load_splits` on every process.
+    Call it on one process per node, then barrier, then :func:`load_splits` on every process
+    (:func:`prepared_splits` does all three).
     """
     if cfg.source == "synthetic":
         _synthetic_root(cfg, create=True)
     elif cfg.source in TORCHVISION_SETS and cfg.download:
         load_splits(cfg, download=True)
+
+
+def prepared_splits(cfg: DataConfig, env: DistEnv) -> Splits:
+    """:func:`prepare` on one process per node, a barrier, then :func:`load_splits` on every process."""
+    if env.topology.local_rank == 0:
+        prepare(cfg)
+    distributed.barrier(env)
+    return load_splits(cfg)
 
 
 def load_splits(cfg: DataConfig, download: bool = False) -> Splits:

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainer import checkpoint, config, data, distributed, models, precision
 from trainer.__main__ import _one_line
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
@@ -29,14 +27,11 @@ MODEL_SECTIONS = ("data", "model", "train")
 def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dict[str, Any],
                         origin: Path) -> dict[str, float]:
     """Metrics of the checkpoint's model weights on the validation split of ``cfg.data``."""
-    if env.topology.local_rank == 0:
-        data.prepare(cfg.data)
-    distributed.barrier(env)
-    splits = data.load_splits(cfg.data)
+    splits = data.prepared_splits(cfg.data, env)
     checkpoint.check_classes(state, splits.classes, origin)
     model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)
     checkpoint.load_model_weights(model, state["model"], origin)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    memory_format = models.memory_format(cfg.model.channels_last)
     model.to(env.device, memory_format=memory_format)
     loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
     metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device,

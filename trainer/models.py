@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
+import torch
 from torch import nn
 
 from trainer.errors import ConfigError
@@ -87,6 +88,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of the model's weights and of its input batches."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def count_parameters(model: nn.Module) -> int:

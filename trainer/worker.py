@@ -59,10 +59,7 @@ class Worker:
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
-        if env.topology.local_rank == 0:
-            data.prepare(cfg.data)
-        distributed.barrier(env)
-        splits = data.load_splits(cfg.data)
+        splits = data.prepared_splits(cfg.data, env)
         self.classes = splits.classes
         train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
                                                 cfg.train.seed, cfg.data.on_bad_sample == "skip")
@@ -83,7 +80,7 @@ class Worker:
     def _build_model(self) -> None:
         cfg = self.cfg
         self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
-        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.memory_format = models.memory_format(cfg.model.channels_last)
         self.net.to(self.device, memory_format=self.memory_format)
         self.eval_model: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
         self.model: nn.Module = self.eval_model
@@ -95,10 +92,10 @@ class Worker:
     # ----------------------------------------------------------------------------- running
     def fit(self) -> int:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
-        cfg = self.cfg
-        self._announce()
+        cfg, config_yaml = self.cfg, to_yaml(self.cfg)
+        self._announce(config_yaml)
         self.sinks = MetricSinks(self.env, self.run_dir, cfg.log.tensorboard)
-        self.sinks.config_text(to_yaml(cfg))
+        self.sinks.config_text(config_yaml)
         try:
             if self.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
@@ -272,9 +269,9 @@ class Worker:
         self.sinks.epoch(record, self.global_step)
         self.save_checkpoint(best=improved)
 
-    def _announce(self) -> None:
+    def _announce(self, config_yaml: str) -> None:
         cfg, env = self.cfg, self.env
-        log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+        log.info("resolved config:\n%s", config_yaml.rstrip())
         log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters | precision %s | "
                  "%d classes, %d train / %d val samples | batch %d per process, %d global",
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
