@@ -87,6 +87,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     cudnn_benchmark: bool = True
     tf32: bool = True
+    deterministic: bool = False
 
 
 @dataclass
@@ -99,6 +100,7 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
+    max_requeues: int = 10
 
 
 @dataclass
@@ -157,7 +159,7 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
-                "ckpt.every_minutes", "train.ema_decay")
+                "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues")
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -218,6 +220,8 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    if cfg.ckpt.metric not in (metrics := epoch_metrics(cfg)):
+        raise ConfigError(f"ckpt.metric: '{cfg.ckpt.metric}' is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
@@ -228,6 +232,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
     if not cfg.log.name or "/" in cfg.log.name:
         raise ConfigError(f"log.name: '{cfg.log.name}' must be a non-empty folder name without '/'")
+
+
+VAL_METRICS = ("loss", "top1", "top5", "precision", "recall", "f1")
+"""What each validation logs, as ``val/<name>`` (and ``val_ema/<name>`` with an EMA)."""
+
+
+def epoch_metrics(cfg: Config) -> list[str]:
+    """The metrics an epoch logs that ``ckpt.metric`` may choose from."""
+    prefixes = ["val/", "val_ema/"] if cfg.train.ema_decay > 0 else ["val/"]
+    return [f"{prefix}{name}" for prefix in prefixes for name in VAL_METRICS] + ["train/loss"]
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
