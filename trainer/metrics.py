@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -16,8 +17,9 @@ class TrainMeter:
     """One epoch's training loss: no op and no host sync per step, no float64 on the device (MPS has none).
 
     Step losses (the 0-d tensors the step computed anyway) collect in a list. Every ``window``
-    steps or so, :meth:`flush` sums them on the device in float32 and reads that sum together with
-    a NaN/inf check in one transfer; the epoch's running sum is a float64 on the host.
+    steps or so, :meth:`flush` reads them in one transfer and adds them to the epoch's sum, a
+    float64 on the host, in order: the sum does not depend on where windows were cut (a resume
+    cuts one).
     """
 
     def __init__(self, device: torch.device, window: int) -> None:
@@ -40,24 +42,20 @@ class TrainMeter:
 
     def flush(self) -> int | None:
         """Fold the window into the sum; return the step of the first non-finite loss, if any."""
-        k = len(self.losses)
         pending, self.pending_bad_step = self.pending_bad_step, None
-        if k == 0:
+        if not self.losses:
             return pending
-        losses = torch.stack(self.losses).float()
-        sizes = torch.tensor(self.window_sizes, dtype=torch.float32).to(losses.device, non_blocking=True)
-        bad = ~torch.isfinite(losses)
-        weighted, any_bad, first_bad = torch.stack(
-            [(losses * sizes).sum(), bad.any().float(), bad.int().argmax().float()]).tolist()
-        self.loss_sum += weighted
+        losses = torch.stack(self.losses).float().tolist()  # the window's one host transfer
+        for loss, size in zip(losses, self.window_sizes):  # in float64, one by one: the same sum
+            self.loss_sum += loss * size                    # however the epoch was cut into windows
         self.count += sum(self.window_sizes)
         steps = self.window_steps[:]
         self.losses.clear()
         self.window_sizes.clear()
         self.window_steps.clear()
-        if pending is not None or not any_bad:
+        if pending is not None:
             return pending
-        return steps[int(first_bad)]
+        return next((step for step, loss in zip(steps, losses) if not math.isfinite(loss)), None)
 
     def mean_loss(self) -> float:
         """This rank's mean loss so far (flush first)."""

@@ -102,6 +102,7 @@ class Worker:
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
+                log.debug("epoch %d: validating %d samples", self.epoch + 1, len(self.val_loader.dataset))
                 val = self.evaluate(self.eval_net)
                 val_ema = self.evaluate(self.step.ema.module) if self.step.ema else None
                 if distributed.any_rank(self.env, [self.stop.requested])[0]:  # a stop during validation
