@@ -206,7 +206,8 @@ def check_nccl(results: Results, sizes: Sizes, workdir: Path) -> None:
     two = run([*torchrun, "--nproc_per_node=2", "-m", "trainer", *common, "log.name=nccl2"], 300)
     outcome = ("ran" if two.returncode == 0 else
                f"refused, exit {two.returncode}, {len(two.stderr.strip().splitlines())} stderr line(s)")
-    results.add("2 processes on 1 GPU", outcome, stderr=tail(two.stderr, 2))
+    ours = [line for line in two.stderr.splitlines() if line.startswith("error")]  # the trainer's own lines
+    results.add("2 processes on 1 GPU", outcome, trainer_error=" / ".join(ours) or tail(two.stderr, 2))
     one = run([*torchrun, "--nproc_per_node=1", "-m", "trainer", *common, "log.name=nccl1",
                f"dist.backend={backend}"], 300)
     group = f"({backend})" in one.stdout
