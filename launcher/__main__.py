@@ -36,6 +36,8 @@ def parse_args(argv: list[str]) -> Request:
     several.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port, "
                          "the same on every node")
     several.add_argument("--rdzv-id", help=f"a job id, the same on every node (default: {nodes.DEFAULT_RDZV_ID})")
+    several.add_argument("--local-addr", metavar="HOST", help="the address the other nodes reach this one at "
+                         "(default: its host name, which must resolve to such an address)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the equivalent command, then exit")
     args = parser.parse_args(ours)
     if args.nproc is not None and args.nproc < 1:
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     request = Request(nproc=args.nproc, via=args.via, max_restarts=args.max_restarts,
                       shutdown_timeout=args.shutdown_timeout, nnodes=args.nnodes, node_rank=args.node_rank,
-                      rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, trainer_args=args.trainer_args)
+                      rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                      local_addr=args.local_addr, trainer_args=args.trainer_args)
     try:
         plan = make_plan(inspect_machine(), request)
     except UserError as exc:

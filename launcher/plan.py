@@ -46,6 +46,7 @@ class Request:
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    local_addr: str | None = None
     trainer_args: list[str] = field(default_factory=list)
 
 
@@ -81,6 +82,8 @@ def make_plan(machine: Machine, request: Request) -> Plan:
     reasons: dict[str, str] = {}
     job = machine.slurm
     flags = nodes_from_flags(request.nnodes, request.node_rank, request.rdzv_endpoint, request.rdzv_id)
+    if request.local_addr and flags is None and machine.pytorchjob is None:
+        raise EnvironmentProblem("--local-addr is for several nodes: add --nnodes and --rdzv-endpoint")
     if flags is not None and (job is not None or machine.pytorchjob is not None):
         where = f"SLURM job {job.job_id}" if job is not None else "a Kubernetes PyTorchJob"
         raise EnvironmentProblem(f"--nnodes/--node-rank/--rdzv-endpoint given inside {where}, which already "
@@ -185,6 +188,8 @@ def _torchrun_args(nnodes: str, nproc: int, job: Allocation | None, nodes: Nodes
         if nodes.node_rank is not None:
             # Node 0 hosts the rendezvous store at the endpoint, whatever name the endpoint goes by.
             rendezvous.append(f"--rdzv-conf=is_host={int(nodes.node_rank == 0)}")
+        if request.local_addr:
+            rendezvous.append(f"--local-addr={request.local_addr}")
         return [*rendezvous, *args]
     if job is None:
         return ["--standalone", *args]
