@@ -1,0 +1,141 @@
+"""Two real hosts, simulated by network namespaces (tests/netns.py): one ``python -m launcher``
+(hence one torchrun) per host, meeting at a c10d rendezvous on host 0.
+
+Needs root and iproute2; skipped with the reason elsewhere. Every byte between the hosts goes over
+the veth pair of the namespaces made here; the one-host reference runs inside host 0's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import netns
+
+REPO = Path(__file__).resolve().parents[1]
+RDZV_PORT = 29400  # inside fresh namespaces: nothing else listens there
+VAL_SAMPLES = 3 * 11  # not a multiple of 2 or 4 processes: padded duplicates would show
+TIMEOUT_S = 10  # dist.timeout_s of the lost-host run
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[netns.Host, netns.Host]]:
+    try:
+        context = netns.two_hosts()
+        pair = context.__enter__()
+    except netns.HostsUnavailable as exc:
+        pytest.skip(f"cannot simulate two hosts with network namespaces: {exc}")
+    try:
+        yield pair
+    finally:
+        context.__exit__(None, None, None)
+        assert not any(host.exists() for host in pair), "a namespace was left behind"
+
+
+def run_args(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"log.output_dir={tmp / 'runs'}", f"log.name={name}", f"data.cache_dir={tmp / 'cache'}",
+            "data.synthetic_classes=3", "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=11",
+            "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "log.progress_bar=off",
+            "model.name=linear", *extra]
+
+
+def launch(host: netns.Host, tmp: Path, log: str, launcher_args: list[str], trainer_args: list[str]) \
+        -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PET_", "OMP_"))}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME=host.interface)
+    argv = [sys.executable, "-m", "launcher", *launcher_args, "--", *trainer_args]
+    return host.popen(argv, env, tmp / log, REPO)
+
+
+def on_two_hosts(hosts: tuple[netns.Host, netns.Host], tmp: Path, nproc: int, trainer_args: list[str],
+                 nnodes: str = "2") -> list[subprocess.Popen]:
+    endpoint = f"{hosts[0].address}:{RDZV_PORT}"
+    return [launch(host, tmp, f"host{rank}.log", ["--nproc", str(nproc), "--nnodes", nnodes, "--node-rank", str(rank),
+                                                  "--rdzv-endpoint", endpoint, "--local-addr", host.address],
+                   trainer_args) for rank, host in enumerate(hosts)]
+
+
+def finish(processes: list[subprocess.Popen], tmp: Path, logs: list[str], timeout: float = 240) -> list[str]:
+    outputs = []
+    for process, log in zip(processes, logs):
+        process.wait(timeout=timeout)
+        outputs.append((tmp / log).read_text())
+    return outputs
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_two_hosts_train_exactly_like_one_host(hosts: tuple[netns.Host, netns.Host], tmp_path: Path,
+                                               nproc: int) -> None:
+    """2 hosts x nproc processes end with the same weights, bit for bit, as 2 x nproc processes on
+    one host (gloo reduces in the same order: rank order, whatever host a rank is on), and
+    validation counts each sample once."""
+    world = 2 * nproc
+    two = on_two_hosts(hosts, tmp_path, nproc, run_args(tmp_path, "two_hosts", "train.epochs=1"))
+    outputs = finish(two, tmp_path, ["host0.log", "host1.log"])
+    assert [p.returncode for p in two] == [0, 0], "\n".join(outputs)
+    assert f"| {world} process(es) on cpu (gloo) |" in outputs[0]
+    assert f"c10d at {hosts[0].address}:{RDZV_PORT}" in outputs[1]
+    one = launch(hosts[0], tmp_path, "one_host.log", ["--nproc", str(world)],
+                 run_args(tmp_path, "one_host", "train.epochs=1"))
+    output = finish([one], tmp_path, ["one_host.log"])[0]
+    assert one.returncode == 0, output
+
+    runs = tmp_path / "runs"
+    for name in ("two_hosts", "one_host"):
+        history = records(runs / name)
+        assert [r["val/samples"] for r in history] == [VAL_SAMPLES], name
+        assert history[-1]["train/global_batch"] == 8 * world
+    assert records(runs / "two_hosts")[-1]["train/loss"] == records(runs / "one_host")[-1]["train/loss"]
+    weights = [torch.load(runs / name / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
+               for name in ("two_hosts", "one_host")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
+        hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
+    """Host 1 drops off the network mid-epoch (its link goes down: no reset, only silence). Host 0
+    ends within dist.timeout_s plus a margin, saying which rank it lost; started again alone, it
+    resumes from the last checkpoint and finishes."""
+    args = run_args(tmp_path, "lost", "train.epochs=4", "ckpt.every_steps=4", f"dist.timeout_s={TIMEOUT_S}")
+    two = on_two_hosts(hosts, tmp_path, 1, args)
+    checkpoints = tmp_path / "runs" / "lost" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("step_*.pt")):
+        assert all(p.poll() is None for p in two) and time.monotonic() < deadline, \
+            "no checkpoint appeared\n" + (tmp_path / "host0.log").read_text()
+        time.sleep(0.05)
+    subprocess.run(["ip", "-n", hosts[1].namespace, "link", "set", hosts[1].interface, "down"], check=True)
+    margin = 30  # the census of the survivors (5 s), torchrun's shutdown, a busy CI machine
+    try:
+        two[0].wait(timeout=TIMEOUT_S + margin)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"host 0 still runs {TIMEOUT_S + margin} s after host 1 was cut off\n"
+                    + (tmp_path / "host0.log").read_text())
+    output = (tmp_path / "host0.log").read_text()
+    assert two[0].returncode == 1, output
+    lost = [line for line in output.splitlines() if line.startswith("error [rank 0]:")]
+    assert len(lost) == 1 and "lost rank 1 (node 1)" in lost[0] and "Timed out" in lost[0], output
+    assert "Traceback" not in output
+
+    alone = launch(hosts[0], tmp_path, "alone.log", ["--nproc", "1"], args)
+    output = finish([alone], tmp_path, ["alone.log"])[0]
+    assert alone.returncode == 0, output
+    assert "resumed from" in output and "last.pt" in output
+    history = records(tmp_path / "runs" / "lost")
+    assert history[-1]["epoch"] == 4 and all(r["val/samples"] == VAL_SAMPLES for r in history)
