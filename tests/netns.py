@@ -58,7 +58,9 @@ def two_hosts(subnet: str = "10.231.7") -> Iterator[tuple[Host, Host]]:
     if problem:
         raise HostsUnavailable(problem)
     tag = secrets.token_hex(3)  # unique names: other test runs may make namespaces at the same time
-    hosts = (Host(f"lp{tag}a", f"lp{tag}a", f"{subnet}.1"), Host(f"lp{tag}b", f"lp{tag}b", f"{subnet}.2"))
+    # The veth ends get the same name in both namespaces, like the same NIC name on every node of a
+    # cluster: one GLOO_SOCKET_IFNAME fits every host (what a job script exporting it needs).
+    hosts = (Host(f"lp{tag}a", f"lp{tag}", f"{subnet}.1"), Host(f"lp{tag}b", f"lp{tag}", f"{subnet}.2"))
     made: list[str] = []
     try:
         for host in hosts:

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import netns
+from netns_slurm import two_node_cluster
+from slurm_cluster import ClusterUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 RDZV_PORT = 29400  # inside fresh namespaces: nothing else listens there
@@ -49,20 +51,25 @@ def run_args(tmp: Path, name: str, *extra: str) -> list[str]:
             "model.name=linear", *extra]
 
 
-def launch(host: netns.Host, tmp: Path, log: str, launcher_args: list[str], trainer_args: list[str]) \
-        -> subprocess.Popen:
+def job_env(host: netns.Host, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PET_", "OMP_"))}
-    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME=host.interface)
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME=host.interface, **extra)
+    return env
+
+
+def launch(host: netns.Host, tmp: Path, log: str, launcher_args: list[str], trainer_args: list[str],
+           **env: str) -> subprocess.Popen:
+    env = job_env(host, **env)
     argv = [sys.executable, "-m", "launcher", *launcher_args, "--", *trainer_args]
     return host.popen(argv, env, tmp / log, REPO)
 
 
 def on_two_hosts(hosts: tuple[netns.Host, netns.Host], tmp: Path, nproc: int, trainer_args: list[str],
-                 nnodes: str = "2") -> list[subprocess.Popen]:
+                 **env: str) -> list[subprocess.Popen]:
     endpoint = f"{hosts[0].address}:{RDZV_PORT}"
-    return [launch(host, tmp, f"host{rank}.log", ["--nproc", str(nproc), "--nnodes", nnodes, "--node-rank", str(rank),
+    return [launch(host, tmp, f"host{rank}.log", ["--nproc", str(nproc), "--nnodes", "2", "--node-rank", str(rank),
                                                   "--rdzv-endpoint", endpoint, "--local-addr", host.address],
-                   trainer_args) for rank, host in enumerate(hosts)]
+                   trainer_args, **env) for rank, host in enumerate(hosts)]
 
 
 def finish(processes: list[subprocess.Popen], tmp: Path, logs: list[str], timeout: float = 240) -> list[str]:
@@ -137,3 +144,54 @@ def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
     assert "resumed from" in output and "last.pt" in output
     history = records(tmp_path / "runs" / "lost")
     assert history[-1]["epoch"] == 4 and all(r["val/samples"] == VAL_SAMPLES for r in history)
+
+
+@pytest.mark.slurm
+def test_sbatch_on_two_slurm_nodes_is_preempted_requeued_and_ends_like_an_uninterrupted_run(
+        hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
+    """``sbatch --nodes=2 slurm/train_multinode.sbatch`` on a slurmd per host: the warning signal
+    (USR1 to the batch shell, as ``--signal=B:USR1@T`` sends it) makes both nodes' workers save and
+    stop, the job requeues, resumes and ends with the weights of an uninterrupted run (the same
+    2 hosts x 1 process through the launcher, run meanwhile)."""
+    longer = ["data.synthetic_train_per_class=256", "train.epochs=2", "ckpt.every_steps=8"]
+    single_thread = {"OMP_NUM_THREADS": "1"}  # the same on both sides: sbatch gives 1 CPU per node
+    try:
+        context = two_node_cluster(hosts, tmp_path / "slurm")
+        cluster = context.__enter__()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no two-node SLURM cluster: {exc}")
+    try:
+        reference = on_two_hosts(hosts, tmp_path, 1, run_args(tmp_path, "uninterrupted", *longer), **single_thread)
+        env = job_env(hosts[0], PYTHON=sys.executable, CPU_BIND="", **single_thread)
+        job = cluster.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+                              str(REPO / "slurm" / "train_multinode.sbatch"), *run_args(tmp_path, "sbatch", *longer)],
+                             cwd=tmp_path, env=env)
+        log = tmp_path / f"slurm-train-mn-{job}.out"
+        checkpoints = tmp_path / "runs" / "sbatch" / "checkpoints"
+        deadline = time.monotonic() + 180
+        while not list(checkpoints.glob("step_*.pt")):
+            assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING") and time.monotonic() < deadline, \
+                f"job {job}: no checkpoint\n" + (log.read_text() if log.exists() else "(no log)")
+            time.sleep(0.1)
+        cluster.cancel(job, "--batch", "--signal=USR1")
+        info = cluster.wait_for(job, ("PENDING",), timeout=120)
+        assert info["JobState"] == "PENDING", f"job {job} was not requeued ({info['JobState']}):\n{log.read_text()}"
+        cluster.start_requeued_soon(job)
+        info = cluster.wait_for(job, ("COMPLETED",), timeout=240)
+        output = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output[-4000:]
+        assert "2 node(s) x 1 worker(s), rendezvous nodea:" in output
+        assert f"requeued SLURM job {job}" in output and "resumed from" in output
+        assert output.count("stopped by SIGUSR1") >= 1 and "| 2 process(es) on cpu (gloo) |" in output
+        outputs = finish(reference, tmp_path, ["host0.log", "host1.log"])
+        assert [p.returncode for p in reference] == [0, 0], "\n".join(outputs)
+    finally:
+        for job_id in cluster.jobs:
+            cluster.cancel(job_id)
+        context.__exit__(None, None, None)
+    runs = tmp_path / "runs"
+    assert [r["val/samples"] for r in records(runs / "sbatch")] == [VAL_SAMPLES, VAL_SAMPLES]
+    weights = [torch.load(runs / name / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
+               for name in ("sbatch", "uninterrupted")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
