@@ -17,11 +17,12 @@ RELAYED_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
 itself to keep the workers' exit codes (see launcher/relay.py); torchrun handles the others."""
 
 
-def parse_args(argv: list[str]) -> Request:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ours, trainer_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
         prog="python -m launcher", description="Start the trainer on this machine: one process, torchrun "
-        "(one process per GPU, or --nproc CPU processes), accelerate, or one torchrun per SLURM node.",
+        "(one process per GPU, or --nproc CPU processes), accelerate, or one torchrun per node (SLURM, "
+        "--nnodes, or a Kubernetes PyTorchJob).",
         epilog="Example: python -m launcher --nproc 2 -- train.epochs=3 optim.lr=0.1")
     parser.add_argument("--nproc", type=int, help="processes per node (default: one per GPU, else 1)")
     parser.add_argument("--via", choices=("auto", "python", "torchrun", "accelerate"), default="auto",
