@@ -100,11 +100,12 @@ def make_plan(machine: Machine, request: Request) -> Plan:
         most_nodes = int(nnodes)
         reasons["nodes"] = f"SLURM job {job.job_id}" if job else "no SLURM allocation"
 
+    given = nodes.nproc_per_node if nodes is not None else None  # a PyTorchJob's nprocPerNode
     if machine.gpus:
         device, backend = "cuda", "nccl"
         reasons["device"] = f"{machine.gpus} CUDA device(s) visible"
-        nproc = request.nproc or machine.gpus
-        reasons["processes per node"] = "--nproc" if request.nproc else "one per GPU"
+        nproc = request.nproc or given or machine.gpus
+        reasons["processes per node"] = "--nproc" if request.nproc else nodes.source if given else "one per GPU"
         if nproc > machine.gpus:
             raise EnvironmentProblem(f"--nproc {nproc} but only {machine.gpus} GPU(s) are visible; "
                                      f"use --nproc {machine.gpus} or fewer")
@@ -117,11 +118,11 @@ def make_plan(machine: Machine, request: Request) -> Plan:
                                      "dist.device=cpu after -- to train on CPU processes")
     else:
         device = "cpu"
-        nproc = request.nproc or (nodes.nproc_per_node if nodes is not None and nodes.nproc_per_node else 1)
+        nproc = request.nproc or given or 1
         backend = "gloo" if nproc * most_nodes > 1 else "none"
         reasons["device"] = "no CUDA or MPS device"
-        reasons["processes per node"] = "--nproc" if request.nproc else (
-            nodes.source if nodes is not None and nodes.nproc_per_node else "one CPU process (use --nproc N for more)")
+        reasons["processes per node"] = "--nproc" if request.nproc else nodes.source if given else (
+            "one CPU process (use --nproc N for more)")
     reasons["backend"] = "one process: no process group" if backend == "none" else f"{device} -> {backend}"
 
     elastic = nodes is not None and nodes.min_nodes != nodes.max_nodes
@@ -166,7 +167,7 @@ def make_plan(machine: Machine, request: Request) -> Plan:
         # torchrun and accelerate set OMP_NUM_THREADS=1 when it is unset: one core per process in all.
         if machine.omp_num_threads is None:
             env["OMP_NUM_THREADS"] = str(max(1, machine.cores // nproc))
-            reasons["threads"] = f"{machine.cores} cores / {nproc} processes"
+            reasons["threads"] = f"{machine.cores} cores / {nproc} process(es)"
         else:
             reasons["threads"] = "OMP_NUM_THREADS from the environment"
             env["OMP_NUM_THREADS"] = machine.omp_num_threads

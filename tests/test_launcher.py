@@ -125,7 +125,7 @@ def test_torchrun_options_are_feature_tested_and_the_shutdown_timeout_passed() -
 
 def test_cpu_processes_share_the_cores_through_omp_num_threads() -> None:
     plan = make_plan(Machine(gpus=0, mps=False, slurm=None, cores=16), Request(nproc=4))
-    assert plan.env["OMP_NUM_THREADS"] == "4" and "16 cores / 4 processes" in "\n".join(plan.lines())
+    assert plan.env["OMP_NUM_THREADS"] == "4" and "16 cores / 4 process(es)" in "\n".join(plan.lines())
     assert make_plan(Machine(gpus=0, mps=False, slurm=None, cores=3), Request(nproc=4)).env["OMP_NUM_THREADS"] == "1"
     mine = make_plan(Machine(gpus=0, mps=False, slurm=None, cores=16, omp_num_threads="6"), Request(nproc=4))
     assert mine.env["OMP_NUM_THREADS"] == "6"
@@ -196,6 +196,7 @@ def test_kubernetes_pytorchjob_pods_are_detected() -> None:
     nodes = pytorchjob(elastic_pod)
     plan = make_plan(Machine(gpus=0, mps=False, slurm=None, pytorchjob=nodes), Request())
     assert plan.nproc_per_node == 2 and plan.nnodes == "1:3"
+    assert make_plan(Machine(gpus=4, mps=False, slurm=None, pytorchjob=nodes), Request()).nproc_per_node == 2
     assert "--rdzv-id=train" in plan.argv and not any(a.startswith("--rdzv-conf") for a in plan.argv)
     assert pytorchjob({"MASTER_ADDR": "a", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "2"}) is None, \
         "torchrun's own variables are not a PyTorchJob"
