@@ -14,8 +14,8 @@ from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, distributed, models, slurm
-from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
+from trainer import checkpoint, config, distributed, models, peers, slurm
+from trainer.errors import EXIT_FAILURE, EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, setup_console
 from trainer.signals import StopRequest
 
@@ -82,6 +82,11 @@ def _run(argv: list[str] | None) -> int:
             prefix = "error" if topology.rank == 0 else f"error [rank {topology.rank}]"
             print(f"{prefix}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        if env is None or not env.is_distributed or not peers.is_peer_failure(exc) or debug:
+            raise
+        print(f"error [rank {topology.rank}]: {peers.describe(env, exc)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
