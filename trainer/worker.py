@@ -40,8 +40,12 @@ class Worker:
         self._build_data()
         self._build_model()
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum_steps)
-        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device)
-        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
+        fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
+        head = models.head_parameter_names(self.net) if fine_tuning else set()
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
+        frozen_steps = cfg.train.freeze_epochs * self.steps_per_epoch if cfg.model.freeze == "backbone" else 0
+        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs,
+                                               frozen_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
@@ -79,7 +83,7 @@ class Worker:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
+        self.net = models.build_for_training(cfg, len(self.classes))
         self.memory_format = models.memory_format(cfg.model.channels_last)
         self.net.to(self.device, memory_format=self.memory_format)
         self.eval_model: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
