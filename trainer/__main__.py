@@ -59,6 +59,7 @@ def _run(argv: list[str] | None) -> int:
         setup_console(topology.rank, debug)
         models.resolve_name(cfg.model.name)
         data.check_source(cfg.data.source)
+        models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir = _agree_run_dir(env, cfg)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trainer import user_code
-from trainer.config import Config
+from trainer.config import Config, ModelConfig
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,26 @@ def _torchvision_weights(key: str, weights: str) -> Any:
     return enum[match] if match != "DEFAULT" else enum.DEFAULT
 
 
+def check_weights(cfg: ModelConfig) -> None:
+    """Before any work: the weights file ``model.weights`` names exists (torchvision's is
+    downloaded into ``$TORCH_HOME`` now if it can be), else a ConfigError."""
+    key, weights = resolve_name(cfg.name), cfg.weights
+    if weights.lower() == "none" or key.startswith(TIMM_PREFIX) and not _is_file_spec(weights):
+        return
+    if _is_file_spec(weights):
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"model.weights: file '{weights}' not found; give a state dict or checkpoint path, "
+                              "a torchvision weights name (DEFAULT...), or none")
+        return
+    _torchvision_file(_torchvision_weights(key, weights))
+
+
 def _cached_torchvision_file(weights: Any) -> dict[str, torch.Tensor]:
-    """torchvision's weights from ``$TORCH_HOME/hub/checkpoints``, downloaded if absent and possible."""
+    return read_weight_file(_torchvision_file(weights))
+
+
+def _torchvision_file(weights: Any) -> Path:
+    """torchvision's weights file in ``$TORCH_HOME/hub/checkpoints``, downloaded if absent and possible."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not path.is_file():
         try:
@@ -199,7 +217,7 @@ def _cached_torchvision_file(weights: Any) -> dict[str, torch.Tensor]:
             raise ConfigError(f"model.weights: {path} is missing and could not be downloaded ({_first_line(exc)}); "
                               f"download {weights.url} on a machine with network and put it at that path "
                               "(it is $TORCH_HOME/hub/checkpoints/)") from None
-    return read_weight_file(path)
+    return path
 
 
 def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -250,12 +268,12 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: str
                           "check model.name")
     model.load_state_dict(loaded, strict=False)
 
-    def listed(keys: list[str]) -> str:
-        return f" ({', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
+    def listed(keys: list[str], why: str = "") -> str:
+        return f" ({why}{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
 
-    return (f"model.weights={origin}: {len(loaded)} tensors loaded, {len(replaced)} replaced (shape differs: "
-            f"new head){listed(replaced)}, {len(missing)} missing{listed(missing)}, {len(unused)} unused"
-            f"{listed(unused)}")
+    return (f"model.weights={origin}: {len(loaded)} tensors loaded, {len(replaced)} replaced"
+            f"{listed(replaced, 'shape differs: ')}, {len(missing)} missing{listed(missing)}, "
+            f"{len(unused)} unused{listed(unused)}")
 
 
 def implied_settings(cfg: Config) -> dict[str, Any]:
