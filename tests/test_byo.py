@@ -135,7 +135,7 @@ def test_user_package_trains_stops_resumes_evaluates_predicts(code_dir: Path, tm
     assert expected["config"]["model"]["name"] == "mypkg.nets:build"
     assert expected["config"]["data"]["source"] == "mypkg.data:build"
 
-    stopped = run(cwd, "trainer", *train_args(code_dir, "cut"), processes=processes, SIGTERM_AT_READ="100")
+    stopped = run(cwd, "trainer", *train_args(code_dir, "cut"), processes=processes, SIGTERM_AT_READ="20")
     assert stopped.returncode != 0 and "checkpoint saved, exit code 3" in stopped.stdout + stopped.stderr
     assert 0 < last_state(cwd, "cut")["global_step"] < expected["global_step"]
     resumed = run(cwd, "trainer", *train_args(code_dir, "cut"), processes=processes)

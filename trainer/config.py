@@ -341,6 +341,9 @@ ALIASES: dict[str, str] = {
 }
 """Short spellings of the most used keys: ``--epochs 10`` is ``train.epochs=10``."""
 
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+"""What may follow a boolean option as its value; anything else is the next argument."""
+
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 """Where each key's one-line meaning is written (as the comment on its line)."""
 
@@ -373,10 +376,10 @@ def parse_command_line(argv: list[str]) -> CommandLine:
         if token.startswith("-") and not token.startswith("--") and name not in ("c",):
             raise ConfigError(f"unknown option '{token}'; config keys are written --key value or key=value")
         if not eq:
-            key_type = schema_keys().get(cli_key(name)) if name not in ("c", "config", "code") else None
-            if tokens and not tokens[0].startswith("--"):
+            is_bool = name not in ("c", "config", "code") and schema_keys().get(cli_key(name)) in (bool, "bool")
+            if tokens and not tokens[0].startswith("--") and (not is_bool or tokens[0].lower() in BOOL_WORDS):
                 value = tokens.pop(0)
-            elif key_type is bool:
+            elif is_bool:
                 value = "true"
             else:
                 raise ConfigError(f"option '{token}' needs a value, e.g. {token} VALUE or {token}=VALUE")
@@ -402,7 +405,9 @@ def cli_key(name: str) -> str:
         return leaf_matches[0]
     if len(leaf_matches) > 1:
         raise ConfigError(f"option '--{name}' is ambiguous; write one of {', '.join('--' + k for k in leaf_matches)}")
-    raise ConfigError(f"unknown option '--{name}'{_suggest(key, [*known, *ALIASES], 'option')}")
+    close = difflib.get_close_matches(key, [*ALIASES, *known], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see python -m trainer --help"
+    raise ConfigError(f"unknown option '--{name}'; {hint}")
 
 
 def help_text() -> str:
@@ -430,7 +435,7 @@ def help_text() -> str:
             section = key.split(".")[0]
             lines.append(f"{section}:")
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"  --{key:<{width}} {shown:<20} {meanings.get(key, '')}".rstrip())
+        lines.append(f"  --{key:<{width}} {shown:<20}  {meanings.get(key, '')}".rstrip())
     lines += ["", "Example: python -m trainer --epochs 10 --model ResNet34 --lr 0.05 data.source=cifar10 data.root=/data"]
     return "\n".join(lines)
 
