@@ -19,6 +19,8 @@ from torch import nn
 
 from trainer import config, models, optim, user_code
 from trainer.errors import ConfigError
+from trainer.evaluate import main as evaluate_main
+from trainer.predict import main as predict_main
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -127,7 +129,8 @@ def last_state(cwd: Path, name: str) -> dict:
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_user_package_trains_stops_resumes_evaluates_predicts(code_dir: Path, tmp_path: Path, processes: int) -> None:
+def test_user_package_trains_stops_resumes_evaluates_predicts(code_dir: Path, tmp_path: Path, processes: int,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     cwd = tmp_path  # not the package's folder: only --code puts it on sys.path
     reference = run(cwd, "trainer", *train_args(code_dir, "whole"), processes=processes)
     assert reference.returncode == 0, reference.stdout + reference.stderr
@@ -147,15 +150,20 @@ def test_user_package_trains_stops_resumes_evaluates_predicts(code_dir: Path, tm
     assert [r["val/top1"] for r in final["history"]] == [r["val/top1"] for r in expected["history"]]
 
     ckpt = cwd / "runs" / "cut" / "checkpoints" / "last.pt"
-    evaluated = run(cwd, "trainer.evaluate", "--code", str(code_dir), str(ckpt), processes=processes)
-    assert evaluated.returncode == 0, evaluated.stderr
-    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    if processes == 2:
+        evaluated = run(cwd, "trainer.evaluate", "--code", str(code_dir), str(ckpt), processes=processes)
+        assert evaluated.returncode == 0, evaluated.stderr
+        output = evaluated.stdout
+    else:  # in this process: the same code path, without another interpreter start
+        capsys.readouterr()
+        assert evaluate_main(["--code", str(code_dir), str(ckpt), "data.num_workers=0"]) == 0
+        output = capsys.readouterr().out
+    metrics = json.loads(output.strip().splitlines()[-1])
     assert metrics["samples"] == 30 and metrics["top1"] == final["history"][-1]["val/top1"]
 
     images = sorted(str(p) for p in code_dir.parent.glob("*.png"))
-    predicted = run(cwd, "trainer.predict", "--code", str(code_dir), str(ckpt), *images)
-    assert predicted.returncode == 0, predicted.stderr
-    lines = predicted.stdout.strip().splitlines()
+    assert predict_main(["--code", str(code_dir), str(ckpt), *images]) == 0  # the CPU predictor: one process
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == images
     assert all(line.split("\t")[1].split()[0] in ("red", "green", "blue") for line in lines)
 
@@ -233,9 +241,6 @@ def test_builder_returning_no_module_is_one_line_exit_2_before_any_work(code_dir
     assert result.stderr.strip() == ("error: model.name: mypkg.nets:not_a_model(num_classes=...) returned str, "
                                      "not a torch.nn.Module; return the network itself")
     assert not list((tmp_path / "runs").rglob("*.pt"))
-    missing = run(tmp_path, "trainer", "--model", "mypkg.nets:build", "log.output_dir=runs")  # no --code
-    assert missing.returncode == 2 and "pass --code DIR" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 # --- weights and fine-tuning, in process ------------------------------------------------------------
