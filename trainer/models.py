@@ -7,6 +7,7 @@ import difflib
 import inspect
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -233,7 +234,13 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, headers that are not safetensors
+    except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream at all
+            raise ConfigError(f"model.weights: '{path}' is not a weights file (truncated, or another format); "
+                              "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
+        raise ConfigError(f"model.weights: refusing '{path}': it holds pickled Python objects, not only tensors; "
+                          "re-save it with torch.save(model.state_dict())") from None
+    except Exception as exc:  # truncated zips, headers that are not safetensors
         raise ConfigError(f"model.weights: cannot read '{path}' as weights ({_first_line(exc)}); "
                           "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
