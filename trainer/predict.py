@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", action="append", default=[], metavar="DIR",
                         help="folder with the package of an import-path model.name")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         user_code.add_code_dirs(args.code)
         predictor = Predictor(args.checkpoint)

@@ -38,8 +38,8 @@ def add_code_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
         found.append(path)
     paths = [str(p) for p in [*found, Path.cwd()]]
     sys.path[:0] = [p for p in paths if p not in sys.path]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([old] if old else [])])
+    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([*(p for p in paths if p not in old), *old])
     return found
 
 
