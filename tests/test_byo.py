@@ -303,3 +303,27 @@ def test_backbone_frozen_for_some_epochs_has_zero_lr_until_then() -> None:
         scheduler.step()
     assert {lr for head, lr in lrs[0] + lrs[1] if not head} == {0.0}
     assert {lr for head, lr in lrs[2] + lrs[3]} == {0.1}
+
+
+def test_torchvision_weights_come_from_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # what a download would have left
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    imagenet = models.build_model("resnet18", num_classes=1000, image_size=224)
+    torch.save(imagenet.state_dict(), cached)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = config.load(overrides=["model.name=resnet18", "model.weights=IMAGENET1K_V1", "data.image_size=32"],
+                      implied=models.implied_settings)
+    models.check_weights(cfg.model)
+    model = models.build_for_training(cfg, num_classes=5)
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    assert model.fc.out_features == 5
+
+
+def test_one_of_our_checkpoints_as_weights_brings_its_normalisation(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    saved_data = {"mean": [0.2, 0.3, 0.4], "std": [0.5, 0.5, 0.5], "image_size": 48, "val_crop_fraction": 0.875}
+    torch.save({"model": models.build_model("smallcnn", 3, 48).state_dict(), "config": {"data": saved_data}}, path)
+    cfg = config.load(overrides=[f"model.weights={path}", "data.std=[0.1,0.1,0.1]"], implied=models.implied_settings)
+    assert (cfg.data.mean, cfg.data.image_size, cfg.data.val_crop_fraction) == ([0.2, 0.3, 0.4], 48, 0.875)
+    assert cfg.data.std == [0.1, 0.1, 0.1]  # set here: the config wins
