@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gc
 import logging
@@ -14,19 +13,15 @@ from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, distributed, models, peers, slurm
-from trainer.errors import EXIT_FAILURE, EXIT_USER_ERROR, ConfigError, UserError
+from trainer import checkpoint, config, data, distributed, models, peers, slurm, user_code
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, setup_console
 from trainer.signals import StopRequest
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer", description="Train an image classifier (one process per device).",
-        epilog="Example: python -m trainer -c configs/demo.yaml optim.lr=0.1 model.name=resnet18")
-    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml",
-                        help="YAML config file; repeat to layer several (later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.1")
-    return parser.parse_intermixed_args(argv)   # `a=1 -c f.yaml b=2` too (wrappers append overrides)
+def parse_args(argv: list[str] | None) -> config.CommandLine:
+    """``-c FILE``, ``--code DIR`` and config keys as ``key=value``, ``--key value`` or an alias
+    (``--epochs 10 --model ResNet34``), in any order; with ``--help`` the run prints every key instead."""
+    return config.parse_command_line(sys.argv[1:] if argv is None else argv)
 
 
 @record
@@ -43,13 +38,18 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = parse_args(argv)
     topology = distributed.discover()
     setup_console(topology.rank)
-    debug = os.environ.get("TRAINER_DEBUG") == "1" or any(o.strip() == "log.debug=true" for o in args.overrides)
+    debug = os.environ.get("TRAINER_DEBUG") == "1"
     env = None
     try:
-        cfg = config.load(args.config, args.overrides)
+        args = parse_args(argv)
+        if args.help:
+            print(config.help_text(), flush=True)
+            return EXIT_OK
+        debug = debug or any(o.strip() == "log.debug=true" for o in args.overrides)
+        user_code.add_code_dirs(args.code)
+        cfg = config.load(args.config, args.overrides, implied=models.implied_settings)
         # The SLURM warning signal may come (up to 60 s early) during process-group init, data
         # preparation or model building: it must not kill the process with its default action.
         # (TERM and INT keep interrupting start-up at once, as a user at a terminal expects.)
@@ -58,6 +58,8 @@ def _run(argv: list[str] | None) -> int:
         debug = debug or cfg.log.debug
         setup_console(topology.rank, debug)
         models.resolve_name(cfg.model.name)
+        data.check_source(cfg.data.source)
+        models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir = _agree_run_dir(env, cfg)

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
-from trainer import distributed
+from trainer import distributed, user_code
 from trainer.config import DataConfig
 from trainer.distributed import DistEnv
 from trainer.errors import DataError
@@ -67,11 +67,42 @@ def prepared_splits(cfg: DataConfig, env: DistEnv) -> Splits:
 
 def load_splits(cfg: DataConfig, download: bool = False) -> Splits:
     """Open the configured data source without transforms."""
+    if user_code.is_import_path(cfg.source):
+        return _user_splits(cfg)
     if cfg.source == "synthetic":
         return _image_folder_splits(_synthetic_root(cfg, create=False))
     if cfg.source == "imagefolder":
         return _image_folder_splits(Path(os.path.expanduser(cfg.root)))
     return _torchvision_splits(cfg, download)
+
+
+def check_source(source: str) -> None:
+    """Refuse, before any work, a ``data.source`` import path that cannot be imported."""
+    if user_code.is_import_path(source):
+        user_code.load_callable(source, "data.source")
+
+
+def _user_splits(cfg: DataConfig) -> Splits:
+    """``data.source=my_pkg.data:build``: ``build(cfg)`` returns (train, val, class names).
+
+    The sets must be map-style (``__len__`` and ``__getitem__``): the distributed shard, exact
+    mid-epoch resume and per-sample seeding all address samples by index.
+    """
+    spec = cfg.source
+    result = user_code.load_callable(spec, "data.source")(cfg)
+    if isinstance(result, Splits):
+        return result
+    if not (isinstance(result, (tuple, list)) and len(result) == 3):
+        raise DataError(f"data.source: {spec}(cfg) returned {type(result).__name__}; "
+                        "return (train_set, val_set, class_names)")
+    train, val, classes = result
+    for split, dataset in (("train", train), ("val", val)):
+        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise DataError(f"data.source: {spec} returned a {split} set of type {type(dataset).__name__}, not a "
+                            "map-style Dataset (__len__ and __getitem__); exact resume and sharding need indices")
+    if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"data.source: {spec} returned class names {classes!r}; return a list of strings")
+    return Splits(train, val, list(classes))
 
 
 def _synthetic_root(cfg: DataConfig, create: bool) -> Path:
@@ -135,7 +166,17 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tenso
     if train and cfg.hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
-    return transforms.Compose(steps)
+    return TensorsPassThrough(transforms.Compose(steps))
+
+
+class TensorsPassThrough:
+    """Apply ``transform`` to images; a tensor item (from the user's own data set) passes as is."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        return item if isinstance(item, torch.Tensor) else self.transform(item)
 
 
 def _to_rgb(image: Any) -> Any:
@@ -164,16 +205,16 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
-        try:
-            image, target = self.base[index]
-        except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
-            if self.skip_bad:
-                return None
-            raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
-                            "fix or remove it, or set data.on_bad_sample=skip") from None
-        state = torch.get_rng_state()
+        state = torch.get_rng_state()  # seeded before reading too: a user's data set may draw in __getitem__
         torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
+            try:
+                image, target = self.base[index]
+            except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
+                if self.skip_bad:
+                    return None
+                raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
+                                "fix or remove it, or set data.on_bad_sample=skip") from None
             return self.transform(image), target
         finally:
             torch.set_rng_state(state)

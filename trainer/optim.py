@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 from torch import nn
@@ -10,18 +11,22 @@ from torch import nn
 from trainer.config import OptimConfig, SchedConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    head: Collection[str] = ()) -> torch.optim.Optimizer:
     """SGD, Adam, AdamW or Adagrad; norm and bias parameters skip weight decay unless configured.
 
+    The parameters named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group
+    records whether it is the head, so that the schedule can hold a frozen backbone still.
     Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
+            is_head, decayed = name in head, not (param.ndim <= 1 and not cfg.decay_norm_and_bias)
+            groups.setdefault((is_head, decayed), {
+                "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "head": is_head,
+                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0)})["params"].append(param)
+    groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -46,9 +51,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: SchedConfig, 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step."""
+                    epochs: int, frozen_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step; groups that are not the head get a zero rate
+    for the first ``frozen_steps`` (a backbone frozen for ``train.freeze_epochs``)."""
     total = steps_per_epoch * epochs
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total, warmup, cfg, steps_per_epoch)
+
+    def frozen_then_factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else factor(step)
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, cfg, steps_per_epoch))
+        optimizer, [factor if group.get("head") or not frozen_steps else frozen_then_factor
+                    for group in optimizer.param_groups])

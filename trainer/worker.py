@@ -34,13 +34,17 @@ class Worker:
             precision.configure_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.train.deterministic)
         seed_everything(cfg.train.seed)
         self._build_data()
-        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
+        self.net = models.build_for_training(cfg, len(self.classes))
         self.memory_format = models.memory_format(cfg.model.channels_last)
         self.net.to(self.device, memory_format=self.memory_format)
         self.eval_net: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum_steps)
-        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device)
-        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
+        fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
+        head = models.head_parameter_names(self.net) if fine_tuning else set()
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
+        frozen_steps = cfg.train.freeze_epochs * self.steps_per_epoch if cfg.model.freeze == "backbone" else 0
+        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs,
+                                               frozen_steps)
         self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.scheduler, self.precision,
                               self.device, cfg.train, self.memory_format)
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
