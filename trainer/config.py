@@ -104,7 +104,7 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
-    max_requeues: int = 10
+    max_requeues: int = 20
 
 
 @dataclass
