@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import checkpoint, data, distributed, models, optim, precision, slurm
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
-from trainer.errors import EXIT_OK, EXIT_STOPPED, NonFiniteLoss, OutOfMemory
+from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
 from trainer.metrics import TrainMeter, evaluate_model
 from trainer.resources import PeakMemory
