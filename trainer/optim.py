@@ -85,7 +85,10 @@ class Schedule:
     def set_window(self, start: float, end: float) -> None:
         """Set the rate for the optimizer step that covers progress [start, end) (in epochs)."""
         self.start, self.end = start, end
-        lr = self.base_lr * lr_factor(start, end, self.cfg, self.epochs)
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = self.base_lr * lr_factor(self.start, self.end, self.cfg, self.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -96,4 +99,5 @@ class Schedule:
         return {"start": self.start, "end": self.end}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.set_window(float(state["start"]), float(state["end"]))
+        self.start, self.end = float(state["start"]), float(state["end"])
+        self._apply()
