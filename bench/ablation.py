@@ -147,7 +147,7 @@ def _no_meter(worker: Worker) -> contextlib.AbstractContextManager:
 
 
 def _no_scheduler(worker: Worker) -> contextlib.AbstractContextManager:
-    return mock.patch.object(worker.scheduler, "step", lambda *args, **kwargs: None)
+    return mock.patch.object(worker.schedule, "set_window", lambda *args, **kwargs: None)
 
 
 def _none_of_them(worker: Worker) -> contextlib.AbstractContextManager:
@@ -162,7 +162,7 @@ WORKER_VARIANTS: dict[str, Patch] = {
     " without progress bar": _no_bar,
     " without metric logging": _no_logging,
     " without TrainMeter.update": _no_meter,
-    " without scheduler.step": _no_scheduler,
+    " without schedule.set_window": _no_scheduler,
     " without all four": _none_of_them,
 }
 
