@@ -29,14 +29,14 @@ def child_env(**extra: str) -> dict[str, str]:
             **extra}
 
 
-def small_run(tmp: Path, name: str | None = None, *extra: str, train_per_class: int = 64, val_per_class: int = 10,
-              image_size: int = 16, batch_size: int = 8) -> list[str]:
-    """Overrides for a small, fast real run in ``tmp`` (3 synthetic classes, no loader workers)."""
-    args = [f"log.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}", "data.synthetic_classes=3",
+def small_run(tmp: Path, *extra: str, train_per_class: int = 64, val_per_class: int = 10, image_size: int = 16,
+              batch_size: int = 8) -> list[str]:
+    """Overrides for a small, fast real run under ``tmp`` (3 synthetic classes, no loader workers);
+    ``extra`` (e.g. ``log.name=...``) comes last, so it wins."""
+    return [f"log.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}", "data.synthetic_classes=3",
             f"data.synthetic_train_per_class={train_per_class}", f"data.synthetic_val_per_class={val_per_class}",
             f"data.image_size={image_size}", f"data.batch_size={batch_size}", "data.num_workers=0",
-            "log.progress_bar=off", "dist.timeout_s=60"]
-    return args + ([f"log.name={name}"] if name else []) + list(extra)
+            "log.progress_bar=off", "dist.timeout_s=60", *extra]
 
 
 def command(args: list[str], nproc: int = 1, module: str = "trainer", script: Path | None = None,

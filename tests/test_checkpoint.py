@@ -288,11 +288,11 @@ def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path: Path) ->
     finally:
         holder.kill()
         holder.wait()
-    path = runlock.acquire(tmp_path)  # the holder is dead now: taken over
-    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock = runlock.acquire(tmp_path)  # the holder is dead now: taken over
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == [runlock.LOCK_NAME]  # no temporary file left
-    runlock.release(path)
-    assert not path.exists()
+    lock.release()
+    assert not lock.path.exists()
 
 
 def test_a_holder_on_another_host_keeps_the_lock_unless_it_is_this_slurm_job(
@@ -303,11 +303,21 @@ def test_a_holder_on_another_host_keeps_the_lock_unless_it_is_this_slurm_job(
     with pytest.raises(runlock.RunDirectoryBusy, match="pid 1 on elsewhere"):
         runlock.acquire(tmp_path)
     monkeypatch.setenv("SLURM_JOB_ID", "41")  # the requeued job itself, now on another node
-    assert json.loads(runlock.acquire(tmp_path).read_text())["job"] == "41"
+    assert json.loads(runlock.acquire(tmp_path).path.read_text())["job"] == "41"
 
 
-def test_release_leaves_another_holders_lock(tmp_path: Path) -> None:
-    lock = tmp_path / runlock.LOCK_NAME
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": None}))
-    runlock.release(lock)
-    assert lock.exists()
+def test_release_leaves_another_holders_lock_and_restores_an_untouched_folders_mtime(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.utime(folder, ns=(1_000_000_000, 2_000_000_000))
+    lock = runlock.acquire(folder)
+    lock.release()  # a start refused after taking the lock: the folder is as it was
+    assert os.listdir(folder) == [] and folder.stat().st_mtime_ns == 2_000_000_000
+    lock = runlock.acquire(folder)
+    (folder / "metrics.jsonl").write_text("")
+    lock.release()  # a run that wrote something keeps its new mtime
+    assert folder.stat().st_mtime_ns != 2_000_000_000
+    lock = runlock.acquire(folder)
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": None}))  # taken over by another
+    lock.release()
+    assert lock.path.exists()

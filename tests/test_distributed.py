@@ -26,8 +26,8 @@ import torch
 
 from trainer import data
 from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"

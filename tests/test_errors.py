@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PARALLEL = 4
 TIMEOUT_S = 300
 

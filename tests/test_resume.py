@@ -30,7 +30,7 @@ EPOCHS = 3
 
 
 def args(tmp: Path, name: str, *extra: str, batch_size: int = 8) -> list[str]:
-    return small_run(tmp, name, f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *extra, batch_size=batch_size)
+    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *extra, batch_size=batch_size)
 
 
 def recorded_run(tmp: Path, name: str, *extra: str, nproc: int = 2, batch_size: int = 8,
@@ -194,13 +194,13 @@ LINEAR = ["model.name=linear", "sched.warmup_epochs=0", "data.synthetic_train_pe
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_step_file(tmp_path: Path) -> None:
-    first = run(small_run(tmp_path, "cut", *LINEAR, "train.epochs=2"))
+    first = run(small_run(tmp_path, "log.name=cut", *LINEAR, "train.epochs=2"))
     assert first.returncode == 0, first.stderr
     folder = run_dir(tmp_path, "cut") / "checkpoints"
     newest, previous = sorted(folder.glob("step_*.pt"))[::-1]
     resumed_at = torch.load(previous, weights_only=True)["global_step"]
     (folder / "last.pt").write_bytes(b"")  # a hard link: the newest step file is cut too
-    continued = run(small_run(tmp_path, "cut", *LINEAR, "train.epochs=3"))
+    continued = run(small_run(tmp_path, "log.name=cut", *LINEAR, "train.epochs=3"))
     assert continued.returncode == 0, continued.stderr
     warnings = [line for line in continued.stderr.splitlines() if "falling back" in line]
     assert len(warnings) == 1 and "last.pt" in warnings[0] and previous.name in warnings[0]
@@ -209,12 +209,12 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_step_file(tmp_path
 
 
 def test_truncated_only_checkpoint_exits_2_and_never_starts_afresh(tmp_path: Path) -> None:
-    first = run(small_run(tmp_path, "only", *LINEAR, "train.epochs=1", "ckpt.keep_last=1"))
+    first = run(small_run(tmp_path, "log.name=only", *LINEAR, "train.epochs=1", "ckpt.keep_last=1"))
     assert first.returncode == 0, first.stderr
     last = run_dir(tmp_path, "only") / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:100])
     before = sorted((p.name, p.read_bytes()) for p in last.parent.iterdir())
-    again = run(small_run(tmp_path, "only", *LINEAR, "train.epochs=2"))
+    again = run(small_run(tmp_path, "log.name=only", *LINEAR, "train.epochs=2"))
     assert again.returncode == 2
     assert again.stderr.count("\n") == 1 and again.stderr.startswith("error: cannot read checkpoint")
     assert str(last) in again.stderr and "no older readable checkpoint" in again.stderr
@@ -223,12 +223,12 @@ def test_truncated_only_checkpoint_exits_2_and_never_starts_afresh(tmp_path: Pat
 
 
 def test_a_second_run_on_a_live_run_directory_exits_2_and_the_first_finishes(tmp_path: Path) -> None:
-    first = start(small_run(tmp_path, "busy", "train.epochs=3", "ckpt.every_steps=2"))
+    first = start(small_run(tmp_path, "log.name=busy", "train.epochs=3", "ckpt.every_steps=2"))
     lock = run_dir(tmp_path, "busy") / "run.lock"
     wait_for(run_dir(tmp_path, "busy") / "checkpoints" / "last.pt", first)
     os.kill(first.pid, signal.SIGSTOP)  # alive, mid-run, for as long as the second run takes to start
     try:
-        second = run(small_run(tmp_path, "busy", "train.epochs=3"))
+        second = run(small_run(tmp_path, "log.name=busy", "train.epochs=3"))
     finally:
         os.kill(first.pid, signal.SIGCONT)
     output = first.communicate(timeout=300)[0]
@@ -246,7 +246,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     folder = run_dir(tmp_path, "stale")
     folder.mkdir(parents=True)
     (folder / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "job": None}))
-    result = run(small_run(tmp_path, "stale", *LINEAR, "train.epochs=1"))
+    result = run(small_run(tmp_path, "log.name=stale", *LINEAR, "train.epochs=1"))
     assert result.returncode == 0, result.stderr
     assert not (folder / "run.lock").exists()
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from slurm_cluster import SlurmCluster, clean_env
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SMALL = ["data.synthetic_classes=3", "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=20",

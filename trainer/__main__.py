@@ -60,7 +60,7 @@ def _run(argv: list[str] | None) -> int:
         models.resolve_name(cfg.model.name)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
-        run_dir = _agree_run_dir(env, cfg)
+        run_dir, lock = _agree_run_dir(env, cfg)
         try:
             from trainer.worker import Worker
 
@@ -73,8 +73,8 @@ def _run(argv: list[str] | None) -> int:
             requeue = worker.requeue
             del worker
         finally:
-            if env.is_main:
-                runlock.release(run_dir / runlock.LOCK_NAME)
+            if lock is not None:
+                lock.release()
         distributed.teardown(env)
         if requeue:  # after teardown: SLURM answers a requeue with SIGTERM to the whole step
             slurm.requeue()
@@ -88,21 +88,22 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_USER_ERROR
 
 
-def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
+def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> tuple[Path, runlock.RunLock | None]:
     """Rank 0 creates the run directory, checks it is writable and takes its lock (another live
     run there is refused), writing nothing else in it yet (see :func:`_save_config`); every rank
     then uses it."""
     run_dir = cfg.run_dir.resolve()
+    held: list[runlock.RunLock] = []
 
     def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir, os.W_OK):  # also EROFS for root
             raise OSError(errno.EACCES, "not writable")
-        runlock.acquire(run_dir)  # before any rank writes its log there
+        held.append(runlock.acquire(run_dir))  # before any rank writes its log there
 
     _on_rank0(env, create, f"cannot write the run directory {run_dir}", "choose a writable log.output_dir")
     add_rank_file(run_dir, env.rank)
-    return run_dir
+    return run_dir, (held[0] if held else None)
 
 
 def _save_config(env: distributed.DistEnv, cfg: config.Config, run_dir: Path) -> None:

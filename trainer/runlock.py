@@ -21,16 +21,39 @@ class RunDirectoryBusy(UserError):
     """Another live run holds the run directory."""
 
 
-def acquire(run_dir: Path) -> Path:
+class RunLock:
+    """The lock this process holds on a run directory.
+
+    Taking and dropping it creates and removes a file, which moves the directory's mtime; when
+    nothing else changed the directory meanwhile (a start refused for another reason), release
+    puts that mtime back, so a refused start leaves the directory exactly as it was.
+    """
+
+    def __init__(self, path: Path, dir_times_before: tuple[int, int]) -> None:
+        self.path, self.dir_times_before = path, dir_times_before
+        self.dir_mtime_locked = path.parent.stat().st_mtime_ns
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it."""
+        if _read(self.path) != _me():
+            return
+        untouched = self.path.parent.stat().st_mtime_ns == self.dir_mtime_locked
+        self.path.unlink(missing_ok=True)
+        if untouched:
+            os.utime(self.path.parent, ns=self.dir_times_before)
+
+
+def acquire(run_dir: Path) -> RunLock:
     """Take ``run_dir``'s lock or raise :class:`RunDirectoryBusy` naming its holder."""
     path = run_dir / LOCK_NAME
+    before = run_dir.stat()
     tmp = path.with_name(f".{LOCK_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps(_me()))  # complete before it appears: os.link makes it the lock atomically
     try:
         for _ in range(2):  # a stale lock is removed once, then taken afresh
             try:
                 os.link(tmp, path)
-                return path
+                break
             except FileExistsError:
                 holder = _read(path)
                 if holder is not None and _alive(holder):
@@ -38,15 +61,11 @@ def acquire(run_dir: Path) -> Path:
                         f"{run_dir} is in use by another run (pid {holder['pid']} on {holder['host']}, see {path}); "
                         "wait for it, choose another log.name, or delete the lock file if that run is gone") from None
                 path.unlink(missing_ok=True)
-        raise RunDirectoryBusy(f"{run_dir}: another run took {path} at the same moment; choose another log.name")
+        else:
+            raise RunDirectoryBusy(f"{run_dir}: another run took {path} at the same moment; choose another log.name")
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def release(path: Path) -> None:
-    """Remove the lock if this process still holds it."""
-    if _read(path) == _me():
-        path.unlink(missing_ok=True)
+    return RunLock(path, (before.st_atime_ns, before.st_mtime_ns))
 
 
 def _me() -> dict[str, str | int | None]:

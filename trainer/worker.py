@@ -358,7 +358,7 @@ class Worker:
         state, path = checkpoint.load_for_resume(path, fall_back, announce=self.env.is_main)
         checkpoint.check_classes(state, self.classes, path)
         if (mismatch := checkpoint.weight_mismatch(models.unwrap(self.net), state["model"])) is not None:
-            raise CheckpointError(f"{path} does not match the model ({mismatch}); check model.name")
+            raise CheckpointError(f"{path} does not match the model ({mismatch}); check model.name and the number of classes")
         saved = state.get("config") or {}
         changes, inexact = checkpoint.changes_since(saved, to_dict(self.cfg), state.get("world_size", 0),
                                                     self.env.world_size)
