@@ -269,10 +269,12 @@ def test_rank_sums_go_back_to_their_rank_or_to_rank_0_as_totals() -> None:
     saved = {"per_rank": [[1.5, 10.0], [2.5, 20.0]]}  # written by 2 ranks
     got: dict[int, list[float]] = {}
     for rank in (0, 1):
-        checkpoint.RankSums(single_process(rank, 2), list, lambda v, r=rank: got.__setitem__(r, v)).load_state_dict(saved)
+        piece = checkpoint.RankSums(single_process(rank, 2), list, lambda v, r=rank: got.__setitem__(r, v))
+        piece.load_state_dict(saved)
     assert got == {0: [1.5, 10.0], 1: [2.5, 20.0]}
     for rank in (0, 1, 2):
-        checkpoint.RankSums(single_process(rank, 3), list, lambda v, r=rank: got.__setitem__(r, v)).load_state_dict(saved)
+        piece = checkpoint.RankSums(single_process(rank, 3), list, lambda v, r=rank: got.__setitem__(r, v))
+        piece.load_state_dict(saved)
     assert got == {0: [4.0, 30.0], 1: [0.0, 0.0], 2: [0.0, 0.0]}  # the totals over ranks are kept
     assert checkpoint.RankSums(single_process(), lambda: [3, 4], print).state_dict() == {"per_rank": [[3.0, 4.0]]}
 

@@ -123,9 +123,9 @@ LR = 0.5
 def test_the_epochs_shorter_last_window_is_scaled_by_its_real_size(tmp_path: Path) -> None:
     """5 batches per epoch, accumulation 2: windows of 2, 2 and 1 batches. The last step must be
     plain SGD on batch 5 alone (its mean loss, not half of it)."""
-    cfg = config.load([], small_run(tmp_path, "log.name=accum", *EXACT_LINEAR, f"optim.lr={LR}", "train.grad_accum_steps=2",
-                                    "train.epochs=1", "ckpt.every_steps=2", "data.synthetic_train_per_class=10",
-                                    batch_size=6))
+    cfg = config.load([], small_run(tmp_path, "log.name=accum", *EXACT_LINEAR, f"optim.lr={LR}",
+                                    "train.grad_accum_steps=2", "train.epochs=1", "ckpt.every_steps=2",
+                                    "data.synthetic_train_per_class=10", batch_size=6))
     worker = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
     assert len(worker.train_sampler) == 5
     assert worker.fit() == 0

@@ -30,7 +30,8 @@ EPOCHS = 3
 
 
 def args(tmp: Path, name: str, *extra: str, batch_size: int = 8) -> list[str]:
-    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *extra, batch_size=batch_size)
+    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *extra,
+                     batch_size=batch_size)
 
 
 def recorded_run(tmp: Path, name: str, *extra: str, nproc: int = 2, batch_size: int = 8,
@@ -124,8 +125,10 @@ def test_resume_on_another_world_size_or_batch_sees_each_sample_once_on_the_same
 
     # the learning rate is the same function of progress: equal wherever both runs stepped
     reference_lr = {round(s["start"], 12): s["lr"] for s in recorded(tmp, "uninterrupted", "steps", 0)}
-    after_stop = [s for s in recorded(tmp, name, "steps", 0) if s["start"] >= epoch + stopped["position"]["consumed"] / TRAIN_SIZE]
-    common = [(s["lr"], reference_lr[round(s["start"], 12)]) for s in after_stop if round(s["start"], 12) in reference_lr]
+    resumed_at = epoch + stopped["position"]["consumed"] / TRAIN_SIZE
+    after_stop = [s for s in recorded(tmp, name, "steps", 0) if s["start"] >= resumed_at]
+    common = [(s["lr"], reference_lr[round(s["start"], 12)]) for s in after_stop
+              if round(s["start"], 12) in reference_lr]
     assert len(common) >= 4
     for lr, expected_lr in common:
         assert abs(lr - expected_lr) <= 1e-9

@@ -315,6 +315,8 @@ def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataC
 
 def _loader_options(cfg: DataConfig, device: torch.device, seed: int) -> dict[str, Any]:
     workers = cfg.num_workers
-    return dict(num_workers=workers, collate_fn=collate_skipping_bad, pin_memory=cfg.pin_memory and device.type == "cuda",
+    return dict(num_workers=workers, collate_fn=collate_skipping_bad,
+                pin_memory=cfg.pin_memory and device.type == "cuda",
                 persistent_workers=cfg.persistent_workers and workers > 0, worker_init_fn=seed_worker,
-                generator=torch.Generator().manual_seed(seed), prefetch_factor=LOADER_PREFETCH if workers > 0 else None)
+                generator=torch.Generator().manual_seed(seed),
+                prefetch_factor=LOADER_PREFETCH if workers > 0 else None)

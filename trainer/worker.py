@@ -131,7 +131,7 @@ class Worker:
             self.meter = TrainMeter(self.device, cfg.log.every_steps)
         bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
         started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
-        window_start = position.consumed
+        window_start = position.consumed  # where the current accumulation window began
         batches = iter(self.train_loader)
         for index, global_size in enumerate(global_batches):
             wait_start = time.perf_counter()
@@ -212,8 +212,9 @@ class Worker:
     def _flush_meter(self) -> None:
         bad_step = self.meter.flush()
         if bad_step is not None and self.cfg.train.on_nonfinite_loss == "stop":
-            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} (epoch {self.position.epoch + 1}); "
-                                "lower optim.lr, set train.clip_grad_norm, or train.on_nonfinite_loss=skip")
+            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} "
+                                f"(epoch {self.position.epoch + 1}); lower optim.lr, set train.clip_grad_norm, "
+                                "or train.on_nonfinite_loss=skip")
 
     def _poll(self) -> tuple[bool, bool]:
         """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?
@@ -358,7 +359,8 @@ class Worker:
         state, path = checkpoint.load_for_resume(path, fall_back, announce=self.env.is_main)
         checkpoint.check_classes(state, self.classes, path)
         if (mismatch := checkpoint.weight_mismatch(models.unwrap(self.net), state["model"])) is not None:
-            raise CheckpointError(f"{path} does not match the model ({mismatch}); check model.name and the number of classes")
+            raise CheckpointError(f"{path} does not match the model ({mismatch}); "
+                                  "check model.name and the number of classes")
         saved = state.get("config") or {}
         changes, inexact = checkpoint.changes_since(saved, to_dict(self.cfg), state.get("world_size", 0),
                                                     self.env.world_size)
