@@ -147,3 +147,29 @@ def test_the_epochs_shorter_last_window_is_scaled_by_its_real_size(tmp_path: Pat
     torch.testing.assert_close(after["model"]["1.bias"].double(), expected_bias, atol=1e-6, rtol=0)
     halved = weight - LR / 2 * residual.T @ x  # what dividing by grad_accum_steps would give
     assert (halved - expected_weight).abs().max() > 1e-3
+
+
+# --- counters ----------------------------------------------------------------------------------------------
+
+def test_skip_counters_survive_a_resume(tmp_path: Path) -> None:
+    overrides = ["log.name=counters", "model.name=linear", "train.on_nonfinite_loss=skip", "train.epochs=1"]
+    cfg = config.load([], small_run(tmp_path, *overrides, "data.synthetic_train_per_class=16"))
+    worker = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
+    criterion, calls = worker.criterion, []
+
+    def nan_on_third_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return criterion(logits, targets) * (float("nan") if len(calls) == 3 else 1.0)
+
+    worker.criterion = nan_on_third_batch  # type: ignore[assignment]
+    worker.skipped_samples = 5  # as if 5 unreadable samples had been dropped
+    assert worker.fit() == 0 and worker.skipped_steps == 1
+
+    cfg = config.load([], small_run(tmp_path, *overrides, "data.synthetic_train_per_class=16", "train.epochs=2"))
+    resumed = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
+    resumed.resume(cfg.run_dir / "checkpoints" / "last.pt")
+    assert (resumed.skipped_steps, resumed.skipped_samples, resumed.global_step) == (1, 5, worker.global_step)
+    assert resumed.fit() == 0
+    epochs = resumed.history
+    assert [e["train/skipped_steps"] for e in epochs] == [1, 1]
+    assert [e["data/skipped_samples"] for e in epochs] == [5, 5]

@@ -122,6 +122,10 @@ def test_resume_on_another_world_size_or_batch_sees_each_sample_once_on_the_same
         assert seen == list(range(TRAIN_SIZE)), f"epoch {e + 1} (interrupted: {epoch + 1}) missed or repeated samples"
     final = last_checkpoint(tmp, name)
     assert final["epoch"] == EPOCHS and len(final["history"]) == EPOCHS
+    interrupted = final["history"][epoch]
+    assert interrupted["train/samples"] == TRAIN_SIZE  # the running loss carried over to the new ranks
+    resumed_part = TRAIN_SIZE - stopped["position"]["consumed"]  # images/s counts only what this run trained
+    assert interrupted["train/images_per_s"] * interrupted["train/time_s"] == pytest.approx(resumed_part, rel=1e-9)
 
     # the learning rate is the same function of progress: equal wherever both runs stepped
     reference_lr = {round(s["start"], 12): s["lr"] for s in recorded(tmp, "uninterrupted", "steps", 0)}

@@ -234,7 +234,7 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
 
     def global_batches(self) -> list[int]:
         """Sizes of the global micro-batches from the position to the end of the epoch."""
-        full, rest = divmod(self.size - self.position.consumed, self.batch_size * self.world_size)
+        full, rest = divmod(max(0, self.size - self.position.consumed), self.batch_size * self.world_size)
         sizes = [self.batch_size * self.world_size] * full
         return sizes + [rest] if rest >= self.world_size else sizes
 
