@@ -223,15 +223,20 @@ def test_load_for_resume_falls_back_past_a_cut_last_pt_to_the_previous_step(
     assert len(warnings) == 1 and "last.pt" in warnings[0] and f"falling back to {old}" in warnings[0]
 
 
-def test_load_for_resume_without_a_readable_file_raises_one_line(tmp_path: Path) -> None:
-    (step,) = save_steps(tmp_path, [4])
-    step.write_bytes(step.read_bytes()[:50])
-    for fall_back in (True, False):
-        with pytest.raises(CheckpointError) as info:
-            checkpoint.load_for_resume(step, fall_back=fall_back, announce=False)
-        assert "\n" not in str(info.value) and "truncated" in str(info.value)
-    with pytest.raises(CheckpointError, match="no older readable checkpoint"):
-        checkpoint.load_for_resume(step, fall_back=True, announce=False)
+def test_load_for_resume_without_a_readable_file_raises_one_line_naming_the_requested_one(tmp_path: Path) -> None:
+    old, new = save_steps(tmp_path, [4, 8])
+    last = tmp_path / "last.pt"
+    checkpoint.link_atomic(new, last)
+    for path in (last, old):
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_for_resume(last, fall_back=False, announce=False)
+    assert str(info.value).startswith(f"cannot read checkpoint {last}: truncated")
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_for_resume(last, fall_back=True, announce=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"cannot read checkpoint {last}: truncated")
+    assert f"no older readable checkpoint in {tmp_path} (step_4.pt unreadable too)" in message
 
 
 def test_load_for_resume_refuses_another_projects_file(tmp_path: Path) -> None:

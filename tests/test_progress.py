@@ -66,11 +66,17 @@ def test_a_resume_with_another_world_or_batch_sees_the_rest_of_the_epoch_once(
     assert sorted(seen) == list(range(size))
 
 
-def test_a_tail_smaller_than_the_world_is_dropped_rather_than_leaving_a_rank_empty() -> None:
+def test_the_rest_of_an_epoch_shares_the_last_full_batch_and_no_rank_goes_empty() -> None:
+    sampler = data.TrainBatchSampler(450, 1, 0, 32, seed=0)
+    assert sampler.global_batches() == [32] * 13 + [17, 17]  # not 14 x 32 and a last step of 2 samples
+    sampler = data.TrainBatchSampler(50, 2, 0, 8, seed=0)
+    assert sampler.global_batches() == [16, 16, 9, 9]
+    assert [len(keys) for keys in sampler] == [8, 8, 5, 5]  # rank 0 of 2: 5 + rank 1's 4 = 9
+    assert data.TrainBatchSampler(7, 3, 0, 1, seed=0).global_batches() == [3, 3]  # 1 left for 3 ranks: left out
     sampler = data.TrainBatchSampler(7, 3, 0, 2, seed=0)
-    assert sampler.global_batches() == [6]
+    assert sampler.global_batches() == [4, 3]
     sampler.set_position(data.Position(0, 3))
-    assert sampler.global_batches() == [4]  # 4 left, fewer than a global batch: one tail, split 2/1/1
+    assert sampler.global_batches() == [4]  # less than a global batch left: one batch of 4, split 2/1/1
     assert [len(keys) for keys in sampler] == [2]
 
 

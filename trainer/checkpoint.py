@@ -100,8 +100,8 @@ def latest(run_dir: Path) -> Path | None:
 def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[str, Any], Path]:
     """Load ``path``; if it cannot be read and ``fall_back``, the newest older step file that can.
 
-    Each unreadable file is named in one warning line (when ``announce``), and so is the file
-    used instead. Without a readable one: :class:`CheckpointError`, never a silent fresh start.
+    One warning line (when ``announce``) names the unreadable files and the one used instead.
+    Without a readable one: :class:`CheckpointError`, never a silent fresh start.
     """
     try:
         return load(path), path
@@ -110,17 +110,24 @@ def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[s
             raise
         problem = str(exc)
     failed = path.stat().st_ino if path.exists() else None
+    unreadable: list[str] = []
     for older in reversed(step_files(path.parent)):
         if older.stat().st_ino == failed:  # last.pt is a hard link to the newest step file
             continue
-        if announce:
-            log.warning("%s; falling back to %s", problem, older)
         try:
-            return load(older), older
-        except CheckpointError as exc:
-            problem = str(exc)
-    raise CheckpointError(f"{problem}; no older readable checkpoint in {path.parent}: move the folder away "
-                          "to start afresh, or point ckpt.resume at a good checkpoint")
+            state = load(older)
+        except CheckpointError:
+            unreadable.append(older.name)
+            continue
+        if announce:
+            log.warning("%s%s; falling back to %s", problem, _also(unreadable), older)
+        return state, older
+    raise CheckpointError(f"{problem}; no older readable checkpoint in {path.parent}{_also(unreadable)}: "
+                          "move the folder away to start afresh, or point ckpt.resume at a good checkpoint")
+
+
+def _also(names: list[str]) -> str:
+    return f" ({', '.join(names)} unreadable too)" if names else ""
 
 
 def load(path: Path) -> dict[str, Any]:

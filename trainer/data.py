@@ -220,8 +220,9 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
     Global micro-batch j covers positions [start + j*G, start + (j+1)*G) of it (G = batch x world)
     and rank r takes every world-th position from start + r: DistributedSampler's strided shards,
     so k micro-batches on W ranks consume exactly a prefix of the order, whatever W and the batch.
-    The epoch ends with one shorter global batch for the rest, split as evenly as the stride does,
-    unless it is smaller than the world size (some rank would get nothing): those few are dropped.
+    The rest of the epoch that does not fill a global batch is served too (see
+    :meth:`global_batches`), split as evenly as the stride does; only a rest smaller than the
+    world size, where some rank would get nothing, is left out.
     """
 
     def __init__(self, size: int, world_size: int, rank: int, batch_size: int, seed: int) -> None:
@@ -233,10 +234,19 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         self.position = Position(position.epoch, position.consumed)
 
     def global_batches(self) -> list[int]:
-        """Sizes of the global micro-batches from the position to the end of the epoch."""
-        full, rest = divmod(max(0, self.size - self.position.consumed), self.batch_size * self.world_size)
-        sizes = [self.batch_size * self.world_size] * full
-        return sizes + [rest] if rest >= self.world_size else sizes
+        """Sizes of the global micro-batches from the position to the end of the epoch.
+
+        A remainder shares the last full batch's samples: two batches of about (G + rest) / 2,
+        never a tiny last step whose few samples would also set BatchNorm's running statistics
+        just before validation, and never more than G.
+        """
+        full_size = self.batch_size * self.world_size
+        full, rest = divmod(max(0, self.size - self.position.consumed), full_size)
+        if rest == 0:
+            return [full_size] * full
+        if full > 0 and (full_size + rest) // 2 >= self.world_size:
+            return [full_size] * (full - 1) + [(full_size + rest + 1) // 2, (full_size + rest) // 2]
+        return [full_size] * full + ([rest] if rest >= self.world_size else [])
 
     def order(self) -> torch.Tensor:
         """The epoch's global permutation of sample indices."""
