@@ -20,8 +20,8 @@ from launcher.plan import Machine, Request, make_plan
 from launcher.relay import StopRelay
 from trainer.errors import EnvironmentProblem
 from trainer.slurm import Allocation, allocation, expand_hostlist
+from helpers import REPO, small_run
 
-REPO = Path(__file__).resolve().parents[1]
 NO_SLURM = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 
 
@@ -33,12 +33,6 @@ def launcher(*args: str, env: dict[str, str] | None = None, timeout: float = 300
 def plan_lines(stdout: str) -> dict[str, str]:
     lines = [line.removeprefix("launcher: ") for line in stdout.splitlines() if line.startswith("launcher: ")]
     return {line[:19].strip(): line[19:].strip() for line in lines}
-
-
-def small_run(tmp: Path, *extra: str) -> list[str]:
-    return [f"log.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}", "data.synthetic_classes=3",
-            "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=10", "data.image_size=16",
-            "data.batch_size=8", "data.num_workers=0", "log.progress_bar=off", *extra]
 
 
 def test_dry_run_without_gpu_plans_one_cpu_process() -> None:

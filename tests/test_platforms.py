@@ -62,8 +62,7 @@ def small_step(cfg: config.TrainConfig) -> TrainStep:
     torch.manual_seed(0)
     net = models.build_model("smallcnn", 4, 16)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return TrainStep(net, net, optimizer, scheduler, precision.resolve("fp32", CPU), CPU, cfg)
+    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, cfg)
 
 
 # ----------------------------------------------------------------------------- MPS and macOS

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, data, distributed, models, peers, slurm, user_code
+from trainer import checkpoint, config, data, distributed, models, peers, runlock, slurm, user_code
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, setup_console
 from trainer.signals import StopRequest
@@ -62,17 +62,21 @@ def _run(argv: list[str] | None) -> int:
         models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
-        run_dir = _agree_run_dir(env, cfg)
-        from trainer.worker import Worker
+        run_dir, lock = _agree_run_dir(env, cfg)
+        try:
+            from trainer.worker import Worker
 
-        worker = Worker(cfg, env, run_dir, stop)
-        if resume_from is not None:
-            worker.resume(resume_from)
-        _save_config(env, cfg, run_dir)  # only now: a refused start leaves the run's config.yaml as it was
-        stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
-        code = worker.fit()
-        requeue = worker.requeue
-        del worker
+            worker = Worker(cfg, env, run_dir, stop)
+            if resume_from is not None:
+                worker.resume(resume_from, fall_back=cfg.ckpt.resume == "auto")
+            _save_config(env, cfg, run_dir)  # only now: a refused start leaves the run's config.yaml as it was
+            stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
+            code = worker.fit()
+            requeue = worker.requeue
+            del worker
+        finally:
+            if lock is not None:
+                lock.release()
         distributed.teardown(env)
         if requeue:  # after teardown: SLURM answers a requeue with SIGTERM to the whole step
             slurm.requeue()
@@ -91,19 +95,22 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_FAILURE
 
 
-def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
-    """Rank 0 creates the run directory and checks it is writable, writing nothing in it yet
-    (see :func:`_save_config`); every rank then uses it."""
+def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> tuple[Path, runlock.RunLock | None]:
+    """Rank 0 creates the run directory, checks it is writable and takes its lock (another live
+    run there is refused), writing nothing else in it yet (see :func:`_save_config`); every rank
+    then uses it."""
     run_dir = cfg.run_dir.resolve()
+    held: list[runlock.RunLock] = []
 
     def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir, os.W_OK):  # also EROFS for root
             raise OSError(errno.EACCES, "not writable")
+        held.append(runlock.acquire(run_dir))  # before any rank writes its log there
 
     _on_rank0(env, create, f"cannot write the run directory {run_dir}", "choose a writable log.output_dir")
     add_rank_file(run_dir, env.rank)
-    return run_dir
+    return run_dir, (held[0] if held else None)
 
 
 def _save_config(env: distributed.DistEnv, cfg: config.Config, run_dir: Path) -> None:
@@ -121,6 +128,8 @@ def _on_rank0(env: distributed.DistEnv, action: Callable[[], object], failure: s
             action()
         except OSError as exc:
             problem = f"{failure} ({exc.strerror or exc}); {fix}"
+        except UserError as exc:
+            problem = str(exc)
     problem = distributed.broadcast_object(env, problem)
     if problem:
         raise UserError(problem)

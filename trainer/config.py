@@ -97,7 +97,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     resume: str = "auto"
-    keep_last: int = 1
+    keep_last: int = 2
     metric: str = "val/top1"
     mode: str = "max"
     every_steps: int = 0

@@ -76,8 +76,9 @@ class MetricSinks:
     it never delays the first training step; text logged before then is written first.
     """
 
-    def __init__(self, env: DistEnv, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, env: DistEnv, run_dir: Path, tensorboard: bool, purge_step: int | None = None) -> None:
         self.enabled = env.is_main
+        self.purge_step = purge_step  # a resumed run drops the events a killed run logged after its checkpoint
         self.tensorboard = self.enabled and tensorboard
         self.tensorboard_dir = str(run_dir / "tensorboard") if self.tensorboard else None
         self.jsonl_path = run_dir / "metrics.jsonl"
@@ -89,7 +90,7 @@ class MetricSinks:
         if self._writer is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            self._writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=self.purge_step)
             for tag, text in self.pending_text:
                 self._writer.add_text(tag, text, 0)
         return self._writer
