@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,6 +85,7 @@ class EvalMeter:
         self.num_classes = num_classes
         self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
         self.extra = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
+        self.reduced_confusion: torch.Tensor | None = None  # set by reduce(): every rank's, on the CPU
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         preds = logits.argmax(dim=1)
@@ -99,15 +102,27 @@ class EvalMeter:
             dist.all_reduce(packed)
         packed = packed.cpu()
         confusion = packed[: self.num_classes ** 2].view(self.num_classes, self.num_classes)
+        self.reduced_confusion = confusion
         loss_sum, top5 = packed[-2:].tolist()
         return summarise(confusion, loss_sum, top5)
+
+
+class EvalObserver(Protocol):
+    """Sees each validation batch, then the reduced confusion matrix (see trainer.visuals)."""
+
+    def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+    def finish(self, confusion: torch.Tensor) -> None: ...
 
 
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
                    precision: Precision, memory_format: torch.memory_format = torch.contiguous_format,
-                   ) -> tuple[dict[str, float], int]:
-    """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here."""
+                   observer: EvalObserver | None = None) -> tuple[dict[str, float], int]:
+    """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
+
+    ``observer`` (on every rank or none) sees each batch and the reduced confusion matrix.
+    """
     model.eval()
     meter, skipped = EvalMeter(num_classes, device), 0
     for images, targets, bad in loader:
@@ -117,18 +132,20 @@ def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, devic
         with precision.autocast(device):
             logits = model(images).float()
         meter.update(logits, targets, nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    return meter.reduce(), skipped
+        if observer is not None:
+            observer.update(images, logits, targets)
+    metrics = meter.reduce()
+    if observer is not None:
+        observer.finish(meter.reduced_confusion)  # type: ignore[arg-type]
+    return metrics, skipped
 
 
 def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str, float]:
     """Metrics from a confusion matrix (rows: true class, columns: predicted)."""
     count = confusion.sum().item()
     hits = confusion.diag()
+    precision, recall, f1 = per_class(confusion)
     predicted, actual = confusion.sum(dim=0), confusion.sum(dim=1)
-    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
-    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(hits))
     present = (actual > 0) | (predicted > 0)  # every class seen as a target or a prediction
     n = max(int(present.sum()), 1)
     return {
@@ -137,3 +154,14 @@ def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str
         "recall": recall[present].sum().item() / n, "f1": f1[present].sum().item() / n,
         "samples": int(count),
     }
+
+
+def per_class(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, recall and F1 of each class (0 where undefined) from a confusion matrix."""
+    hits = confusion.diag()
+    predicted, actual = confusion.sum(dim=0), confusion.sum(dim=1)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
+    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(hits))
+    return precision, recall, f1

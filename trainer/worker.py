@@ -14,14 +14,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from trainer import checkpoint, data, distributed, models, optim, precision
-from trainer.config import Config, to_dict, to_yaml
+from trainer import checkpoint, data, distributed, flops, models, optim, precision
+from trainer.config import Config, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
-from trainer.metrics import TrainMeter, evaluate_model
+from trainer.early_stop import early_stop_reason
+from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
+from trainer.profiling import StepProfiler
 from trainer.seeding import capture_rng, restore_rng, seed_everything
 from trainer.signals import StopRequest
+from trainer.visuals import RunVisuals
 
 STOP_POLL_STEPS = 10
 """How often (in batches) ranks agree on whether a stop signal arrived; a collective, so not every step."""
@@ -54,7 +57,10 @@ class Worker:
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=self.device)
         self.last_save = time.monotonic()
         self.requeue = False
-        self.sinks: MetricSinks | None = None
+        self.sinks = MetricSinks(env, run_dir, cfg.log)
+        self.visuals = RunVisuals(cfg, env, run_dir, self.classes)
+        self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir)
+        self.flops_per_image: float | None = None
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
@@ -94,8 +100,9 @@ class Worker:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
         cfg, config_yaml = self.cfg, to_yaml(self.cfg)
         self._announce(config_yaml)
-        self.sinks = MetricSinks(self.env, self.run_dir, cfg.log.tensorboard)
-        self.sinks.config_text(config_yaml)
+        self.sinks.start(_flatten(to_dict(cfg)), config_yaml)
+        self.visuals.at_start(self.sinks, self.net, self.train_sampler.dataset, self.train_sampler, self.device,
+                              self.global_step)
         try:
             if self.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
@@ -103,14 +110,21 @@ class Worker:
                          self.run_dir, self.epoch, cfg.train.epochs)
                 return EXIT_OK
             while self.epoch < cfg.train.epochs:
+                if (reason := self._early_stop()) is not None:
+                    log.info("early stop after epoch %d: %s; best checkpoint: %s", self.epoch, reason,
+                             checkpoint.checkpoint_dir(self.run_dir) / "best.pt")
+                    break
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
-                self._end_epoch(train_stats, self.evaluate(self.eval_model),
+                evidence = self.visuals.evidence()
+                self._end_epoch(train_stats, self.evaluate(self.eval_model, evidence),
                                 self.evaluate(self.ema.module) if self.ema else None)
+                self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.epoch, self.global_step)
             self._finish()
             return EXIT_OK
         finally:
+            self.profiler.close()
             self.sinks.close()
 
     def train_epoch(self) -> dict[str, float] | None:
@@ -126,6 +140,7 @@ class Worker:
         started, waited = time.perf_counter(), 0.0
         batches = iter(self.train_loader)
         while True:
+            self.profiler.update(self.global_step)
             wait_start = time.perf_counter()
             batch = next(batches, None)
             waited += time.perf_counter() - wait_start
@@ -230,10 +245,10 @@ class Worker:
         self.requeue = self.env.is_main and cfg.ckpt.requeue and self.stop.signal_name == cfg.ckpt.warning_signal
         return EXIT_STOPPED
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, observer: EvalObserver | None = None) -> dict[str, float]:
         """Metrics of ``model`` over the whole validation set, every sample counted once across ranks."""
         metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device, self.precision,
-                                          self.memory_format)
+                                          self.memory_format, observer)
         self.skipped_samples += skipped
         return metrics
 
@@ -266,27 +281,39 @@ class Worker:
                  "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
                  train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],
                  train["images_per_s"], 100 * train["data_wait"], record["train/peak_mem_mb"])
-        self.sinks.epoch(record, self.global_step)
+        peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
+        perf = flops.throughput(self.flops_per_image, train["images_per_s"], peak, self.env.world_size)
+        self.sinks.epoch({**record, **perf}, self.global_step)
         self.save_checkpoint(best=improved)
+
+    def _early_stop(self) -> str | None:
+        """Why to stop before the next epoch (``train.early_stop_patience``), as rank 0 decides."""
+        cfg = self.cfg
+        if cfg.train.early_stop_patience <= 0:
+            return None
+        reason = early_stop_reason(self.history, cfg.ckpt.metric, cfg.ckpt.mode, cfg.train.early_stop_patience,
+                                   cfg.train.early_stop_min_delta)
+        return distributed.broadcast_object(self.env, reason)
 
     def _announce(self, config_yaml: str) -> None:
         cfg, env = self.cfg, self.env
         log.info("resolved config:\n%s", config_yaml.rstrip())
-        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters | precision %s | "
-                 "%d classes, %d train / %d val samples | batch %d per process, %d global",
+        if env.is_main:
+            self.flops_per_image = flops.training_flops_per_image(self.net, cfg.data.image_size)
+        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters, %s training FLOPs per image | "
+                 "precision %s | %d classes, %d train / %d val samples | batch %d per process, %d global",
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
-                 self.precision.name, len(self.classes), len(self.train_sampler.dataset),
+                 _engineering(self.flops_per_image), self.precision.name, len(self.classes), len(self.train_sampler.dataset),
                  len(self.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
     def _finish(self) -> None:
         final = {k: v for k, v in self.history[-1].items() if k.startswith("val/") and k != "val/samples"}
-        self.sinks.hparams(_flatten(to_dict(self.cfg)), final)
+        self.sinks.finish(_flatten(to_dict(self.cfg)), final)
         ckpts = checkpoint.checkpoint_dir(self.run_dir)
         log.info("done: val top1 %.4f (best %s %.4f)", final["val/top1"], self.cfg.ckpt.metric, self.best)
-        log.info("logs: %s (TensorBoard: tensorboard --logdir %s), metrics: %s",
-                 self.run_dir / "logs", self.sinks.tensorboard_dir, self.sinks.jsonl_path)
+        log.info("logs: %s%s", self.run_dir / "logs", self.sinks.where())
         log.info("checkpoints: %s, %s", ckpts / "last.pt", ckpts / "best.pt")
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -305,6 +332,7 @@ class Worker:
             "history": self.history, "per_rank": per_rank, "classes": self.classes,
             "config": to_dict(self.cfg), "versions": _versions(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "trackers": self.sinks.state_dict(),
         }
 
     def save_checkpoint(self, best: bool = False) -> None:
@@ -334,6 +362,7 @@ class Worker:
         self.batches_done = state["batches_done"]
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        self.sinks.load_state_dict(state.get("trackers", {}))
         if state["world_size"] == self.env.world_size:
             mine = state["per_rank"][self.env.rank]
             restore_rng(mine["rng"])
@@ -355,6 +384,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _engineering(value: float | None) -> str:
+    """``1.23G`` for 1.23e9 (``?`` when unknown)."""
+    if value is None:
+        return "?"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 def _versions() -> dict[str, str]:
