@@ -97,7 +97,8 @@ class MetricSinks:
         return f" ({', '.join(parts)})" if parts else ""
 
     def state_dict(self) -> dict[str, str]:
-        """Each tracker's run id (kept from the checkpoint for a tracker that is off this time)."""
+        """Each tracker's run id, known from the start (also those kept from the checkpoint for a
+        tracker that is off this time)."""
         ids = dict(self.resume_ids)
         if self.started:
             ids.update({sink.name: run_id for sink in self.sinks if (run_id := sink.run_id()) is not None})

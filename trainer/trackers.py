@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,6 @@ from PIL import Image
 
 log = logging.getLogger("trainer")
 
-OPEN_WAIT_S = 120.0
-"""How long a checkpoint waits for a tracker that is still starting to report its run id."""
 CLOSE_WAIT_S = 120.0
 """How long the end of a run waits for a tracker to write what it was given."""
 
@@ -156,7 +155,9 @@ class TensorBoardSink(Sink):
                     histogram.sum_squares, histogram.edges[1:].tolist(), histogram.counts.tolist(), step)
 
     def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        self._open_writer().add_graph(model, example)
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns of its deprecation
+            warnings.simplefilter("ignore")
+            self._open_writer().add_graph(model, example)
 
     def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
         """The hyper-parameters and final metrics, for TensorBoard's HPARAMS tab."""
@@ -246,18 +247,23 @@ class WandbSink(Sink):
 class MlflowSink(Sink):
     """An MLflow run in a SQLite store in the run directory (``mlflow.db``), or at ``uri``.
 
-    Running values are buffered and sent with each epoch's metrics in one batch; a resumed run
-    sets the same run back to RUNNING and adds only parameters it does not have yet (MLflow
-    refuses to change a logged parameter; the new ``config.yaml`` artifact shows the change).
+    MLflow picks run ids itself, when the run is created; so that the first checkpoint holds an
+    id without waiting for the store, the run carries a key of ours as the tag :data:`RESUME_TAG`,
+    and a resumed run finds its MLflow run by that tag. It sets the run back to RUNNING and adds
+    only parameters it does not have yet (MLflow refuses to change a logged parameter; the new
+    ``config.yaml`` artifact shows the change). Running values are buffered and sent with each
+    epoch's metrics in one request.
     """
 
     name = "mlflow"
+    RESUME_TAG = "launchpad.resume_key"
     BATCH = 100  # MLflow's limit on parameters per request
 
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_name: str) -> None:
         self.run_dir, self.experiment, self.run_name = run_dir, experiment, run_name
         self.uri = uri or f"sqlite:///{run_dir / 'mlflow.db'}"
-        self.id: str | None = None
+        self.key = uuid.uuid4().hex
+        self.id: str | None = None  # MLflow's run id, once open
         self.buffered: list[Any] = []
         self.finished = False
 
@@ -270,15 +276,17 @@ class MlflowSink(Sink):
         for noisy in ("mlflow", "alembic"):  # database migrations log at INFO on every new store
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.client = client = MlflowClient(tracking_uri=self.uri)
-        if resume_id is not None:
-            run = client.get_run(resume_id)
-            client.update_run(resume_id, status="RUNNING")
+        self.key = resume_id or self.key
+        found = client.get_experiment_by_name(self.experiment)
+        local = self.uri.startswith("sqlite:///")
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            self.experiment, artifact_location=(self.run_dir / "mlflow-artifacts").as_uri() if local else None)
+        earlier = client.search_runs([experiment_id], f"tags.`{self.RESUME_TAG}` = '{self.key}'", max_results=1)
+        if earlier:
+            run = earlier[0]
+            client.update_run(run.info.run_id, status="RUNNING")
         else:
-            found = client.get_experiment_by_name(self.experiment)
-            local = self.uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_ARTIFACT_ROOT")
-            experiment_id = found.experiment_id if found else client.create_experiment(
-                self.experiment, artifact_location=(self.run_dir / "mlflow-artifacts").as_uri() if local else None)
-            run = client.create_run(experiment_id, run_name=self.run_name)
+            run = client.create_run(experiment_id, run_name=self.run_name, tags={self.RESUME_TAG: self.key})
         self.id = run.info.run_id
         params = [Param(key, str(value)[:6000]) for key, value in config.items() if key not in run.data.params]
         for start in range(0, len(params), self.BATCH):
@@ -287,7 +295,7 @@ class MlflowSink(Sink):
         log.info("mlflow: run %s in %s (mlflow ui --backend-store-uri %s)", self.id, self.uri, self.uri)
 
     def run_id(self) -> str | None:
-        return self.id
+        return self.key
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -332,7 +340,6 @@ class BackgroundSink(Sink):
         self.inner, self.name = inner, inner.name
         self.calls: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
         self.failed = False
-        self.opened = threading.Event()
         self.thread = threading.Thread(target=self._serve, name=f"sink-{inner.name}", daemon=True)
         self.thread.start()
 
@@ -349,9 +356,6 @@ class BackgroundSink(Sink):
                     detail = " ".join(str(exc).split()) or type(exc).__name__
                     log.warning("%s is off for the rest of this run: %s failed (%s); training goes on",
                                 self.name, method, detail[:300])
-            finally:
-                if method == "open":
-                    self.opened.set()
 
     def _submit(self, method: str, *args: Any) -> None:
         if not self.failed:
@@ -361,8 +365,7 @@ class BackgroundSink(Sink):
         self._submit("open", config, config_yaml, resume_id)
 
     def run_id(self) -> str | None:
-        self.opened.wait(OPEN_WAIT_S)
-        return None if self.failed else self.inner.run_id()
+        return self.inner.run_id()  # chosen before the thread opens the run: no waiting
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self._submit("scalars", dict(values), step)
