@@ -275,6 +275,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (e.g. :func:`to_dict`'s) as one dict of dotted keys: ``{"optim.lr": 0.1, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML text, as printed at start-up and saved in the run directory."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)  # what OmegaConf.to_yaml prints, 5x faster

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import checkpoint, data, distributed, flops, models, optim, precision
-from trainer.config import Config, profile_range, to_dict, to_yaml
+from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
@@ -100,7 +100,7 @@ class Worker:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
         cfg, config_yaml = self.cfg, to_yaml(self.cfg)
         self._announce(config_yaml)
-        self.sinks.start(_flatten(to_dict(cfg)), config_yaml)
+        self.sinks.start(flatten(to_dict(cfg)), config_yaml)
         self.visuals.at_start(self.sinks, self.net, self.train_sampler.dataset, self.train_sampler, self.device,
                               self.global_step)
         try:
@@ -310,7 +310,7 @@ class Worker:
 
     def _finish(self) -> None:
         final = {k: v for k, v in self.history[-1].items() if k.startswith("val/") and k != "val/samples"}
-        self.sinks.finish(_flatten(to_dict(self.cfg)), final)
+        self.sinks.finish(flatten(to_dict(self.cfg)), final)
         ckpts = checkpoint.checkpoint_dir(self.run_dir)
         log.info("done: val top1 %.4f (best %s %.4f)", final["val/top1"], self.cfg.ckpt.metric, self.best)
         log.info("logs: %s%s", self.run_dir / "logs", self.sinks.where())
@@ -374,16 +374,6 @@ class Worker:
             self.batches_done = 0
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batches_done,
                  self.global_step)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _engineering(value: float | None) -> str:
