@@ -167,7 +167,10 @@ def _panel(panel: Panel, width: int, height: int) -> Image.Image:
         _, y = at(x_low, value)
         draw.line([left, y, right, y], fill=(235, 235, 235))
         draw.text((left - 4, y), f"{value:.3g}", fill=BLACK, font=small, anchor="rm")
-    for value in _ticks(x_low, x_high):
+    x_ticks = _ticks(x_low, x_high)
+    if all(float(x).is_integer() for x, _ in points):  # epochs: whole numbers only
+        x_ticks = sorted({float(round(value)) for value in x_ticks})
+    for value in x_ticks:
         x, _ = at(value, y_low)
         draw.text((x, bottom + 4), f"{value:g}", fill=BLACK, font=small, anchor="mt")
     for k, (name, (xs, ys)) in enumerate(panel.series.items()):
