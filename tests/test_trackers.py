@@ -270,7 +270,8 @@ def test_a_failing_background_sink_warns_once_and_drops_the_rest() -> None:
         logging.getLogger("trainer").removeHandler(collect)
     assert not sink.thread.is_alive()
     assert [r.getMessage() for r in collect.records] == [
-        "failing is off for the rest of this run: scalars failed ([Errno 28] No space left on device); training goes on"]
+        "failing is off for the rest of this run: scalars failed ([Errno 28] No space left on device); "
+        "training goes on"]
     assert inner.seen == ["open", "close"]
 
 

@@ -81,3 +81,13 @@ def throughput(flops_per_image: float | None, images_per_s: float, peak: float |
     if peak:
         perf["train/mfu"] = achieved / (peak * world_size)
     return perf
+
+
+def short(value: float | None) -> str:
+    """``1.23G`` for 1.23e9; ``?`` when unknown."""
+    if value is None:
+        return "?"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"

@@ -6,7 +6,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -89,6 +89,7 @@ class MetricSinks:
         self.jsonl_path = run_dir / "metrics.jsonl" if "jsonl" in names else None
         self.resume_ids: dict[str, str] = {}
         self.started = False
+        self.deferred: list[Callable[[], None]] = []
 
     def where(self) -> str:
         """Where the local sinks write, for the last lines of a run (wandb and MLflow say so at start)."""
@@ -114,12 +115,23 @@ class MetricSinks:
             sink.open(config, config_yaml, self.resume_ids.get(sink.name))
         self.started = True
 
+    def defer(self, action: Callable[[], None]) -> None:
+        """Run ``action`` just before the first scalars or epoch record: work for the sinks that
+        should not delay the first training step (as the TensorBoard writer opens only then)."""
+        self.deferred.append(action)
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)()
+
     def scalars(self, values: dict[str, float], step: int) -> None:
+        self._run_deferred()
         for sink in self.sinks:
             sink.scalars(values, step)
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
         """One epoch's reduced metrics, to every sink (metrics.jsonl gets one line)."""
+        self._run_deferred()
         for sink in self.sinks:
             sink.epoch(record, step)
 

@@ -305,6 +305,9 @@ class MlflowSink(Sink):
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
         super().epoch(record, step)
+        self._send_buffered()
+
+    def _send_buffered(self) -> None:
         for start in range(0, len(self.buffered), 1000):  # MLflow's limit on metrics per request
             self.client.log_batch(self.id, metrics=self.buffered[start:start + 1000])
         self.buffered.clear()
@@ -320,7 +323,10 @@ class MlflowSink(Sink):
         self.finished = True
 
     def close(self) -> None:
-        if self.id is not None and not self.finished:  # stopped or failed: a resume sets it RUNNING again
+        if self.id is None:
+            return
+        self._send_buffered()
+        if not self.finished:  # stopped or failed: a resume sets it RUNNING again
             self.client.set_terminated(self.id, "KILLED")
 
 

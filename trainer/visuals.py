@@ -89,15 +89,19 @@ class RunVisuals:
 
     def at_start(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                  device: torch.device, step: int) -> None:
-        """The grid of augmented training samples and the model graph, for a run that starts afresh.
+        """The grid of augmented training samples and the model graph, for a run that starts afresh,
+        made just before the sinks' first write (not before the first training step).
 
         The samples are the first of epoch 0's order, through the training transform (its
         randomness is seeded per sample, so this changes no random state the run uses).
         """
         cfg = self.log_cfg
-        wanted = cfg.pictures or cfg.graph or cfg.histogram_every_epochs > 0
-        if not self.env.is_main or not wanted:
-            return
+        if self.env.is_main and (cfg.pictures or cfg.graph or cfg.histogram_every_epochs > 0):
+            sinks.defer(lambda: self._start_pictures(sinks, model, train_set, sampler, device, step))
+
+    def _start_pictures(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
+                        device: torch.device, step: int) -> None:
+        cfg = self.log_cfg
         samples = [train_set[key] for key in itertools.islice(iter(sampler), GRID_IMAGES)]
         samples = [sample for sample in samples if sample is not None]
         if not samples:

@@ -100,10 +100,10 @@ class Worker:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
         cfg, config_yaml = self.cfg, to_yaml(self.cfg)
         self._announce(config_yaml)
-        self.sinks.start(flatten(to_dict(cfg)), config_yaml)
-        self.visuals.at_start(self.sinks, self.net, self.train_sampler.dataset, self.train_sampler, self.device,
-                              self.global_step)
         try:
+            self.sinks.start(flatten(to_dict(cfg)), config_yaml)
+            self.visuals.at_start(self.sinks, self.net, self.train_sampler.dataset, self.train_sampler,
+                                  self.device, self.global_step)
             if self.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
                          "raise train.epochs to continue it, or choose another log.name",
@@ -304,8 +304,8 @@ class Worker:
                  "precision %s | %d classes, %d train / %d val samples | batch %d per process, %d global",
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
-                 _engineering(self.flops_per_image), self.precision.name, len(self.classes), len(self.train_sampler.dataset),
-                 len(self.val_loader.dataset), cfg.data.batch_size,
+                 flops.short(self.flops_per_image), self.precision.name, len(self.classes),
+                 len(self.train_sampler.dataset), len(self.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
     def _finish(self) -> None:
@@ -374,16 +374,6 @@ class Worker:
             self.batches_done = 0
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batches_done,
                  self.global_step)
-
-
-def _engineering(value: float | None) -> str:
-    """``1.23G`` for 1.23e9 (``?`` when unknown)."""
-    if value is None:
-        return "?"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
 
 
 def _versions() -> dict[str, str]:
