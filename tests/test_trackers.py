@@ -326,3 +326,17 @@ def test_unknown_tracker_names_the_valid_ones() -> None:
                                           r"mlflow; did you mean 'wandb'"):
         config.load([], ["log.trackers=[tensorboard,wandbb]"])
     assert config.load([], ["log.trackers=[WandB,jsonl,wandb]"]).log.trackers == ["wandb", "jsonl"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_epochs_log_mfu_and_the_trace_holds_gpu_kernels(tmp_path: Path) -> None:
+    result = trainer(tmp_path, "cuda", "dist.device=cuda", "train.precision=bf16", "train.epochs=2",
+                     "log.profile_steps=2-4", "log.histogram_every_epochs=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = records(tmp_path / "runs" / "cuda")[-1]
+    assert last["train/tflops"] > 0
+    if flops.peak_tflops(torch.device("cuda", 0), "bf16", True) is not None:  # a GPU in the table
+        assert 0 < last["train/mfu"] < 1
+    trace = json.loads((tmp_path / "runs" / "cuda" / "profile" / "rank_0_steps_2-4.json").read_text())
+    assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])

@@ -96,14 +96,18 @@ def _titled(picture: Image.Image, title: str) -> Image.Image:
     return canvas
 
 
-def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, min_tile: int = 96) -> Image.Image:
+def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, min_tile: int = 96,
+               max_tile: int = 128) -> Image.Image:
     """``images`` (N, H, W, 3 uint8) in a grid, each with its caption (one or two lines) below.
 
-    Small images are enlarged by a whole factor (nearest neighbour) so their pixels stay visible.
+    Small images are enlarged by a whole factor (nearest neighbour) so their pixels stay visible;
+    large ones shrink to ``max_tile`` pixels, which keeps a picture per epoch small in the logs.
     """
     count, height, width = images.shape[:3]
-    scale = max(1, math.ceil(min_tile / max(height, width)))
-    tile_w, tile_h = width * scale, height * scale
+    side = max(height, width)
+    scale = max(1, math.ceil(min_tile / side)) if side < min_tile else min(1.0, max_tile / side)
+    tile_w, tile_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resample = Image.NEAREST if scale >= 1 else Image.BILINEAR
     face = font(11)
     lines = max((caption.count("\n") + 1 for caption in captions), default=1)
     caption_h = 14 * lines + 4
@@ -114,7 +118,7 @@ def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, min_ti
     for i in range(count):
         x = 4 + (i % columns) * (tile_w + 4)
         y = 4 + (i // columns) * (tile_h + caption_h + 4)
-        canvas.paste(Image.fromarray(images[i]).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        canvas.paste(Image.fromarray(images[i]).resize((tile_w, tile_h), resample), (x, y))
         for j, line in enumerate(captions[i].split("\n")):
             draw.text((x, y + tile_h + 2 + 14 * j), _fit(line, face, tile_w), fill=BLACK, font=face)
     return canvas
