@@ -6,15 +6,17 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from PIL import Image
 from torch import nn
 
 from trainer.config import LogConfig
 from trainer.distributed import DistEnv
 from trainer.trackers import Histogram, Sink, build_sinks
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("trainer")
 

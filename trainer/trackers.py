@@ -17,11 +17,13 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("trainer")
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer import pictures
 from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.logs import MetricSinks
@@ -112,6 +111,8 @@ class RunVisuals:
         if step > 0:
             return
         if cfg.pictures:
+            from trainer import pictures  # PIL's drawing modules: imported when first needed
+
             captions = [self.classes[t] for t in targets.tolist()]
             sinks.image("train/augmented_samples", pictures.image_grid(self._uint8(images), captions), 0)
         if cfg.graph:
@@ -131,6 +132,8 @@ class RunVisuals:
 
     def _validation_pictures(self, sinks: MetricSinks, evidence: ValidationEvidence, epoch: int,
                              step: int) -> None:
+        from trainer import pictures
+
         confusion = evidence.confusion.double()  # type: ignore[union-attr]
         precision, recall, f1 = per_class(confusion)
         support = confusion.sum(dim=1)
