@@ -13,7 +13,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,13 +35,13 @@ TOP_CONFUSIONS = 20
 class ValidationEvidence:
     """An evaluation observer (see ``metrics.evaluate_model``): keeps this rank's ``k`` highest-loss
     misclassified samples on the device, then, given the reduced confusion matrix, gathers them
-    to rank 0 (a collective: every rank takes part)."""
+    to rank 0 as uint8 pixels (a collective: every rank takes part)."""
 
-    def __init__(self, env: DistEnv, k: int = GRID_IMAGES) -> None:
-        self.env, self.k = env, k
+    def __init__(self, env: DistEnv, to_pixels: Callable[[torch.Tensor], np.ndarray], k: int = GRID_IMAGES) -> None:
+        self.env, self.to_pixels, self.k = env, to_pixels, k
         self.kept: tuple[torch.Tensor, ...] | None = None  # losses, images, targets, predictions
         self.confusion: torch.Tensor | None = None
-        self.mistakes: list[tuple[float, torch.Tensor, int, int]] = []  # rank 0: the worst, worst first
+        self.mistakes: list[tuple[float, np.ndarray, int, int]] = []  # rank 0: the worst, worst first
 
     def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         predictions = logits.argmax(dim=1)
@@ -57,11 +57,12 @@ class ValidationEvidence:
 
     def finish(self, confusion: torch.Tensor) -> None:
         self.confusion = confusion
-        mine: list[tuple[float, torch.Tensor, int, int]] = []
+        mine: list[tuple[float, np.ndarray, int, int]] = []
         if self.kept is not None:
             losses, images, targets, predictions = (part.cpu() for part in self.kept)
-            mine = [(loss, image, target, prediction) for loss, image, target, prediction
-                    in zip(losses.tolist(), images, targets.tolist(), predictions.tolist()) if loss != float("-inf")]
+            mine = [(loss, pixels, target, prediction) for loss, pixels, target, prediction
+                    in zip(losses.tolist(), self.to_pixels(images), targets.tolist(), predictions.tolist())
+                    if loss != float("-inf")]
         everyone = [mine]
         if self.env.is_distributed:
             everyone = [None] * self.env.world_size if self.env.is_main else None  # type: ignore[list-item]
@@ -84,7 +85,7 @@ class RunVisuals:
 
     def evidence(self) -> ValidationEvidence | None:
         """An observer for the next evaluation, when pictures are on (same answer on every rank)."""
-        return ValidationEvidence(self.env) if self.log_cfg.pictures else None
+        return ValidationEvidence(self.env, self._uint8) if self.log_cfg.pictures else None
 
     def at_start(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                  device: torch.device, step: int) -> None:
@@ -148,9 +149,9 @@ class RunVisuals:
         sinks.table("val/top_confusions", ["true", "predicted", "count", "share of true class"],
                     top_confusions(counts, self.classes), step)
         if evidence.mistakes:
-            images = torch.stack([image for _, image, _, _ in evidence.mistakes])
+            pixels = np.stack([image for _, image, _, _ in evidence.mistakes])
             captions = [f"true: {self.classes[t]}\npred: {self.classes[p]}" for _, _, t, p in evidence.mistakes]
-            sinks.image("val/worst_mistakes", pictures.image_grid(self._uint8(images), captions), step)
+            sinks.image("val/worst_mistakes", pictures.image_grid(pixels, captions), step)
 
     def _histograms(self, sinks: MetricSinks, model: nn.Module, step: int) -> None:
         """Weights, and the gradients of the loss on the start grid's samples at these weights.
