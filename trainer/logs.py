@@ -84,8 +84,7 @@ class MetricSinks:
     """
 
     def __init__(self, env: DistEnv, run_dir: Path, cfg: LogConfig) -> None:
-        self.enabled = env.is_main
-        names = cfg.trackers if self.enabled else []
+        names = cfg.trackers if env.is_main else []
         self.sinks: list[Sink] = build_sinks(names, run_dir, cfg.project, cfg.wandb_mode, cfg.mlflow_uri)
         self.tensorboard_dir = run_dir / "tensorboard" if "tensorboard" in names else None
         self.jsonl_path = run_dir / "metrics.jsonl" if "jsonl" in names else None
