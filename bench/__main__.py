@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench import ablation, overhead, report, scaling, startup, throughput
+from bench import overhead, report, scaling, startup, throughput
 from bench.common import Row, Spec
 
 CASES = ("throughput", "scaling", "overhead", "startup")
@@ -44,8 +44,6 @@ class Plan:
     tiny_steps: int = 2000
     tiny_repeats: int = 7
     startup_repeats: int = 5
-    ablation_steps: int = 500
-    ablation_repeats: int = 15
     cases: tuple[str, ...] = CASES
 
 
@@ -53,13 +51,12 @@ def plan(device: str, quick: bool) -> Plan:
     tiny = Spec("linear", 16, 16, 10, device=device)
     if device == "cuda":
         cases = ("throughput", "overhead") + (("scaling",) if torch.cuda.device_count() >= 2 else ())
-        full = Plan(Spec("resnet50", 224, 128, 10, "bf16", True, "cuda"), steps=10, warmup=10, repeats=10,
+        full = Plan(Spec("resnet50", 224, 256, 10, "bf16", True, "cuda"), steps=10, warmup=10, repeats=10,
                     scaling_steps=10, tiny=tiny, cases=cases)
         return replace(full, spec=replace(full.spec, batch=64), warmup=3, repeats=3) if quick else full
     if quick:
         return Plan(Spec("resnet18", 32, 16), warmup=1, repeats=3, scaling_steps=2, scaling_epochs=1,
-                    scaling_repeats=1, tiny_steps=300, tiny_repeats=3, startup_repeats=2, ablation_steps=200,
-                    ablation_repeats=3)
+                    scaling_repeats=1, tiny_steps=300, tiny_repeats=3, startup_repeats=2)
     return Plan(Spec("resnet18", 64, 64))
 
 
@@ -73,8 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="interleaved rounds of every comparison (default: throughput 20, tiny steps 7, start-up 5)")
     parser.add_argument("--steps", type=int, help="timed steps per side per round in the throughput case (default 2)")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also attribute the tiny-step overhead to Worker features (about 1-2 min more)")
     parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU if the GPU is not in the table")
     parser.add_argument("--check", action="store_true", help="exit with status 1 if any goal is missed")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample as JSON")
@@ -133,11 +128,6 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         details["startup"] = boot = startup.measure(replace(p.tiny, device="cpu"), workdir, p.startup_repeats)
         rows.append(boot.row)
         notes += report.startup_details(boot)
-    if args.ablation:
-        _say(f"ablation: {p.ablation_repeats} rounds x {p.ablation_steps} tiny steps per variant")
-        details["ablation"] = parts = ablation.measure(p.tiny, p.spec, workdir, p.ablation_steps,
-                                                          p.ablation_repeats)
-        notes += ["", *ablation.table(parts)]
     _say("done")
     meta["torch_threads"] = torch.get_num_threads()
     meta["load_average_end"] = os.getloadavg()

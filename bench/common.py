@@ -36,6 +36,7 @@ class Spec:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = False
     device: str = "cpu"
+    compile: bool = False  # torch.compile on both sides
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -47,7 +48,8 @@ class Spec:
 
     def describe(self) -> str:
         layout = ", channels_last" if self.channels_last else ""
-        return f"{self.model} {self.image_size}px, batch {self.batch}, {self.precision}{layout}, {self.device}"
+        compiled = ", compiled" if self.compile else ""
+        return f"{self.model} {self.image_size}px, batch {self.batch}, {self.precision}{layout}{compiled}, {self.device}"
 
 
 class Timing(NamedTuple):
@@ -91,6 +93,7 @@ def worker_overrides(spec: Spec, workdir: Path, name: str, world_size: int = 1) 
         "data.synthetic_val_per_class=1", "data.num_workers=0", f"data.cache_dir={workdir / 'cache'}",
         f"log.output_dir={workdir / 'runs'}", f"log.name={name}", "log.progress_bar=off",
         f"train.precision={spec.precision}", f"model.channels_last={str(spec.channels_last).lower()}",
+        f"model.compile={str(spec.compile).lower()}",
         f"dist.device={spec.device}", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}", "optim.nesterov=true",
         f"optim.weight_decay={WEIGHT_DECAY}", f"train.label_smoothing={LABEL_SMOOTHING}",
         "sched.name=constant", "sched.warmup_epochs=0",  # constant lr, as in the hand-written loop
@@ -135,23 +138,21 @@ class PlainLoop:
     implementation, same label-smoothed loss, same autocast dtype and memory format.
     """
 
-    def __init__(self, spec: Spec, init_from: nn.Module, foreach: bool | None = None,
-                 loss_divisor: int | None = None) -> None:
-        """``foreach`` and ``loss_divisor`` (``loss / n`` before backward) exist only for the ablation."""
+    def __init__(self, spec: Spec, init_from: nn.Module) -> None:
         self.device = torch.device(spec.device)
-        self.loss_divisor = loss_divisor
         self.dtype, self.memory_format = spec.autocast_dtype, spec.memory_format
         self.model = build_plain_model(spec).to(self.device, memory_format=self.memory_format)
         self.model.load_state_dict(init_from.state_dict())  # start from the Worker's weights
+        self.forward = torch.compile(self.model) if spec.compile else self.model
         params = list(self.model.parameters())
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=foreach)
+        self.optimizer = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, nesterov=True)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
 
     def run(self, batches: Sequence[Batch]) -> Timing:
         """Train on ``batches``; return how long it took."""
-        model, optimizer, criterion, device = self.model, self.optimizer, self.criterion, self.device
+        model, optimizer, criterion, device = self.forward, self.optimizer, self.criterion, self.device
         model.train()
         synchronize(device)
         start = clock()
@@ -160,8 +161,6 @@ class PlainLoop:
             targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext():
                 loss = criterion(model(images), targets)
-            if self.loss_divisor:
-                loss = loss / self.loss_divisor
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -52,3 +52,59 @@ def test_out_of_memory_names_the_batch_size(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "data.batch_size=4096" in result.stderr and "train.grad_accum_steps=2" in result.stderr
+
+
+# ----------------------------------------------------------------------------- in-process checks
+def in_process_worker(tmp: Path, *extra: str):  # type: ignore[no-untyped-def]
+    from trainer import config, distributed
+    from trainer.signals import StopRequest
+    from trainer.worker import Worker
+
+    cfg = config.load([], small(tmp, "inproc", "data.num_workers=0", "dist.device=cuda", *extra))
+    worker = Worker(cfg, distributed.setup("cuda"), cfg.run_dir, StopRequest())
+    return worker
+
+
+def test_scaler_skips_a_step_with_an_injected_inf_gradient(tmp_path: Path) -> None:
+    worker = in_process_worker(tmp_path, "train.precision=fp16", "train.epochs=1")
+    calls: list[int] = []
+
+    def inf_once(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 3 else grad
+
+    next(worker.net.parameters()).register_hook(inf_once)
+    assert worker.train_epoch() is not None
+    assert worker.step.skipped() == 1
+    assert all(torch.isfinite(p).all() for p in worker.net.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_steady_state_steps_never_sync_the_host(tmp_path: Path, precision: str) -> None:
+    """EMA, the loss meter, the scaler and the stop poll, between meter flushes: no host sync."""
+    worker = in_process_worker(tmp_path, f"train.precision={precision}", "train.ema_decay=0.99",
+                               "train.clip_grad_norm=1.0", "log.every_steps=1000", "model.channels_last=true")
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 3, 32, 32, generator=gen).cuda(), torch.randint(0, 6, (64,), generator=gen).cuda())
+               for _ in range(4)]
+    for images, targets in batches:  # warm-up: lazy state (optimizer, scaler) is created here
+        worker._train_step(images, targets, 1, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (images, targets) in enumerate(batches * 3):
+            loss = worker._train_step(images, targets, 1, True)
+            worker.meter.update(loss, 64, i)
+            worker._poll()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert worker.step.ema is not None and worker.step.ema.updates == 16
+
+
+def test_deterministic_runs_are_bitwise_identical(tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        result = trainer(*small(tmp_path, name, "train.deterministic=true", "train.epochs=2", "model.name=resnet18"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs.append(torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -81,14 +81,14 @@ def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
 
 def inject_nan_loss(worker: Worker, on_batch: int) -> None:
     """Make the worker's loss NaN on its ``on_batch``-th training batch (1-based)."""
-    criterion, calls = worker.criterion, []
+    criterion, calls = worker.step.criterion, []
 
     def nan_once(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         loss = criterion(logits, targets)
         return loss * float("nan") if len(calls) == on_batch else loss
 
-    worker.criterion = nan_once  # type: ignore[assignment]
+    worker.step.criterion = nan_once  # type: ignore[assignment]
 
 
 def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_a_nan_step_is_skipped_when_configured(tmp_path: Path) -> None:
     worker = build_worker(tmp_path, "log.name=skip", "train.on_nonfinite_loss=skip", "train.epochs=1")
     inject_nan_loss(worker, on_batch=3)
     assert worker.fit() == 0
-    assert worker.skipped_steps == 1
+    assert worker.step.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in worker.net.parameters())
 
 
@@ -113,7 +113,7 @@ def test_ema_weights_differ_from_and_track_the_model(tmp_path: Path) -> None:
     initial = [p.detach().clone() for p in worker.net.parameters()]
     assert worker.fit() == 0
     model = list(worker.net.parameters())
-    ema = list(worker.ema.module.parameters())
+    ema = list(worker.step.ema.module.parameters())
     gap = sum((e - m).norm().item() for e, m in zip(ema, model))
     travelled = sum((i - m).norm().item() for i, m in zip(initial, model))
     assert gap > 0 and gap < 0.5 * travelled

@@ -116,6 +116,27 @@ def check_classes(state: dict[str, Any], classes: list[str], origin: Path) -> No
                               f"but the data has {classes}; check data.source and data.root")
 
 
+WEIGHTS = ("auto", "model", "ema")
+"""Which weights of a checkpoint to use for evaluation and prediction (``--weights``)."""
+
+
+def select_weights(state: dict[str, Any], which: str, origin: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The checkpoint's model weights or its EMA's, and which it was.
+
+    ``auto`` takes the EMA when the run chose its best checkpoint on a ``val_ema/`` metric.
+    """
+    ema = (state.get("step") or {}).get("ema")
+    if which == "auto":
+        metric = (state.get("config") or {}).get("ckpt", {}).get("metric", "")
+        which = "ema" if ema is not None and metric.startswith("val_ema/") else "model"
+    if which == "ema":
+        if ema is None:
+            raise CheckpointError(f"{origin} holds no EMA weights (trained with train.ema_decay=0); "
+                                  "use --weights model")
+        return which, ema["model"]
+    return which, state["model"]
+
+
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
     """Load weights strictly; on any mismatch, name the differing keys and shapes in one line."""
     own = model.state_dict()

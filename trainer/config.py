@@ -87,6 +87,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     cudnn_benchmark: bool = True
     tf32: bool = True
+    deterministic: bool = False
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
 
@@ -101,6 +102,7 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
+    max_requeues: int = 10
 
 
 @dataclass
@@ -168,7 +170,7 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
-                "ckpt.every_minutes", "train.ema_decay", "train.early_stop_patience",
+                "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.early_stop_patience",
                 "train.early_stop_min_delta", "log.histogram_every_epochs", "log.peak_tflops")
 TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
 """The values ``log.trackers`` may list."""
@@ -232,6 +234,8 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    if cfg.ckpt.metric not in (metrics := epoch_metrics(cfg)):
+        raise ConfigError(f"ckpt.metric: '{cfg.ckpt.metric}' is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
@@ -268,6 +272,16 @@ def profile_range(text: str) -> tuple[int, int] | None:
         raise ConfigError(f"log.profile_steps: '{text}' must be FIRST-LAST optimizer steps with "
                           "1 <= FIRST <= LAST, e.g. log.profile_steps=10-15 ('' to turn it off)")
     return int(first), int(last)
+
+
+VAL_METRICS = ("loss", "top1", "top5", "precision", "recall", "f1")
+"""What each validation logs, as ``val/<name>`` (and ``val_ema/<name>`` with an EMA)."""
+
+
+def epoch_metrics(cfg: Config) -> list[str]:
+    """The metrics an epoch logs that ``ckpt.metric`` may choose from."""
+    prefixes = ["val/", "val_ema/"] if cfg.train.ema_decay > 0 else ["val/"]
+    return [f"{prefix}{name}" for prefix in prefixes for name in VAL_METRICS] + ["train/loss"]
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -17,10 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer import slurm
+from trainer import resources, slurm
 from trainer.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
+
+
+SLURM_SOURCE = "SLURM_PROCID/SLURM_NTASKS"
+"""Topology.source of a process started by plain ``srun`` (one task per process, no torchrun)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def discover(environ: dict[str, str] | None = None) -> Topology:
         world = int(env["SLURM_NTASKS"])
         per_node = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
         return Topology(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
-                        per_node or world, "SLURM_PROCID/SLURM_NTASKS")
+                        per_node or world, SLURM_SOURCE)
     return Topology()
 
 
@@ -93,6 +97,8 @@ def select_device(requested: str, topology: Topology) -> torch.device:
     kind = requested if requested != "auto" else "cuda" if cuda else "mps" if mps else "cpu"
     if kind == "cuda":
         count = torch.cuda.device_count()
+        if count == 1 and topology.source == SLURM_SOURCE:  # srun binds a GPU per task: its own device 0
+            return torch.device("cuda", 0)
         if topology.local_rank >= count:
             raise EnvironmentProblem(
                 f"local rank {topology.local_rank} has no GPU: {count} visible for "
@@ -114,8 +120,9 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0)
     topology = discover()
     dev = select_device(device, topology)
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // topology.local_world_size))
-    if topology.world_size == 1:
+        torch.set_num_threads(max(1, resources.usable_cores() // topology.local_world_size))
+    launched = topology.source != Topology.source  # by torchrun, accelerate or srun
+    if topology.world_size == 1 and not (launched and backend != "auto"):  # a named backend: a 1-rank group
         return DistEnv(topology, dev, None)
     chosen = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
     if chosen == "nccl" and dev.type != "cuda":
@@ -186,6 +193,38 @@ def any_rank(env: DistEnv, flags: list[bool]) -> list[bool]:
     values = torch.tensor([float(flag) for flag in flags])
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=env.control)
     return [bool(value) for value in values.tolist()]
+
+
+class LaggedAgreement:
+    """:func:`any_rank` for flags polled in the training loop, without waiting for the other ranks.
+
+    Each :meth:`poll` starts a non-blocking all-reduce of this rank's flags over the control group
+    and returns the outcome of the previous poll, which had a whole step to arrive. Every rank polls
+    at the same steps, so every rank reads the same outcome at the same step: a decision one step
+    late, for the price of a background transfer instead of a round trip per step.
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, flags: list[bool]) -> list[bool]:
+        if not self.env.is_distributed:
+            return flags
+        outcome = self.settle(len(flags))
+        values = torch.tensor([float(flag) for flag in flags])
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True)
+        self._pending = (work, values)
+        return outcome
+
+    def settle(self, count: int) -> list[bool]:
+        """Wait for the poll in flight, if any, and return its outcome (all false if none)."""
+        if self._pending is None:
+            return [False] * count
+        work, values = self._pending
+        self._pending = None
+        work.wait()
+        return [bool(value) for value in values.tolist()]
 
 
 def teardown(env: DistEnv) -> None:

@@ -25,17 +25,22 @@ MODEL_SECTIONS = ("data", "model", "train")
 
 
 def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dict[str, Any],
-                        origin: Path) -> dict[str, float]:
-    """Metrics of the checkpoint's model weights on the validation split of ``cfg.data``."""
+                        origin: Path, weights: str = "auto") -> dict[str, float]:
+    """Metrics of the checkpoint's model (or EMA) weights on the validation split of ``cfg.data``.
+
+    On a CPU it computes in fp32 whatever the training precision (CPU autocast has no fp16).
+    """
     splits = data.prepared_splits(cfg.data, env)
     checkpoint.check_classes(state, splits.classes, origin)
+    _, chosen = checkpoint.select_weights(state, weights, origin)
     model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)
-    checkpoint.load_model_weights(model, state["model"], origin)
+    checkpoint.load_model_weights(model, chosen, origin)
     memory_format = models.memory_format(cfg.model.channels_last)
     model.to(env.device, memory_format=memory_format)
     loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
-    metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device,
-                                precision.resolve(cfg.train.precision, env.device), memory_format)
+    autocast = precision.resolve("fp32" if env.device.type == "cpu" else cfg.train.precision, env.device)
+    metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device, autocast, memory_format,
+                                env.control)
     return metrics
 
 
@@ -43,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
     parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml")
+    parser.add_argument("--weights", choices=checkpoint.WEIGHTS, default="auto",
+                        help="the trained weights or their EMA (auto: the EMA when best.pt was chosen on val_ema/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     topology = distributed.discover()
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {section: saved[section] for section in MODEL_SECTIONS if section in saved}
         cfg = config.load(args.config, args.overrides, base=base)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
-        metrics = evaluate_checkpoint(cfg, env, state, args.checkpoint)
+        metrics = evaluate_checkpoint(cfg, env, state, args.checkpoint, args.weights)
         if env.is_main:
             print(json.dumps(metrics), flush=True)
         distributed.teardown(env)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -13,15 +14,17 @@ from trainer.precision import Precision
 
 
 class TrainMeter:
-    """One epoch's training loss, kept on the device: no op and no host sync per step.
+    """One epoch's training loss: no op and no host sync per step, no float64 on the device (MPS has none).
 
-    Step losses (the 0-d tensors the step computed anyway) collect in a list that is stacked,
-    folded into the sum and checked for NaN/inf only when :meth:`flush` is called, every
-    ``window`` steps or so.
+    Step losses (the 0-d tensors the step computed anyway) collect in a list. Every ``window``
+    steps or so, :meth:`flush` reads them in one transfer and adds them to the epoch's sum, a
+    float64 on the host, in order: the sum does not depend on where windows were cut (a resume
+    cuts one).
     """
 
     def __init__(self, device: torch.device, window: int) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.device = device
+        self.loss_sum = 0.0
         self.count = 0
         self.window = window
         self.losses: list[torch.Tensor] = []
@@ -39,68 +42,74 @@ class TrainMeter:
 
     def flush(self) -> int | None:
         """Fold the window into the sum; return the step of the first non-finite loss, if any."""
-        k = len(self.losses)
         pending, self.pending_bad_step = self.pending_bad_step, None
-        if k == 0:
+        if not self.losses:
             return pending
-        losses = torch.stack(self.losses).double()
-        sizes = torch.tensor(self.window_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
-        self.loss_sum += (losses * sizes).sum()
+        losses = torch.stack(self.losses).float().tolist()  # the window's one host transfer
+        for loss, size in zip(losses, self.window_sizes):  # in float64, one by one: the same sum
+            self.loss_sum += loss * size                    # however the epoch was cut into windows
         self.count += sum(self.window_sizes)
         steps = self.window_steps[:]
         self.losses.clear()
         self.window_sizes.clear()
         self.window_steps.clear()
-        finite = torch.isfinite(losses)
-        if pending is not None or bool(finite.all()):
+        if pending is not None:
             return pending
-        return steps[int((~finite).nonzero()[0, 0])]
+        return next((step for step, loss in zip(steps, losses) if not math.isfinite(loss)), None)
 
     def mean_loss(self) -> float:
-        """This rank's mean loss so far (reads the device)."""
-        return self.loss_sum.item() / max(self.count, 1)
+        """This rank's mean loss so far (flush first)."""
+        return self.loss_sum / max(self.count, 1)
 
     def state(self) -> torch.Tensor:
         """Loss sum and count as a CPU tensor (flush first)."""
-        return torch.tensor([self.loss_sum.item(), float(self.count)], dtype=torch.float64)
+        return torch.tensor([self.loss_sum, float(self.count)], dtype=torch.float64)
 
     def load_state(self, state: torch.Tensor) -> None:
-        self.loss_sum.fill_(float(state[0]))
-        self.count = int(state[1])
+        self.loss_sum, self.count = float(state[0]), int(state[1])
 
-    def reduce(self) -> dict[str, float]:
-        """Mean loss and sample count over all ranks (a collective: every rank must call it)."""
-        sums = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64,
-                                                        device=self.loss_sum.device)])
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Mean loss and sample count over all ranks (flush first; a collective: every rank must call it).
+
+        The sums are host values, so ``group`` is best the CPU (gloo) control group.
+        """
+        sums = torch.tensor([self.loss_sum, float(self.count)], dtype=torch.float64)
         if dist.is_initialized():
-            dist.all_reduce(sums)
+            dist.all_reduce(sums, group=group)
         loss_sum, count = sums.tolist()
         return {"loss": loss_sum / max(count, 1.0), "samples": int(count)}
 
 
 class EvalMeter:
-    """Confusion matrix, top-5 hits and loss sum; yields accuracy and macro precision/recall/F1."""
+    """Confusion matrix, top-5 hits and loss sum; yields accuracy and macro precision/recall/F1.
+
+    Counts are int64 and the loss sum float32 on the device (MPS has no float64); they reach the
+    host once, in :meth:`reduce`.
+    """
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
-        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-        self.extra = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.top5 = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         self.reduced_confusion: torch.Tensor | None = None  # set by reduce(): every rank's, on the CPU
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         preds = logits.argmax(dim=1)
-        self.confusion += torch.bincount(targets * self.num_classes + preds,
-                                         minlength=self.num_classes ** 2).double()
+        self.confusion += torch.bincount(targets * self.num_classes + preds, minlength=self.num_classes ** 2)
         k = min(5, logits.shape[1])
-        top5 = (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
-        self.extra += torch.stack([loss_sum.detach().double(), top5.double()])
+        self.top5 += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
+        self.loss_sum += loss_sum.detach().float()
 
-    def reduce(self) -> dict[str, float]:
-        """All metrics over every rank's samples (one all-reduce; every rank must call it)."""
-        packed = torch.cat([self.confusion, self.extra])
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """All metrics over every rank's samples (one all-reduce; every rank must call it).
+
+        The counts and the loss sum go to the host first and are reduced there in float64, so
+        ``group`` is best the CPU (gloo) control group.
+        """
+        packed = torch.cat([self.confusion.cpu().double(), torch.stack([self.loss_sum, self.top5]).cpu().double()])
         if dist.is_initialized():
-            dist.all_reduce(packed)
-        packed = packed.cpu()
+            dist.all_reduce(packed, group=group)
         confusion = packed[: self.num_classes ** 2].view(self.num_classes, self.num_classes)
         self.reduced_confusion = confusion
         loss_sum, top5 = packed[-2:].tolist()
@@ -118,14 +127,20 @@ class EvalObserver(Protocol):
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
                    precision: Precision, memory_format: torch.memory_format = torch.contiguous_format,
+                   group: dist.ProcessGroup | None = None, stop: Callable[[], bool] = lambda: False,
                    observer: EvalObserver | None = None) -> tuple[dict[str, float], int]:
     """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
 
+    ``stop()`` is checked before each batch: a rank told to stop leaves early, so the metrics are
+    then partial (the caller discards them). It needs no agreement between ranks: the only
+    collective is the reduction at the end, which every rank reaches either way.
     ``observer`` (on every rank or none) sees each batch and the reduced confusion matrix.
     """
     model.eval()
     meter, skipped = EvalMeter(num_classes, device), 0
     for images, targets, bad in loader:
+        if stop():
+            break
         skipped += bad
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
@@ -134,7 +149,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, devic
         meter.update(logits, targets, nn.functional.cross_entropy(logits, targets, reduction="sum"))
         if observer is not None:
             observer.update(images, logits, targets)
-    metrics = meter.reduce()
+    metrics = meter.reduce(group)
     if observer is not None:
         observer.finish(meter.reduced_confusion)  # type: ignore[arg-type]
     return metrics, skipped

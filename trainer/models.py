@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,17 +49,63 @@ def resolve_name(name: str) -> str:
     raise ConfigError(f"model.name: unknown model '{name}'; {hint}")
 
 
+def torchvision_options(name: str, image_size: int) -> dict[str, Any]:
+    """Builder arguments that make a torchvision model train on ``image_size`` images and return logits.
+
+    GoogLeNet and Inception v3 return (logits, aux logits) tuples in training: their auxiliary
+    heads are turned off. Vision transformers learn position embeddings for one input size: the
+    configured one. MaxViT is built for the configured size too (its windows need a multiple of 224).
+    """
+    if name in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": True}
+    if name.startswith("vit_"):
+        return {"image_size": image_size}
+    if name.startswith("maxvit_"):
+        return {"input_size": (image_size, image_size)}
+    return {}
+
+
 def build_model(name: str, num_classes: int, image_size: int, init: str = "default") -> nn.Module:
-    """A freshly initialised classifier with ``num_classes`` outputs (no pretrained weights)."""
+    """A freshly initialised classifier with ``num_classes`` outputs (no pretrained weights), checked
+    to take ``image_size`` images and return a tensor of logits in training."""
     key = resolve_name(name)
     if key in BUILTIN:
         model = BUILTIN[key](num_classes, image_size)
     else:
         from torchvision import models
 
-        model = models.get_model(key, weights=None, num_classes=num_classes)
+        try:
+            model = models.get_model(key, weights=None, num_classes=num_classes,
+                                     **torchvision_options(key, image_size))
+        except (ValueError, AssertionError) as exc:  # e.g. a ViT size that is no multiple of its patch size
+            raise ConfigError(f"model.name={key} cannot be built for data.image_size={image_size} "
+                              f"({_first_line(exc)}); choose another image size") from None
+    check_forward(model, key, image_size)
     initialise(model, init)
     return model
+
+
+def check_forward(model: nn.Module, name: str, image_size: int) -> None:
+    """Run one training-mode forward pass on meta tensors (shapes only, no memory, no compute), so a
+    model that cannot take the images, or returns no plain tensor, is refused before any work."""
+    meta = {key: torch.empty_like(value, device="meta")
+            for key, value in [*model.named_parameters(), *model.named_buffers()]}
+    was_training = model.training
+    model.train()
+    try:
+        out = torch.func.functional_call(model, meta, (torch.empty(2, 3, image_size, image_size, device="meta"),))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        raise ConfigError(f"model.name={name} cannot take data.image_size={image_size} images "
+                          f"({_first_line(exc)}); use a larger data.image_size") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        kind = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a {out.ndim}-d tensor"
+        raise ConfigError(f"model.name={name} returns {kind} in training, not a (batch, classes) tensor of logits")
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def initialise(model: nn.Module, scheme: str) -> None:

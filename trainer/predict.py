@@ -20,14 +20,15 @@ from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
 class Predictor:
     """A trained model on the CPU with its validation transform and class names."""
 
-    def __init__(self, checkpoint_path: Path) -> None:
+    def __init__(self, checkpoint_path: Path, weights: str = "auto") -> None:
         state = checkpoint.load(checkpoint_path)
         saved = state["config"]
         self.classes: list[str] = state["classes"]
         data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
                                                                    saved["data"]))  # type: ignore[assignment]
         self.model = models.build_model(saved["model"]["name"], len(self.classes), data_cfg.image_size)
-        checkpoint.load_model_weights(self.model, state["model"], checkpoint_path)
+        _, chosen = checkpoint.select_weights(state, weights, checkpoint_path)
+        checkpoint.load_model_weights(self.model, chosen, checkpoint_path)
         self.model.eval()
         self.transform = data.build_transform(data_cfg, train=False)
 
@@ -58,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders of images")
     parser.add_argument("-k", "--top-k", type=int, default=3, help="classes to print per image")
+    parser.add_argument("--weights", choices=checkpoint.WEIGHTS, default="auto",
+                        help="the trained weights or their EMA (auto: the EMA when best.pt was chosen on val_ema/)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
-        predictor = Predictor(args.checkpoint)
+        predictor = Predictor(args.checkpoint, args.weights)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -73,6 +73,17 @@ def job_id(environ: dict[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
+def may_requeue(max_requeues: int, environ: dict[str, str] | None = None) -> bool:
+    """Whether this job may be requeued once more: SLURM counts earlier requeues in SLURM_RESTART_COUNT."""
+    env = os.environ if environ is None else environ
+    done = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if done >= max_requeues:
+        log.warning("not requeueing: this job was requeued %d time(s) already (ckpt.max_requeues=%d)",
+                    done, max_requeues)
+        return False
+    return True
+
+
 def requeue() -> None:
     """Put this SLURM job back in the queue so it resumes from its checkpoint (rank 0 only)."""
     job = job_id()

@@ -3,31 +3,27 @@
 from __future__ import annotations
 
 import math
-import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from trainer import checkpoint, data, distributed, flops, models, optim, precision
+from trainer import checkpoint, data, distributed, flops, models, optim, precision, slurm
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, LaggedAgreement
+from trainer.early_stop import early_stop_reason
 from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
-from trainer.early_stop import early_stop_reason
 from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
 from trainer.profiling import StepProfiler
+from trainer.resources import PeakMemory
 from trainer.seeding import capture_rng, restore_rng, seed_everything
 from trainer.signals import StopRequest
+from trainer.step import TrainStep
 from trainer.visuals import RunVisuals
-
-STOP_POLL_STEPS = 10
-"""How often (in batches) ranks agree on whether a stop signal arrived; a collective, so not every step."""
 
 
 class Worker:
@@ -38,23 +34,25 @@ class Worker:
         self.device = env.device
         self.precision = precision.resolve(cfg.train.precision, self.device)
         if self.device.type == "cuda":
-            precision.configure_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32)
+            precision.configure_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.train.deterministic)
         seed_everything(cfg.train.seed)
         self._build_data()
-        self._build_model()
+        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
+        self.memory_format = models.memory_format(cfg.model.channels_last)
+        self.net.to(self.device, memory_format=self.memory_format)
+        self.eval_net: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum_steps)
         self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.scheduler, self.precision,
+                              self.device, cfg.train, self.memory_format)
         self.epoch, self.batches_done, self.global_step = 0, 0, 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.meter = TrainMeter(self.device, cfg.log.every_steps)
-        self.ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-                    if cfg.train.ema_decay > 0 else None)
-        self.skipped_samples, self.skipped_steps = 0, 0
-        self.scaler_skips = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.peak_memory = PeakMemory(self.device)
+        self.agreement = LaggedAgreement(env)
+        self.skipped_samples = 0
         self.last_save = time.monotonic()
         self.requeue = False
         self.sinks = MetricSinks(env, run_dir, cfg.log)
@@ -83,17 +81,15 @@ class Worker:
         self.val_loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
                                                 cfg.train.seed)
 
-    def _build_model(self) -> None:
-        cfg = self.cfg
-        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
-        self.memory_format = models.memory_format(cfg.model.channels_last)
-        self.net.to(self.device, memory_format=self.memory_format)
-        self.eval_model: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
-        self.model: nn.Module = self.eval_model
+    def _training_model(self) -> nn.Module:
+        """``net`` as the training step runs it: DDP first, then torch.compile, so that Dynamo sees
+        DDP and splits the graph at its gradient buckets (all-reduce overlaps the backward)."""
+        model: nn.Module = self.net
         if self.env.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.eval_model, device_ids=ids,
-                                                 find_unused_parameters=cfg.dist.find_unused_parameters)
+            model = DistributedDataParallel(model, device_ids=ids,
+                                            find_unused_parameters=self.cfg.dist.find_unused_parameters)
+        return torch.compile(model) if self.cfg.model.compile else model
 
     # ----------------------------------------------------------------------------- running
     def fit(self) -> int:
@@ -117,9 +113,13 @@ class Worker:
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
+                log.debug("epoch %d: validating %d samples", self.epoch + 1, len(self.val_loader.dataset))
                 evidence = self.visuals.evidence()
-                self._end_epoch(train_stats, self.evaluate(self.eval_model, evidence),
-                                self.evaluate(self.ema.module) if self.ema else None)
+                val = self.evaluate(self.eval_net, evidence)
+                val_ema = self.evaluate(self.step.ema.module) if self.step.ema else None
+                if distributed.any_rank(self.env, [self.stop.requested])[0]:  # a stop during validation
+                    return self._stop()
+                self._end_epoch(train_stats, val, val_ema)
                 self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.epoch, self.global_step)
             self._finish()
             return EXIT_OK
@@ -128,16 +128,21 @@ class Worker:
             self.sinks.close()
 
     def train_epoch(self) -> dict[str, float] | None:
-        """One pass over this rank's shard (from ``batches_done`` on); None if a stop was requested."""
+        """One pass over this rank's shard (from ``batches_done`` on); None if a stop was requested.
+
+        Ranks agree on stopping (and on timed saves) at every optimizer step, one step late (see
+        :class:`LaggedAgreement`), and once more after the last batch.
+        """
         cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
         self.net.train()
         self.train_sampler.set_epoch(self.epoch)
         self.train_sampler.set_start(self.batches_done * cfg.data.batch_size)
         if self.batches_done == 0:
             self.meter = TrainMeter(self.device, cfg.log.every_steps)
+        self.peak_memory.reset()
         bar = ProgressBar(self.env, cfg.log.progress_bar, self.batches_per_epoch, f"epoch {self.epoch + 1}")
         bar.update(self.batches_done)
-        started, waited = time.perf_counter(), 0.0
+        started, waited, counted_before = time.perf_counter(), 0.0, self.meter.count
         batches = iter(self.train_loader)
         while True:
             self.profiler.update(self.global_step)
@@ -148,18 +153,19 @@ class Worker:
                 break
             images, targets, skipped = batch
             self.skipped_samples += skipped
+            window_start = self.batches_done - self.batches_done % accum
+            window = min(accum, self.batches_per_epoch - window_start)  # the epoch's last window may be shorter
             self.batches_done += 1
-            boundary = self.batches_done % accum == 0 or self.batches_done == self.batches_per_epoch
-            loss = self._train_step(images, targets, boundary)
+            last = self.batches_done - window_start == window
+            loss = self._train_step(images, targets, window, last)
             self.meter.update(loss, targets.shape[0], self.global_step)
             bar.update()
             if self.batches_done % cfg.log.every_steps == 0:
                 self._flush_meter()
                 running = self.meter.mean_loss()
                 bar.set_postfix(loss=f"{running:.4f}")
-                self.sinks.scalars({"train/loss_running": running,
-                                    "train/lr": self.scheduler.get_last_lr()[0]}, self.global_step)
-            if boundary and self.batches_done < self.batches_per_epoch:
+                self.sinks.scalars({"train/loss_running": running, "train/lr": self.step.lr()}, self.global_step)
+            if last and self.batches_done < self.batches_per_epoch:
                 stop, save = self._poll()
                 if stop:
                     bar.close()
@@ -167,54 +173,28 @@ class Worker:
                 if save:
                     self.save_checkpoint()
         bar.close()
+        self.agreement.settle(2)
+        if distributed.any_rank(self.env, [self.stop.requested])[0]:
+            return None
         self._flush_meter()
         elapsed = time.perf_counter() - started
-        stats = self.meter.reduce()
-        stats.update(images_per_s=stats["samples"] / elapsed, data_wait=waited / elapsed, time_s=elapsed)
+        stats = self.meter.reduce(self.env.control)
+        trained_now = (self.meter.count - counted_before) * self.env.world_size  # not what a resume restored
+        stats.update(images_per_s=trained_now / elapsed, data_wait=waited / elapsed, time_s=elapsed)
         return stats
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, boundary: bool) -> torch.Tensor:
-        """Forward and backward one micro-batch; at an accumulation boundary, step the optimizer."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        targets = targets.to(self.device, non_blocking=True)
-        syncing = boundary or not isinstance(self.model, DistributedDataParallel)
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
+        """:meth:`TrainStep.micro_batch`, with a running out of memory turned into the one-line hint."""
         try:
-            with nullcontext() if syncing else self.model.no_sync():
-                with self.precision.autocast(self.device):
-                    logits = self.model(images)
-                loss = self.criterion(logits.float(), targets)
-                accum = self.cfg.train.grad_accum_steps
-                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            loss = self.step.micro_batch(images, targets, window, last)
         except torch.OutOfMemoryError:
             batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
             raise OutOfMemory(f"{self.device} ran out of memory at data.batch_size={batch} per process; try "
                               f"data.batch_size={max(1, batch // 2)} train.grad_accum_steps={accum * 2} "
                               "(same global batch), or train.precision=bf16") from None
-        if boundary:
-            self._optimizer_step()
-        return loss.detach()
-
-    def _optimizer_step(self) -> None:
-        """Unscale, clip, step (or skip non-finite gradients), update the scaler, EMA and schedule."""
-        train = self.cfg.train
-        skip_nonfinite = train.on_nonfinite_loss == "skip" and not self.scaler.is_enabled()
-        if train.clip_grad_norm > 0 or skip_nonfinite:
-            self.scaler.unscale_(self.optimizer)
-            norm = nn.utils.clip_grad_norm_(self.net.parameters(), train.clip_grad_norm or float("inf"))
-            if skip_nonfinite and not torch.isfinite(norm):  # the one per-step sync, opt-in
-                self.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                return
-        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if scale_before is not None:  # the scaler lowers its scale exactly when it skipped the step
-            self.scaler_skips += (self.scaler._scale < scale_before).int()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
-        self.scheduler.step()
-        self.global_step += 1
+        if last:
+            self.global_step += 1
+        return loss
 
     def _flush_meter(self) -> None:
         bad_step = self.meter.flush()
@@ -223,32 +203,38 @@ class Worker:
                                 "lower optim.lr, set train.clip_grad_norm, or train.on_nonfinite_loss=skip")
 
     def _poll(self) -> tuple[bool, bool]:
-        """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?
-
-        Ranks agree through one small all-reduce, so it runs every step only in a single process.
-        """
+        """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?"""
         ckpt = self.cfg.ckpt
         due = ckpt.every_steps > 0 and self.global_step % ckpt.every_steps == 0
-        if self.env.is_distributed and self.global_step % STOP_POLL_STEPS and not due:
-            return False, False
         timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save >= ckpt.every_minutes * 60
-        stop, timed = distributed.any_rank(self.env, [self.stop.requested, timed])
+        stop, timed = self.agreement.poll([self.stop.requested, timed])
         return stop, due or timed
 
     def _stop(self) -> int:
         """Save where the loop stopped; on the warning signal, ask for a SLURM requeue after teardown."""
-        cfg = self.cfg
+        ckpt = self.cfg.ckpt
+        self.agreement.settle(2)
         self.save_checkpoint()
         log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.epoch + 1, self.batches_done,
                     EXIT_STOPPED)
-        self.requeue = self.env.is_main and cfg.ckpt.requeue and self.stop.signal_name == cfg.ckpt.warning_signal
+        warned = ckpt.warning_signal in self.stop.received
+        self.requeue = self.env.is_main and ckpt.requeue and warned and slurm.may_requeue(ckpt.max_requeues)
         return EXIT_STOPPED
 
     def evaluate(self, model: nn.Module, observer: EvalObserver | None = None) -> dict[str, float]:
-        """Metrics of ``model`` over the whole validation set, every sample counted once across ranks."""
-        metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device, self.precision,
-                                          self.memory_format, observer)
+        """Metrics of ``model`` over the whole validation set, every sample counted once across ranks.
+
+        A stop signal cuts it short (the partial metrics are then not logged).
+        """
+        try:
+            metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device,
+                                              self.precision, self.memory_format, self.env.control,
+                                              lambda: self.stop.requested, observer)
+        except torch.OutOfMemoryError:
+            batch = self.val_loader.batch_size
+            raise OutOfMemory(f"{self.device} ran out of memory in validation at batch {batch} per process; "
+                              f"set data.val_batch_size={max(1, (batch or 2) // 2)}") from None
         self.skipped_samples += skipped
         return metrics
 
@@ -259,19 +245,16 @@ class Worker:
         record.update({f"train/{k}": v for k, v in train.items()})
         record.update({f"val/{k}": v for k, v in val.items()})
         record.update({f"val_ema/{k}": v for k, v in (val_ema or {}).items()})
-        record["train/lr"] = self.scheduler.get_last_lr()[0]
-        record["train/skipped_steps"] = self.skipped_steps + int(self.scaler_skips)
+        record["train/lr"] = self.step.lr()
+        record["train/skipped_steps"] = self.step.skipped()
         record["train/global_batch"] = cfg.data.batch_size * self.env.world_size * cfg.train.grad_accum_steps
-        record["train/peak_mem_mb"] = _peak_memory_mb(self.device)
+        record.update({f"train/{k}": v for k, v in self.peak_memory.read().items()})
         skipped = sum(distributed.all_gather_objects(self.env, self.skipped_samples))
         if skipped:
             record["data/skipped_samples"] = skipped
             log.warning("epoch %d: skipped %d unreadable samples so far (data.on_bad_sample=skip)",
                         self.epoch + 1, skipped)
-        value = record.get(cfg.ckpt.metric)
-        if value is None:
-            raise DataError(f"ckpt.metric '{cfg.ckpt.metric}' is not a logged metric; "
-                            f"choose one of {', '.join(k for k in record if k.startswith('val/'))}")
+        value = record[cfg.ckpt.metric]  # config.validate checked that it is logged
         improved = self.best is None or (value > self.best if cfg.ckpt.mode == "max" else value < self.best)
         if improved:
             self.best = value
@@ -327,11 +310,10 @@ class Worker:
         return {
             "format": 1, "model": models.unwrap(self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done,
+            "step": self.step.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done,
             "global_step": self.global_step, "world_size": self.env.world_size, "best": self.best,
             "history": self.history, "per_rank": per_rank, "classes": self.classes,
             "config": to_dict(self.cfg), "versions": _versions(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
             "trackers": self.sinks.state_dict(),
         }
 
@@ -356,12 +338,10 @@ class Worker:
         checkpoint.load_model_weights(models.unwrap(self.net), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step.load_state_dict(state["step"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.history = state["best"], state["history"]
         self.batches_done = state["batches_done"]
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
         self.sinks.load_state_dict(state.get("trackers", {}))
         if state["world_size"] == self.env.world_size:
             mine = state["per_rank"][self.env.rank]
@@ -383,9 +363,3 @@ def _versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__)}
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

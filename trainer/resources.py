@@ -1,0 +1,47 @@
+"""What this process uses of the machine: usable CPU cores and peak memory per epoch, per platform."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one (Linux), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class PeakMemory:
+    """Peak device memory of one epoch: on CUDA the memory the caching allocator reserved (what
+    competes with other processes) and its allocation retries (a sign of fragmentation near the
+    limit), both counted from :meth:`reset`; elsewhere the process's peak resident memory so far."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._retries_before = 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._retries_before = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+
+    def read(self) -> dict[str, float]:
+        """``peak_mem_mb`` (and, on CUDA, ``alloc_retries``) since the last :meth:`reset`."""
+        if self.device.type == "cuda":
+            retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - self._retries_before
+            return {"peak_mem_mb": torch.cuda.max_memory_reserved(self.device) / 2**20,
+                    "alloc_retries": float(retries)}
+        if self.device.type == "mps":
+            return {"peak_mem_mb": torch.mps.driver_allocated_memory() / 2**20}
+        return {"peak_mem_mb": max_rss_mb()}

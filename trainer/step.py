@@ -1,0 +1,141 @@
+"""The training step: mixed precision, gradient scaling, accumulation with ``no_sync``, clipping, EMA.
+
+One public call, :meth:`TrainStep.micro_batch`, forwards and backwards one micro-batch and, at the
+end of an accumulation window, steps the optimizer in the AMP order: scale -> backward -> unscale
+-> clip -> step -> update -> zero_grad -> EMA -> schedule. Nothing in a steady-state step makes the
+host wait for the device: the loss stays a device tensor, the scaler's skips are counted on the
+device, and the EMA counts its updates in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import TrainConfig
+from trainer.precision import Precision
+
+
+class ModelEma:
+    """An exponential moving average of a model's weights and floating-point buffers.
+
+    ``torch.optim.swa_utils.AveragedModel`` keeps its update count in a device tensor and reads it
+    on every update (a host sync per step); here the count is a Python int and the blend is one
+    foreach lerp over all tensors.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+        self._source = model
+
+    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(ema floats, model floats, ema others, model others), parameters and buffers alike."""
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*self._source.parameters(), *self._source.buffers()]
+        floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
+        others = [i for i, t in enumerate(mine) if not t.is_floating_point()]
+        return ([mine[i] for i in floats], [theirs[i].detach() for i in floats],
+                [mine[i] for i in others], [theirs[i] for i in others])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Blend the model's current weights in (the first update copies them)."""
+        ema_floats, floats, ema_others, others = self._tensors()
+        if self.updates == 0:
+            torch._foreach_copy_(ema_floats, floats)
+        else:
+            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.decay)
+        for mine, theirs in zip(ema_others, others):  # e.g. BatchNorm's num_batches_tracked
+            mine.copy_(theirs)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+class TrainStep:
+    """Owns what one optimizer step needs beyond the model and optimizer: autocast, the scaler,
+    accumulation, clipping, non-finite handling, the EMA and the learning-rate schedule.
+
+    ``model`` is what runs the forward pass (DDP- and/or compile-wrapped); ``net`` is the plain
+    module underneath, whose parameters are clipped and averaged.
+    """
+
+    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, device: torch.device,
+                 cfg: TrainConfig, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.net, self.model, self.optimizer, self.scheduler = net, model, optimizer, scheduler
+        self.precision, self.device, self.cfg, self.memory_format = precision, device, cfg, memory_format
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
+        self.ema = ModelEma(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
+        self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
+
+    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch of a ``window``-micro-batch accumulation window; on the
+        ``last`` one, step the optimizer. Returns the micro-batch's mean loss (a device tensor)."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        syncing = last or not isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if syncing else self.model.no_sync():
+            with self.precision.autocast(self.device):
+                logits = self.model(images)
+            loss = self.criterion(logits.float(), targets)
+            self.scaler.scale(loss / window if window > 1 else loss).backward()
+        if last:
+            self._optimizer_step()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        skip_nonfinite = cfg.on_nonfinite_loss == "skip" and not self.scaler.is_enabled()
+        if cfg.clip_grad_norm > 0 or skip_nonfinite:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad_norm or float("inf"))
+            if skip_nonfinite and not torch.isfinite(norm):  # the one per-step sync, opt-in
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+        if self.scaler.is_enabled():
+            # The scaler lowers its scale exactly when it skipped the step. ``get_scale()`` would read
+            # the device; the private ``_scale`` tensor (set by ``scale()`` above) is compared on it.
+            scale_before = self.scaler._scale.clone()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scaler_skips += (self.scaler._scale < scale_before).int()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def skipped(self) -> int:
+        """Optimizer steps skipped so far: non-finite gradients and scaler overflows (reads the device)."""
+        return self.skipped_steps + int(self.scaler_skips)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "skipped_steps": self.skipped_steps, "scaler_skips": int(self.scaler_skips)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.scaler_skips.fill_(int(state.get("scaler_skips", 0)))
