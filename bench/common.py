@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from trainer import config, distributed
+from trainer import config, data, distributed
 from trainer.signals import StopRequest
 from trainer.worker import Worker
 
@@ -113,8 +113,9 @@ def build_worker(spec: Spec, workdir: Path, name: str, extra: Sequence[str] = ()
 def time_worker_epoch(worker: Worker, batches: Sequence[Batch]) -> Timing:
     """Time ``worker.train_epoch()`` over ``batches`` (held in memory, no DataLoader)."""
     worker.train_loader = batches
-    worker.batches_per_epoch = len(batches)
-    worker.batches_done = 0  # normally reset at the end of an epoch, by Worker._end_epoch
+    batch, world = worker.cfg.data.batch_size, worker.env.world_size
+    worker.train_sampler = data.TrainBatchSampler(len(batches) * batch * world, world, worker.env.rank, batch, 0)
+    worker.position = data.Position(worker.position.epoch, 0)  # normally advanced by Worker._end_epoch
     synchronize(worker.device)
     start = clock()
     worker.train_epoch()

@@ -1,8 +1,14 @@
-"""Checkpoint files: atomic writes, safe loads, hard-linked aliases, retention, weight matching."""
+"""Checkpoint files: atomic writes, safe loads, hard-linked aliases, retention, weight matching, the
+resume fallback, the compatibility check, per-rank pieces, and the run-directory lock."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -10,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import checkpoint
+from trainer import checkpoint, runlock
+from trainer.distributed import DistEnv, Topology
 from trainer.errors import CheckpointError
 
 
@@ -201,3 +208,123 @@ def test_load_model_weights_names_missing_and_unexpected_keys(tmp_path: Path) ->
     assert "missing: 3.bias, 3.weight;" in message
     assert "unexpected: 0.bias, 0.weight, 1.num_batches_tracked, 1.running_mean ...;" in message
     assert "1.bias (4,) vs (8,), 1.weight (4,) vs (8, 12)" in message
+
+
+# --- resume: fallback, compatibility, per-rank sums ----------------------------------------------------
+
+def test_load_for_resume_falls_back_past_a_cut_last_pt_to_the_previous_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old, new = save_steps(tmp_path, [4, 8])
+    checkpoint.link_atomic(new, tmp_path / "last.pt")
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 cut")  # through the hard link, step_8 is cut too
+    state, used = checkpoint.load_for_resume(tmp_path / "last.pt", fall_back=True, announce=True)
+    assert used == old and state["step"] == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "last.pt" in warnings[0] and f"falling back to {old}" in warnings[0]
+
+
+def test_load_for_resume_without_a_readable_file_raises_one_line_naming_the_requested_one(tmp_path: Path) -> None:
+    old, new = save_steps(tmp_path, [4, 8])
+    last = tmp_path / "last.pt"
+    checkpoint.link_atomic(new, last)
+    for path in (last, old):
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_for_resume(last, fall_back=False, announce=False)
+    assert str(info.value).startswith(f"cannot read checkpoint {last}: truncated")
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_for_resume(last, fall_back=True, announce=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"cannot read checkpoint {last}: truncated")
+    assert f"no older readable checkpoint in {tmp_path} (step_4.pt unreadable too)" in message
+
+
+def test_load_for_resume_refuses_another_projects_file(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this trainer"):
+        checkpoint.load_for_resume(path, fall_back=True, announce=False)
+
+
+def test_changes_name_each_difference_and_those_that_give_up_exactness() -> None:
+    saved = {"data": {"batch_size": 8, "num_workers": 2}, "optim": {"lr": 0.1}, "log": {"name": "a"}}
+    same = checkpoint.changes_since(saved, saved, 2, 2)
+    assert same == ([], [])
+    assert "bitwise identical" in checkpoint.describe_changes(*same)
+    current = {"data": {"batch_size": 4, "num_workers": 0}, "optim": {"lr": 0.1}, "log": {"name": "b"}}
+    changes, inexact = checkpoint.changes_since(saved, current, 2, 3)
+    assert changes == ["world size 2 -> 3", "data.batch_size 8 -> 4", "data.num_workers 2 -> 0", "log.name a -> b"]
+    assert inexact == ["world size", "data.batch_size"]
+    line = checkpoint.describe_changes(changes, inexact)
+    assert "\n" not in line and "not bitwise identical" in line and "because of world size, data.batch_size" in line
+    neutral = checkpoint.changes_since(saved, {**saved, "data": {"batch_size": 8, "num_workers": 0}}, 2, 2)
+    assert "bitwise identical to an uninterrupted run (none" in checkpoint.describe_changes(*neutral)
+
+
+def test_restore_refuses_a_checkpoint_of_another_format(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="another format.*missing model"):
+        checkpoint.restore({"model": nn.Linear(2, 2)}, {"format": 1, "epoch": 3}, tmp_path / "old.pt")
+
+
+def single_process(rank: int = 0, world_size: int = 1) -> DistEnv:
+    return DistEnv(Topology(rank=rank, world_size=world_size), torch.device("cpu"), None)
+
+
+def test_rank_sums_go_back_to_their_rank_or_to_rank_0_as_totals() -> None:
+    saved = {"per_rank": [[1.5, 10.0], [2.5, 20.0]]}  # written by 2 ranks
+    got: dict[int, list[float]] = {}
+    for rank in (0, 1):
+        piece = checkpoint.RankSums(single_process(rank, 2), list, lambda v, r=rank: got.__setitem__(r, v))
+        piece.load_state_dict(saved)
+    assert got == {0: [1.5, 10.0], 1: [2.5, 20.0]}
+    for rank in (0, 1, 2):
+        piece = checkpoint.RankSums(single_process(rank, 3), list, lambda v, r=rank: got.__setitem__(r, v))
+        piece.load_state_dict(saved)
+    assert got == {0: [4.0, 30.0], 1: [0.0, 0.0], 2: [0.0, 0.0]}  # the totals over ranks are kept
+    assert checkpoint.RankSums(single_process(), lambda: [3, 4], print).state_dict() == {"per_rank": [[3.0, 4.0]]}
+
+
+# --- the run-directory lock -----------------------------------------------------------------------------
+
+def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / runlock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(runlock.RunDirectoryBusy, match=f"in use by another run \\(pid {holder.pid} on"):
+            runlock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = runlock.acquire(tmp_path)  # the holder is dead now: taken over
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [runlock.LOCK_NAME]  # no temporary file left
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_a_holder_on_another_host_keeps_the_lock_unless_it_is_this_slurm_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / runlock.LOCK_NAME
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": "41"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(runlock.RunDirectoryBusy, match="pid 1 on elsewhere"):
+        runlock.acquire(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the requeued job itself, now on another node
+    assert json.loads(runlock.acquire(tmp_path).path.read_text())["job"] == "41"
+
+
+def test_release_leaves_another_holders_lock_and_restores_an_untouched_folders_mtime(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.utime(folder, ns=(1_000_000_000, 2_000_000_000))
+    lock = runlock.acquire(folder)
+    lock.release()  # a start refused after taking the lock: the folder is as it was
+    assert os.listdir(folder) == [] and folder.stat().st_mtime_ns == 2_000_000_000
+    lock = runlock.acquire(folder)
+    (folder / "metrics.jsonl").write_text("")
+    lock.release()  # a run that wrote something keeps its new mtime
+    assert folder.stat().st_mtime_ns != 2_000_000_000
+    lock = runlock.acquire(folder)
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": None}))  # taken over by another
+    lock.release()
+    assert lock.path.exists()

@@ -13,8 +13,8 @@ import yaml
 
 from trainer import config
 from trainer.errors import ConfigError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
 
 

@@ -22,9 +22,9 @@ def first_batch(cfg: config.DataConfig, split: str = "train", workers: int = 0) 
     splits = data.load_splits(cfg)
     base = splits.train if split == "train" else splits.val
     dataset = data.SeededTransformDataset(base, data.build_transform(cfg, split == "train"), seed=0)
-    sampler = data.TrainSampler(dataset, 1, 0, seed=0)
+    batches = data.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
     cfg.num_workers = workers
-    loader = data.build_loader(dataset, sampler, 8, cfg, torch.device("cpu"), seed=0, drop_last=True)
+    loader = data.build_train_loader(dataset, batches, cfg, torch.device("cpu"), seed=0)
     images, targets, skipped = next(iter(loader))
     assert skipped == 0
     return images, targets
@@ -105,15 +105,6 @@ def test_augmentation_is_the_same_with_any_number_of_workers(tmp_path: Path) -> 
     in_process, _ = first_batch(cfg, workers=0)
     with_workers, _ = first_batch(cfg, workers=2)
     assert torch.equal(in_process, with_workers)
-
-
-def test_resumed_sampler_continues_the_same_order() -> None:
-    full = data.TrainSampler(list(range(50)), num_replicas=2, rank=1, seed=3)
-    full.set_epoch(4)
-    resumed = data.TrainSampler(list(range(50)), num_replicas=2, rank=1, seed=3)
-    resumed.set_epoch(4)
-    resumed.set_start(10)
-    assert list(resumed) == list(full)[10:] and len(resumed) == len(full) - 10
 
 
 def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ import torch
 
 from trainer import data
 from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -341,36 +341,6 @@ def test_evaluate_counts_an_odd_validation_set_exactly_once(eval_runs: dict[int,
 
 
 # ----------------------------------------------------------------------------------- d
-@pytest.mark.parametrize("size", [24, 25])
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_train_sampler_shards_cover_the_set_in_a_new_order_each_epoch(world: int, size: int) -> None:
-    def shards(epoch: int) -> list[list[int]]:
-        out = []
-        for rank in range(world):
-            sampler = data.TrainSampler(list(range(size)), num_replicas=world, rank=rank, seed=7)
-            sampler.set_epoch(epoch)
-            keys = list(sampler)
-            assert all(key_epoch == epoch for key_epoch, _ in keys)
-            assert len(keys) == len(sampler) == -(-size // world)  # equal shards: every rank steps alike
-            out.append([index for _, index in keys])
-        return out
-
-    epochs = [shards(epoch) for epoch in range(3)]
-    for per_rank in epochs:
-        union = [index for shard in per_rank for index in shard]
-        assert set(union) == set(range(size))  # every sample, every epoch
-        # only the padding that makes the shards equal repeats a sample
-        assert len(union) - len(set(union)) == -size % world
-        interleaved = [per_rank[i % world][i // world] for i in range(len(union))]
-        assert len(set(interleaved[:size])) == size  # the ranks interleave one permutation
-    orders = [[index for shard in per_rank for index in shard] for per_rank in epochs]
-    assert len({tuple(order) for order in orders}) == 3, "an epoch repeated the previous order"
-    for rank in range(world):
-        assert len({tuple(per_rank[rank]) for per_rank in epochs}) == 3, f"rank {rank} repeated its order"
-    # the same seed gives the same order again (resume, and every rank agreeing on the permutation)
-    assert shards(1) == epochs[1]
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 7, 21, 22])
 def test_eval_sampler_partitions_without_duplicates(world: int, size: int) -> None:

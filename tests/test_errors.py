@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PARALLEL = 4
 TIMEOUT_S = 300
 
@@ -377,7 +377,7 @@ CKPT_CASES = [
     # resume=auto inside an existing run directory: the run directory itself must survive the refusal
     ("auto_other_model", ["{runs}/auto_other_model/checkpoints/last.pt does not match the model"]),
     ("auto_truncated_last", ["cannot read checkpoint {runs}/auto_truncated_last/checkpoints/last.pt",
-                             "truncated"]),
+                             "truncated", "no older readable checkpoint"]),
     ("auto_data_missing", ["data.root '{tmp}/moved' does not exist"]),
 ]
 
@@ -392,8 +392,8 @@ def ckpt_outcomes(work: Path, cache: Path, shapes: Path, base_run: Path) -> dict
     torch.save({"model": {"w": torch.zeros(2)}, "payload": _Exploit(tmp / "PWNED")}, tmp / "exploit.pt")
     for name in ("never_with_checkpoints", "auto_other_model", "auto_truncated_last", "auto_data_missing"):
         copy_run(base_run, runs / name)
-    copied_last = runs / "auto_truncated_last" / "checkpoints" / "last.pt"
-    os.truncate(copied_last, copied_last.stat().st_size // 2)
+    for copied in (runs / "auto_truncated_last" / "checkpoints").glob("*.pt"):  # nothing to fall back on
+        os.truncate(copied, copied.stat().st_size // 2)
     shared = (base_run, shapes)  # not all of the cache: other_class_count adds a 4-class set to it
     extra = {
         "missing_file": ([f"ckpt.resume={tmp / 'nowhere.pt'}"], shared),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.step import ModelEma, TrainStep
 from trainer.worker import Worker
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 MPS_LACKS = (torch.float64, torch.complex128)
 
 
@@ -60,8 +62,7 @@ def small_step(cfg: config.TrainConfig) -> TrainStep:
     torch.manual_seed(0)
     net = models.build_model("smallcnn", 4, 16)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return TrainStep(net, net, optimizer, scheduler, precision.resolve("fp32", CPU), CPU, cfg)
+    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, cfg)
 
 
 # ----------------------------------------------------------------------------- MPS and macOS
@@ -302,3 +303,35 @@ def test_out_of_memory_in_the_optimizer_step_gives_the_hint(tmp_path: Path) -> N
     with pytest.raises(OutOfMemory, match=r"data.batch_size=4 per process; try data.batch_size=2 "
                                           r"train.grad_accum_steps=2"):
         worker._train_step(images, targets, 1, True)
+
+
+# ----------------------------------------------------------------------------- evaluate and predict
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpoints_in_fp32(tmp_path: Path) -> None:
+    train = cli("trainer", f"log.output_dir={tmp_path}", "log.name=ema", f"data.cache_dir={tmp_path / 'cache'}",
+                "model.name=linear", "data.synthetic_classes=3", "data.synthetic_train_per_class=40",
+                "data.synthetic_val_per_class=10", "data.image_size=16", "data.num_workers=0", "train.epochs=1",
+                "data.batch_size=8",
+                "train.ema_decay=0.5", "ckpt.metric=val_ema/loss", "ckpt.mode=min", "log.progress_bar=off")
+    assert train.returncode == 0, train.stderr
+    logged = json.loads((tmp_path / "ema" / "metrics.jsonl").read_text())
+    best = tmp_path / "ema" / "checkpoints" / "best.pt"
+    chosen = {which: cli("trainer.evaluate", str(best), *(["--weights", which] if which != "auto" else []))
+              for which in ("auto", "model", "ema")}
+    metrics = {which: json.loads(done.stdout) for which, done in chosen.items() if done.returncode == 0}
+    assert set(metrics) == {"auto", "model", "ema"}, {w: d.stderr for w, d in chosen.items()}
+    assert metrics["auto"] == metrics["ema"] != metrics["model"]
+    for which, prefix in (("ema", "val_ema/"), ("model", "val/")):
+        assert metrics[which]["loss"] == pytest.approx(logged[prefix + "loss"], abs=1e-6)
+        assert metrics[which]["top1"] == pytest.approx(logged[prefix + "top1"], abs=1e-9)
+    state = torch.load(best, weights_only=True)  # as if trained with fp16 on a GPU
+    state["config"]["train"]["precision"] = "fp16"
+    torch.save(state, tmp_path / "fp16.pt")
+    fp16 = cli("trainer.evaluate", str(tmp_path / "fp16.pt"))
+    assert fp16.returncode == 0, fp16.stderr
+    assert json.loads(fp16.stdout) == metrics["auto"]

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from slurm_cluster import SlurmCluster, clean_env
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SMALL = ["data.synthetic_classes=3", "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=20",
          "data.image_size=16", "data.num_workers=0", "data.batch_size=16", "train.epochs=2"]
-# Long enough (3 epochs of 37 steps per rank, ~3 s each) to be stopped in the middle of epoch 2;
+# Long enough (3 epochs of 38 steps per rank, ~3 s each) to be stopped in the middle of epoch 2;
 # one DataLoader worker per rank, because the stop signal reaches every process of the job step.
 LONGER = ["data.synthetic_classes=3", "data.synthetic_train_per_class=400", "data.synthetic_val_per_class=20",
           "data.image_size=16", "data.num_workers=1", "data.batch_size=16", "train.epochs=3"]

@@ -40,10 +40,10 @@ def test_sigterm_during_validation_stops_at_once_with_one_checkpoint(tmp_path: P
     output += job.communicate(timeout=120)[0].splitlines(keepends=True)
     took = time.monotonic() - signalled
     text = "".join(output)
-    assert "stopped by SIGTERM at epoch 1 batch 3" in text, text
+    assert "stopped by SIGTERM at epoch 1, 24 of 24 samples" in text, text
     assert took < 15, f"{took:.1f} s after SIGTERM: validation was not cut short\n{text}"
     steps = sorted((tmp_path / "val" / "checkpoints").glob("step_*.pt"))
     assert len(steps) == 1, "one save, not two"
     state = torch.load(steps[0], weights_only=True)
-    assert state["epoch"] == 0 and state["batches_done"] == 3 and state["history"] == []
+    assert state["position"] == {"epoch": 0, "consumed": 24} and state["history"] == []
     assert not (tmp_path / "val" / "metrics.jsonl").exists() or not (tmp_path / "val" / "metrics.jsonl").read_text()

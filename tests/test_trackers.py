@@ -242,7 +242,7 @@ class Failing(Sink):
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    def open(self, config: dict, config_yaml: str, resume_id: str | None) -> None:
+    def open(self, config: dict, config_yaml: str, resume_id: str | None, step: int) -> None:
         self.seen.append("open")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -266,7 +266,7 @@ def test_a_failing_background_sink_warns_once_and_drops_the_rest() -> None:
     sink = BackgroundSink(inner)
     logging.getLogger("trainer").addHandler(collect)
     try:
-        sink.open({}, "", None)
+        sink.open({}, "", None, 0)
         for step in range(5):
             sink.scalars({"train/loss": 1.0}, step)
         sink.close()

@@ -13,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer import checkpoint, models
+from helpers import REPO, small_run
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
 
 
@@ -24,10 +24,8 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> su
 
 
 def small_run_args(tmp: Path, name: str) -> list[str]:
-    return [f"log.output_dir={tmp / 'runs'}", f"log.name={name}", f"data.cache_dir={tmp / 'cache'}",
-            "data.synthetic_classes=3", "data.synthetic_train_per_class=150", "data.synthetic_val_per_class=30",
-            "data.image_size=24", "data.batch_size=32", "data.num_workers=1",
-            f"train.epochs={EPOCHS}", "log.progress_bar=off"]
+    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "data.num_workers=1", train_per_class=150,
+                     val_per_class=30, image_size=24, batch_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +13,14 @@ from trainer import config, distributed
 from trainer.errors import NonFiniteLoss
 from trainer.signals import StopRequest
 from trainer.worker import Worker
+from helpers import last_checkpoint, run, small_run
 
-REPO = Path(__file__).resolve().parents[1]
 EXACT_LINEAR = ["model.name=linear", "train.label_smoothing=0", "optim.weight_decay=0", "optim.momentum=0",
                 "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0"]
 
 
 def small(tmp: Path, *extra: str) -> list[str]:
-    return [f"log.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp.parent / 'cache'}", "data.synthetic_classes=3",
-            "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=8", "data.image_size=16",
-            "data.num_workers=0", "train.epochs=2", "log.progress_bar=off", *extra]
+    return small_run(tmp, "train.epochs=2", *extra, val_per_class=8, batch_size=64)
 
 
 def build_worker(tmp: Path, *extra: str) -> Worker:
@@ -35,12 +30,9 @@ def build_worker(tmp: Path, *extra: str) -> Worker:
 
 
 def weights_after(tmp: Path, name: str, *extra: str, nproc: int = 1) -> dict[str, torch.Tensor]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    result = subprocess.run([*launcher, "-m", "trainer", *small(tmp, f"log.name={name}", *extra)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run(small(tmp, f"log.name={name}", *extra), nproc=nproc)
     assert result.returncode == 0, result.stdout + result.stderr
-    return torch.load(tmp / "runs" / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return last_checkpoint(tmp, name)["model"]
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gc
 import logging
@@ -14,19 +13,15 @@ from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, distributed, models, slurm
-from trainer.errors import EXIT_USER_ERROR, ConfigError, UserError
+from trainer import checkpoint, config, data, distributed, models, peers, runlock, slurm, user_code
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, setup_console
 from trainer.signals import StopRequest
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer", description="Train an image classifier (one process per device).",
-        epilog="Example: python -m trainer -c configs/demo.yaml optim.lr=0.1 model.name=resnet18")
-    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml",
-                        help="YAML config file; repeat to layer several (later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.1")
-    return parser.parse_intermixed_args(argv)   # `a=1 -c f.yaml b=2` too (wrappers append overrides)
+def parse_args(argv: list[str] | None) -> config.CommandLine:
+    """``-c FILE``, ``--code DIR`` and config keys as ``key=value``, ``--key value`` or an alias
+    (``--epochs 10 --model ResNet34``), in any order; with ``--help`` the run prints every key instead."""
+    return config.parse_command_line(sys.argv[1:] if argv is None else argv)
 
 
 @record
@@ -43,13 +38,18 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = parse_args(argv)
     topology = distributed.discover()
     setup_console(topology.rank)
-    debug = os.environ.get("TRAINER_DEBUG") == "1" or any(o.strip() == "log.debug=true" for o in args.overrides)
+    debug = os.environ.get("TRAINER_DEBUG") == "1"
     env = None
     try:
-        cfg = config.load(args.config, args.overrides)
+        args = parse_args(argv)
+        if args.help:
+            print(config.help_text(), flush=True)
+            return EXIT_OK
+        debug = debug or any(o.strip() == "log.debug=true" for o in args.overrides)
+        user_code.add_code_dirs(args.code)
+        cfg = config.load(args.config, args.overrides, implied=models.implied_settings)
         # The SLURM warning signal may come (up to 60 s early) during process-group init, data
         # preparation or model building: it must not kill the process with its default action.
         # (TERM and INT keep interrupting start-up at once, as a user at a terminal expects.)
@@ -58,19 +58,25 @@ def _run(argv: list[str] | None) -> int:
         debug = debug or cfg.log.debug
         setup_console(topology.rank, debug)
         models.resolve_name(cfg.model.name)
+        data.check_source(cfg.data.source)
+        models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
-        run_dir = _agree_run_dir(env, cfg)
-        from trainer.worker import Worker
+        run_dir, lock = _agree_run_dir(env, cfg)
+        try:
+            from trainer.worker import Worker
 
-        worker = Worker(cfg, env, run_dir, stop)
-        if resume_from is not None:
-            worker.resume(resume_from)
-        _save_config(env, cfg, run_dir)  # only now: a refused start leaves the run's config.yaml as it was
-        stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
-        code = worker.fit()
-        requeue = worker.requeue
-        del worker
+            worker = Worker(cfg, env, run_dir, stop)
+            if resume_from is not None:
+                worker.resume(resume_from, fall_back=cfg.ckpt.resume == "auto")
+            _save_config(env, cfg, run_dir)  # only now: a refused start leaves the run's config.yaml as it was
+            stop.install(sorted({"SIGTERM", "SIGINT", cfg.ckpt.warning_signal}))
+            code = worker.fit()
+            requeue = worker.requeue
+            del worker
+        finally:
+            if lock is not None:
+                lock.release()
         distributed.teardown(env)
         if requeue:  # after teardown: SLURM answers a requeue with SIGTERM to the whole step
             slurm.requeue()
@@ -82,21 +88,29 @@ def _run(argv: list[str] | None) -> int:
             prefix = "error" if topology.rank == 0 else f"error [rank {topology.rank}]"
             print(f"{prefix}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        if env is None or not env.is_distributed or not peers.is_peer_failure(exc) or debug:
+            raise
+        print(f"error [rank {topology.rank}]: {peers.describe(env, exc)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
-def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> Path:
-    """Rank 0 creates the run directory and checks it is writable, writing nothing in it yet
-    (see :func:`_save_config`); every rank then uses it."""
+def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> tuple[Path, runlock.RunLock | None]:
+    """Rank 0 creates the run directory, checks it is writable and takes its lock (another live
+    run there is refused), writing nothing else in it yet (see :func:`_save_config`); every rank
+    then uses it."""
     run_dir = cfg.run_dir.resolve()
+    held: list[runlock.RunLock] = []
 
     def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir, os.W_OK):  # also EROFS for root
             raise OSError(errno.EACCES, "not writable")
+        held.append(runlock.acquire(run_dir))  # before any rank writes its log there
 
     _on_rank0(env, create, f"cannot write the run directory {run_dir}", "choose a writable log.output_dir")
     add_rank_file(run_dir, env.rank)
-    return run_dir
+    return run_dir, (held[0] if held else None)
 
 
 def _save_config(env: distributed.DistEnv, cfg: config.Config, run_dir: Path) -> None:
@@ -114,6 +128,8 @@ def _on_rank0(env: distributed.DistEnv, action: Callable[[], object], failure: s
             action()
         except OSError as exc:
             problem = f"{failure} ({exc.strerror or exc}); {fix}"
+        except UserError as exc:
+            problem = str(exc)
     problem = distributed.broadcast_object(env, problem)
     if problem:
         raise UserError(problem)

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, safe loads, retention, and finding what to resume from.
+"""Checkpoint files: atomic writes, safe loads, retention, finding what to resume from, and the
+checkpoint as a dict of stateful pieces with one compatibility check.
 
 Layout under ``run_dir/checkpoints``: ``step_<global step>.pt`` files (the newest ``keep_last``
 are kept), ``last.pt`` (the newest) and ``best.pt`` (the best by the configured metric). The
@@ -8,17 +9,25 @@ A checkpoint holds only tensors and plain Python values: ``torch.load(weights_on
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from trainer import distributed
+from trainer.distributed import DistEnv
 from trainer.errors import CheckpointError
+
+log = logging.getLogger("trainer")
+
+FORMAT = 2
+"""Version of the checkpoint layout: 2 is a dict of pieces (see :func:`capture`)."""
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -88,6 +97,39 @@ def latest(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[str, Any], Path]:
+    """Load ``path``; if it cannot be read and ``fall_back``, the newest older step file that can.
+
+    One warning line (when ``announce``) names the unreadable files and the one used instead.
+    Without a readable one: :class:`CheckpointError`, never a silent fresh start.
+    """
+    try:
+        return load(path), path
+    except CheckpointError as exc:
+        if not fall_back:
+            raise
+        problem = str(exc)
+    failed = path.stat().st_ino if path.exists() else None
+    unreadable: list[str] = []
+    for older in reversed(step_files(path.parent)):
+        if older.stat().st_ino == failed:  # last.pt is a hard link to the newest step file
+            continue
+        try:
+            state = load(older)
+        except CheckpointError:
+            unreadable.append(older.name)
+            continue
+        if announce:
+            log.warning("%s%s; falling back to %s", problem, _also(unreadable), older)
+        return state, older
+    raise CheckpointError(f"{problem}; no older readable checkpoint in {path.parent}{_also(unreadable)}: "
+                          "move the folder away to start afresh, or point ckpt.resume at a good checkpoint")
+
+
+def _also(names: list[str]) -> str:
+    return f" ({', '.join(names)} unreadable too)" if names else ""
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, refusing anything but tensors and plain values."""
     if not path.is_file():
@@ -139,18 +181,132 @@ def select_weights(state: dict[str, Any], which: str, origin: Path) -> tuple[str
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
     """Load weights strictly; on any mismatch, name the differing keys and shapes in one line."""
+    mismatch = weight_mismatch(model, weights)
+    if mismatch:
+        raise CheckpointError(f"{origin} does not match the model ({mismatch}); "
+                              "check model.name and the number of classes")
+    model.load_state_dict(weights)
+
+
+def weight_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """The missing, unexpected and differently shaped keys of ``weights``, or None if they fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(weights)) if weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected),
-                                      ("shape checkpoint vs model", shapes)) if items]
-        raise CheckpointError(f"{origin} does not match the model ({'; '.join(parts)}); "
-                              "check model.name and the number of classes")
-    model.load_state_dict(weights)
+    parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+             for label, items in (("missing", missing), ("unexpected", unexpected),
+                                  ("shape checkpoint vs model", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+# ----------------------------------------------------------------------------- stateful pieces
+class Stateful(Protocol):
+    """Anything with ``state_dict()``/``load_state_dict()``: modules, optimizers, scalers, our own."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def capture(pieces: Mapping[str, Stateful], meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint: every piece's state under its name, beside ``meta`` (what the file says
+    about itself: config, classes, versions, epoch, step, history, for readers and tools).
+
+    Pieces may run collectives in ``state_dict`` (every rank calls this, in the same order).
+    """
+    state = {"format": FORMAT, **meta}
+    for name, piece in pieces.items():
+        state[name] = piece.state_dict()
+    return state
+
+
+def restore(pieces: Mapping[str, Stateful], state: dict[str, Any], origin: Path) -> None:
+    """Load every piece from ``state``; a piece the checkpoint lacks is named in the error."""
+    missing = [name for name in pieces if name not in state]
+    if state.get("format") != FORMAT or missing:
+        raise CheckpointError(f"{origin} is a checkpoint of another format (format {state.get('format')}, "
+                              f"missing {', '.join(missing) or '-'}); it can be evaluated, not resumed: "
+                              "start a new log.name")
+    for name, piece in pieces.items():
+        piece.load_state_dict(state[name])
+
+
+class RankSums:
+    """Numbers each rank keeps and the run reports summed over ranks (meter sums, skip counts).
+
+    Saved as every rank's list (a collective). With the same world size each rank gets its own
+    back (bitwise the same sums later); otherwise rank 0 takes the totals and the others zeros,
+    which keeps the sums over ranks.
+    """
+
+    def __init__(self, env: DistEnv, read: Callable[[], list[float]], write: Callable[[list[float]], None]) -> None:
+        self.env, self.read, self.write = env, read, write
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_rank": distributed.all_gather_objects(self.env, [float(v) for v in self.read()])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        per_rank: list[list[float]] = state["per_rank"]
+        if len(per_rank) == self.env.world_size:
+            self.write(per_rank[self.env.rank])
+        else:
+            totals = [sum(column) for column in zip(*per_rank)]
+            self.write(totals if self.env.is_main else [0.0] * len(totals))
+
+
+# ----------------------------------------------------------------------------- compatibility
+NEUTRAL_KEYS = ("log.", "ckpt.", "dist.timeout_s", "dist.find_unused_parameters", "data.num_workers",
+                "data.persistent_workers", "data.pin_memory", "data.val_batch_size", "data.download",
+                "data.cache_dir", "data.root")
+"""Config keys (or prefixes) that do not change the training math: changing them keeps a resume exact."""
+
+
+def changes_since(saved: dict[str, Any], current: dict[str, Any], saved_world: int,
+                  world: int) -> tuple[list[str], list[str]]:
+    """What differs between the checkpoint's run and this one (``key old -> new``), and the
+    subset of those changes that give up bitwise identity with an uninterrupted run."""
+    changes: list[str] = []
+    inexact: list[str] = []
+    if saved_world != world:
+        changes.append(f"world size {saved_world} -> {world}")
+        inexact.append("world size")
+    old, new = _flat(saved), _flat(current)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key} {old.get(key)} -> {new.get(key)}")
+            if not key.startswith(NEUTRAL_KEYS):
+                inexact.append(key)
+    return changes, inexact
+
+
+def describe_changes(changes: list[str], inexact: list[str]) -> str:
+    """One log line for :func:`changes_since`."""
+    if not changes:
+        return "same configuration as the checkpoint: the resumed run is bitwise identical to an uninterrupted one"
+    verdict = (f"not bitwise identical to an uninterrupted run because of {', '.join(inexact)} "
+               "(each sample is still seen once per epoch; the schedule follows progress)"
+               if inexact else "bitwise identical to an uninterrupted run (none of these change the math)")
+    return f"changed since the checkpoint: {'; '.join(changes)}; {verdict}"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- history
+def rewrite_lines(path: Path, lines: list[str]) -> None:
+    """Replace ``path`` with ``lines`` atomically (metrics.jsonl from the checkpoint's history)."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:

@@ -12,7 +12,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -52,6 +52,8 @@ class ModelConfig:
     init: str = "default"
     channels_last: bool = False
     compile: bool = False
+    weights: str = "none"
+    freeze: str = "none"
 
 
 @dataclass
@@ -64,6 +66,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     decay_norm_and_bias: bool = False
+    head_lr_mult: float = 1.0
 
 
 @dataclass
@@ -88,6 +91,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     tf32: bool = True
     deterministic: bool = False
+    freeze_epochs: int = 0
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
 
@@ -95,14 +99,14 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     resume: str = "auto"
-    keep_last: int = 1
+    keep_last: int = 2
     metric: str = "val/top1"
     mode: str = "max"
     every_steps: int = 0
     every_minutes: float = 0.0
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
-    max_requeues: int = 10
+    max_requeues: int = 20
 
 
 @dataclass
@@ -148,8 +152,10 @@ class Config:
         return Path(os.path.expanduser(self.log.output_dir)) / self.log.name
 
 
+DATA_SOURCES = ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
+"""The built-in data sources; ``data.source`` may also be an import path (``my_pkg.data:build``)."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
     "data.on_bad_sample": ("error", "skip"),
     "model.init": ("default", "kaiming", "xavier"),
     "optim.name": ("sgd", "adam", "adamw", "adagrad"),
@@ -161,6 +167,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "log.progress_bar": ("auto", "on", "off"),
+    "model.freeze": ("none", "backbone"),
     "log.wandb_mode": ("offline", "online"),
 }
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
@@ -170,8 +177,9 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
-                "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.early_stop_patience",
-                "train.early_stop_min_delta", "log.histogram_every_epochs", "log.peak_tflops")
+                "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
+                "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
+                "log.histogram_every_epochs", "log.peak_tflops")
 TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
 """The values ``log.trackers`` may list."""
 
@@ -189,9 +197,14 @@ def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
 
 
 def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
-         base: dict[str, Any] | None = None) -> Config:
+         base: dict[str, Any] | None = None,
+         implied: Callable[[Config], dict[str, Any]] | None = None) -> Config:
     """Build the config from the defaults (then ``base``, e.g. a checkpoint's saved config), then
-    each YAML file in order, then the overrides."""
+    each YAML file in order, then the overrides.
+
+    ``implied(cfg)`` may name values that follow from others (the normalisation pretrained weights
+    expect); each applies only where no layer set that key.
+    """
     known = schema_keys()
     merged = OmegaConf.structured(Config)
     layers = [("the checkpoint's saved config", OmegaConf.create(base))] if base is not None else []
@@ -213,8 +226,25 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
                     f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
                     f"(in {origin})") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _validate_source(cfg)
+    if implied is not None:
+        given = {key for _, layer in layers for key in _leaf_keys(layer)}
+        for key, value in implied(cfg).items():
+            if key not in given:
+                _set(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _validate_source(cfg: Config) -> None:
+    source = cfg.data.source
+    if ":" in source:
+        return  # an import path, checked when imported (trainer.data.check_source)
+    canonical = {choice.lower(): choice for choice in DATA_SOURCES}
+    if source.lower() not in canonical:
+        raise ConfigError(f"data.source: '{source}' is not one of {', '.join(DATA_SOURCES)} nor an import path "
+                          f"like my_pkg.data:build{_suggest(source.lower(), canonical, 'value')}")
+    cfg.data.source = canonical[source.lower()]
 
 
 def validate(cfg: Config) -> None:
@@ -242,7 +272,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         raise ConfigError("data.mean and data.std need 3 values each, std > 0, e.g. data.std=[0.25,0.25,0.25]")
-    if cfg.data.source != "synthetic" and not cfg.data.root:
+    if cfg.data.source in DATA_SOURCES[1:] and not cfg.data.root:
         raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
     if not cfg.log.name or "/" in cfg.log.name:
         raise ConfigError(f"log.name: '{cfg.log.name}' must be a non-empty folder name without '/'")
@@ -368,3 +398,136 @@ def _value_of(layer: DictConfig, key: str) -> Any:
         return OmegaConf.select(layer, key)
     except OmegaConfBaseException:
         return "?"
+
+
+# ------------------------------------------------------------------------------------ command line
+ALIASES: dict[str, str] = {
+    "epochs": "train.epochs", "model": "model.name", "lr": "optim.lr", "batch-size": "data.batch_size",
+    "workers": "data.num_workers", "resume": "ckpt.resume", "weights": "model.weights", "name": "log.name",
+}
+"""Short spellings of the most used keys: ``--epochs 10`` is ``train.epochs=10``."""
+
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+"""What may follow a boolean option as its value; anything else is the next argument."""
+
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+"""Where each key's one-line meaning is written (as the comment on its line)."""
+
+
+@dataclass
+class CommandLine:
+    """What ``python -m trainer`` was asked: YAML files, ``key=value`` overrides, code folders."""
+
+    config: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)
+    help: bool = False
+
+
+def parse_command_line(argv: list[str]) -> CommandLine:
+    """Read ``-c FILE``, ``--code DIR``, ``-h`` and the config keys in any of these spellings:
+    ``key=value``, ``--key value``, ``--key=value``, ``--section.key`` (dashes or underscores),
+    a key's unique leaf name (``--batch_size``) or an alias (``--batch-size``, see :data:`ALIASES`).
+    A boolean key given without a value means true (``--model.compile``)."""
+    line, tokens = CommandLine(), list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token in ("-h", "--help"):
+            line.help = True
+            continue
+        if not token.startswith("-"):
+            line.overrides.append(token)
+            continue
+        name, eq, value = token.lstrip("-").partition("=")
+        if token.startswith("-") and not token.startswith("--") and name not in ("c",):
+            raise ConfigError(f"unknown option '{token}'; config keys are written --key value or key=value")
+        if not eq:
+            is_bool = name not in ("c", "config", "code") and schema_keys().get(cli_key(name)) in (bool, "bool")
+            if tokens and not tokens[0].startswith("--") and (not is_bool or tokens[0].lower() in BOOL_WORDS):
+                value = tokens.pop(0)
+            elif is_bool:
+                value = "true"
+            else:
+                raise ConfigError(f"option '{token}' needs a value, e.g. {token} VALUE or {token}=VALUE")
+        if name in ("c", "config"):
+            line.config.append(value)
+        elif name == "code":
+            line.code.append(value)
+        else:
+            line.overrides.append(f"{cli_key(name)}={value}")
+    return line
+
+
+def cli_key(name: str) -> str:
+    """The schema key an option names (``--batch-size`` -> ``data.batch_size``)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    known = schema_keys()
+    key = name.replace("-", "_")
+    if key in known:
+        return key
+    leaf_matches = [k for k in known if k.rsplit(".", 1)[-1] == key]
+    if len(leaf_matches) == 1:
+        return leaf_matches[0]
+    if len(leaf_matches) > 1:
+        raise ConfigError(f"option '--{name}' is ambiguous; write one of {', '.join('--' + k for k in leaf_matches)}")
+    close = difflib.get_close_matches(key, [*ALIASES, *known], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see python -m trainer --help"
+    raise ConfigError(f"unknown option '--{name}'; {hint}")
+
+
+def help_text() -> str:
+    """Usage, the aliases, and every key with its default and meaning (from configs/default.yaml)."""
+    meanings = _yaml_comments(DEFAULT_YAML)
+    defaults = _flatten_dict(to_dict(Config()))
+    width = max(len(k) for k in defaults) + 3
+    lines = [
+        "usage: python -m trainer [-c FILE.yaml]... [--code DIR]... [key=value | --key value | --key=value]...",
+        "",
+        "Train an image classifier (one process per device). Precedence: defaults < -c files < keys.",
+        "",
+        "options:",
+        f"  {'-c, --config FILE.yaml':<{width + 10}}YAML config file; repeat to layer several (later ones win)",
+        f"  {'--code DIR':<{width + 10}}folder with your own package, put on sys.path (repeatable)",
+        f"  {'-h, --help':<{width + 10}}show this help and exit",
+        "",
+        "short aliases: " + ", ".join(f"--{alias} = {key}" for alias, key in ALIASES.items()),
+        "",
+        "keys (default, then meaning):",
+    ]
+    section = ""
+    for key, default in defaults.items():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f"{section}:")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  --{key:<{width}} {shown:<20}  {meanings.get(key, '')}".rstrip())
+    lines += ["", "Example: python -m trainer --epochs 10 --model ResNet34 --lr 0.05 data.source=cifar10 data.root=/data"]
+    return "\n".join(lines)
+
+
+def _yaml_comments(path: Path) -> dict[str, str]:
+    """``section.key`` -> the comment on its line in ``path`` (empty when the file is absent)."""
+    comments: dict[str, str] = {}
+    if not path.is_file():
+        return comments
+    section = ""
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, rest = line.strip().partition(":")
+        if not line.startswith(" "):
+            section = key
+        elif "#" in rest:
+            comments[f"{section}.{key}"] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_dict(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
-from trainer import distributed
+from trainer import distributed, user_code
 from trainer.config import DataConfig
 from trainer.distributed import DistEnv
 from trainer.errors import DataError
@@ -67,11 +67,42 @@ def prepared_splits(cfg: DataConfig, env: DistEnv) -> Splits:
 
 def load_splits(cfg: DataConfig, download: bool = False) -> Splits:
     """Open the configured data source without transforms."""
+    if user_code.is_import_path(cfg.source):
+        return _user_splits(cfg)
     if cfg.source == "synthetic":
         return _image_folder_splits(_synthetic_root(cfg, create=False))
     if cfg.source == "imagefolder":
         return _image_folder_splits(Path(os.path.expanduser(cfg.root)))
     return _torchvision_splits(cfg, download)
+
+
+def check_source(source: str) -> None:
+    """Refuse, before any work, a ``data.source`` import path that cannot be imported."""
+    if user_code.is_import_path(source):
+        user_code.load_callable(source, "data.source")
+
+
+def _user_splits(cfg: DataConfig) -> Splits:
+    """``data.source=my_pkg.data:build``: ``build(cfg)`` returns (train, val, class names).
+
+    The sets must be map-style (``__len__`` and ``__getitem__``): the distributed shard, exact
+    mid-epoch resume and per-sample seeding all address samples by index.
+    """
+    spec = cfg.source
+    result = user_code.load_callable(spec, "data.source")(cfg)
+    if isinstance(result, Splits):
+        return result
+    if not (isinstance(result, (tuple, list)) and len(result) == 3):
+        raise DataError(f"data.source: {spec}(cfg) returned {type(result).__name__}; "
+                        "return (train_set, val_set, class_names)")
+    train, val, classes = result
+    for split, dataset in (("train", train), ("val", val)):
+        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise DataError(f"data.source: {spec} returned a {split} set of type {type(dataset).__name__}, not a "
+                            "map-style Dataset (__len__ and __getitem__); exact resume and sharding need indices")
+    if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"data.source: {spec} returned class names {classes!r}; return a list of strings")
+    return Splits(train, val, list(classes))
 
 
 def _synthetic_root(cfg: DataConfig, create: bool) -> Path:
@@ -135,7 +166,17 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tenso
     if train and cfg.hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
-    return transforms.Compose(steps)
+    return TensorsPassThrough(transforms.Compose(steps))
+
+
+class TensorsPassThrough:
+    """Apply ``transform`` to images; a tensor item (from the user's own data set) passes as is."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        return item if isinstance(item, torch.Tensor) else self.transform(item)
 
 
 def _to_rgb(image: Any) -> Any:
@@ -164,16 +205,16 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
-        try:
-            image, target = self.base[index]
-        except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
-            if self.skip_bad:
-                return None
-            raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
-                            "fix or remove it, or set data.on_bad_sample=skip") from None
-        state = torch.get_rng_state()
+        state = torch.get_rng_state()  # seeded before reading too: a user's data set may draw in __getitem__
         torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
+            try:
+                image, target = self.base[index]
+            except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
+                if self.skip_bad:
+                    return None
+                raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
+                                "fix or remove it, or set data.on_bad_sample=skip") from None
             return self.transform(image), target
         finally:
             torch.set_rng_state(state)
@@ -192,23 +233,75 @@ def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, 
     return images, targets, len(batch) - len(good)
 
 
-class TrainSampler(DistributedSampler):
-    """DistributedSampler that yields (epoch, index) keys and can start part-way into an epoch."""
+@dataclass
+class Position:
+    """Where training is: the epoch, and how many samples of that epoch's global order are consumed.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0
+    Global, not per rank: a resume at another world size or batch size continues from here.
+    """
 
-    def set_start(self, samples_done: int) -> None:
-        """Skip the first ``samples_done`` samples of this rank's shard (resume mid-epoch)."""
-        self.start = samples_done
+    epoch: int = 0
+    consumed: int = 0
 
-    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
-        indices = list(super().__iter__())[self.start:]
-        return iter([(self.epoch, index) for index in indices])
+    def epochs_done(self, size: int) -> float:
+        """Training progress in (fractional) epochs, the learning-rate schedule's clock."""
+        return self.epoch + self.consumed / size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class TrainBatchSampler(Sampler[list[SampleKey]]):
+    """This rank's micro-batches of one epoch's global order, from a global position on.
+
+    The epoch's order is DistributedSampler's permutation (``randperm`` seeded with seed + epoch).
+    Global micro-batch j covers positions [start + j*G, start + (j+1)*G) of it (G = batch x world)
+    and rank r takes every world-th position from start + r: DistributedSampler's strided shards,
+    so k micro-batches on W ranks consume exactly a prefix of the order, whatever W and the batch.
+    The rest of the epoch that does not fill a global batch is served too (see
+    :meth:`global_batches`), split as evenly as the stride does; only a rest smaller than the
+    world size, where some rank would get nothing, is left out.
+    """
+
+    def __init__(self, size: int, world_size: int, rank: int, batch_size: int, seed: int) -> None:
+        self.size, self.world_size, self.rank = size, world_size, rank
+        self.batch_size, self.seed = batch_size, seed
+        self.position = Position()
+
+    def set_position(self, position: Position) -> None:
+        self.position = Position(position.epoch, position.consumed)
+
+    def global_batches(self) -> list[int]:
+        """Sizes of the global micro-batches from the position to the end of the epoch.
+
+        A remainder shares the last full batch's samples: two batches of about (G + rest) / 2,
+        never a tiny last step whose few samples would also set BatchNorm's running statistics
+        just before validation, and never more than G.
+        """
+        full_size = self.batch_size * self.world_size
+        full, rest = divmod(max(0, self.size - self.position.consumed), full_size)
+        if rest == 0:
+            return [full_size] * full
+        if full > 0 and (full_size + rest) // 2 >= self.world_size:
+            return [full_size] * (full - 1) + [(full_size + rest + 1) // 2, (full_size + rest) // 2]
+        return [full_size] * full + ([rest] if rest >= self.world_size else [])
+
+    def order(self) -> torch.Tensor:
+        """The epoch's global permutation of sample indices."""
+        generator = torch.Generator().manual_seed(self.seed + self.position.epoch)
+        return torch.randperm(self.size, generator=generator)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        order, epoch, start = self.order().tolist(), self.position.epoch, self.position.consumed
+        for size in self.global_batches():
+            yield [(epoch, order[p]) for p in range(start + self.rank, start + size, self.world_size)]
+            start += size
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return len(self.global_batches())
 
 
 class EvalSampler(Sampler[SampleKey]):
@@ -258,14 +351,23 @@ def build_val_loader(split: Dataset, cfg: DataConfig, world_size: int, rank: int
                         cfg, device, seed, drop_last=False)
 
 
+def build_train_loader(dataset: Dataset, batches: TrainBatchSampler, cfg: DataConfig, device: torch.device,
+                       seed: int) -> DataLoader:
+    """The training DataLoader: ``batches`` decides what each micro-batch holds."""
+    return DataLoader(dataset, batch_sampler=batches, **_loader_options(cfg, device, seed))
+
+
 def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataConfig,
                  device: torch.device, seed: int, drop_last: bool) -> DataLoader:
     """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      **_loader_options(cfg, device, seed))
+
+
+def _loader_options(cfg: DataConfig, device: torch.device, seed: int) -> dict[str, Any]:
     workers = cfg.num_workers
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=collate_skipping_bad, pin_memory=cfg.pin_memory and device.type == "cuda",
-        drop_last=drop_last, persistent_workers=cfg.persistent_workers and workers > 0,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
-    )
+    return dict(num_workers=workers, collate_fn=collate_skipping_bad,
+                pin_memory=cfg.pin_memory and device.type == "cuda",
+                persistent_workers=cfg.persistent_workers and workers > 0, worker_init_fn=seed_worker,
+                generator=torch.Generator().manual_seed(seed),
+                prefetch_factor=LOADER_PREFETCH if workers > 0 else None)

@@ -51,6 +51,8 @@ class DistEnv:
     device: torch.device
     backend: str | None
     control: Any = None
+    store: Any = None
+    """The rendezvous store (on node 0), for a census of the ranks after a failure (trainer/peers.py)."""
 
     @property
     def rank(self) -> int:
@@ -129,11 +131,12 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0)
         raise EnvironmentProblem("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(chosen, store=_rendezvous_store(topology, timeout_s), rank=topology.rank,
+    store = _rendezvous_store(topology, timeout_s)
+    dist.init_process_group(chosen, store=store, rank=topology.rank,
                             world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
                             device_id=dev if dev.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    return DistEnv(topology, dev, chosen, control)
+    return DistEnv(topology, dev, chosen, control, store)
 
 
 def _rendezvous_store(topology: Topology, timeout_s: float) -> dist.Store:

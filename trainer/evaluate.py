@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint, config, data, distributed, models, precision
+from trainer import checkpoint, config, data, distributed, models, precision, user_code
 from trainer.__main__ import _one_line
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from trainer.logs import setup_console
@@ -50,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml")
     parser.add_argument("--weights", choices=checkpoint.WEIGHTS, default="auto",
                         help="the trained weights or their EMA (auto: the EMA when best.pt was chosen on val_ema/)")
+    parser.add_argument("--code", action="append", default=[], metavar="DIR",
+                        help="folder with the package of an import-path model.name or data.source")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     topology = distributed.discover()
     setup_console(topology.rank)
     try:
+        user_code.add_code_dirs(args.code)
         state = checkpoint.load(args.checkpoint)
         saved = state.get("config") or {}  # what the model was trained on; not where or how it ran
         base = {section: saved[section] for section in MODEL_SECTIONS if section in saved}

@@ -110,10 +110,11 @@ class MetricSinks:
         """The run ids to continue; call before :meth:`start`."""
         self.resume_ids = dict(ids)
 
-    def start(self, config: dict[str, Any], config_yaml: str) -> None:
-        """Open every sink with the flattened config (wandb and MLflow start on their own threads)."""
+    def start(self, config: dict[str, Any], config_yaml: str, step: int) -> None:
+        """Open every sink with the flattened config, from global step ``step`` (wandb and MLflow
+        start on their own threads)."""
         for sink in self.sinks:
-            sink.open(config, config_yaml, self.resume_ids.get(sink.name))
+            sink.open(config, config_yaml, self.resume_ids.get(sink.name), step)
         self.started = True
 
     def defer(self, action: Callable[[], None]) -> None:

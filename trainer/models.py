@@ -1,14 +1,24 @@
-"""Build a classification model by name: torchvision's registry plus small built-ins."""
+"""Build a classification model by name: built-ins, torchvision's registry, timm (``timm:NAME``)
+or the user's own builder (``package.module:function``); then pretrained weights and freezing."""
 
 from __future__ import annotations
 
 import difflib
+import inspect
+import logging
+import os
+import pickle
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from trainer import user_code
+from trainer.config import Config, ModelConfig
 from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def small_cnn(num_classes: int, image_size: int) -> nn.Module:
@@ -29,23 +39,36 @@ def linear(num_classes: int, image_size: int) -> nn.Module:
 
 
 BUILTIN: dict[str, Callable[[int, int], nn.Module]] = {"smallcnn": small_cnn, "linear": linear}
+TIMM_PREFIX = "timm:"
+TIMM_MISSING = "timm is not installed; pip install 'torch-launchpad[timm]'"
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def available() -> list[str]:
-    """Every model name accepted by :func:`build_model` (lower case)."""
+    """Every built-in and torchvision model name accepted by :func:`build_model` (lower case)."""
     from torchvision import models
 
     return sorted(set(BUILTIN) | set(models.list_models(module=models)))
 
 
 def resolve_name(name: str) -> str:
-    """The canonical (lower-case) model name, or a ConfigError with the closest valid names."""
+    """The canonical model name, or a ConfigError with the closest valid names.
+
+    Built-in and torchvision names are lower-cased; ``timm:NAME`` must be a timm model; an import
+    path is imported and must name a callable (its return type is checked when it is called).
+    """
+    if name.lower().startswith(TIMM_PREFIX):
+        return TIMM_PREFIX + _timm_arch(name[len(TIMM_PREFIX):])
+    if user_code.is_import_path(name):
+        user_code.load_callable(name, "model.name")
+        return name
     names = available()
     key = name.lower()
     if key in names:
         return key
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}?" if close else "e.g. smallcnn, resnet18, mobilenet_v3_small"
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            "e.g. smallcnn, resnet18, timm:convnext_tiny or your own my_pkg.nets:build")
     raise ConfigError(f"model.name: unknown model '{name}'; {hint}")
 
 
@@ -66,21 +89,12 @@ def torchvision_options(name: str, image_size: int) -> dict[str, Any]:
 
 
 def build_model(name: str, num_classes: int, image_size: int, init: str = "default") -> nn.Module:
-    """A freshly initialised classifier with ``num_classes`` outputs (no pretrained weights), checked
-    to take ``image_size`` images and return a tensor of logits in training."""
+    """A freshly initialised classifier with ``num_classes`` outputs (no pretrained weights); a
+    torchvision model is checked to take ``image_size`` images and return a tensor of logits."""
     key = resolve_name(name)
-    if key in BUILTIN:
-        model = BUILTIN[key](num_classes, image_size)
-    else:
-        from torchvision import models
-
-        try:
-            model = models.get_model(key, weights=None, num_classes=num_classes,
-                                     **torchvision_options(key, image_size))
-        except (ValueError, AssertionError) as exc:  # e.g. a ViT size that is no multiple of its patch size
-            raise ConfigError(f"model.name={key} cannot be built for data.image_size={image_size} "
-                              f"({_first_line(exc)}); choose another image size") from None
-    check_forward(model, key, image_size)
+    model = _construct(key, num_classes, image_size, pretrained_tag=None)
+    if not (key in BUILTIN or key.startswith(TIMM_PREFIX) or user_code.is_import_path(key)):
+        check_forward(model, key, image_size)
     initialise(model, init)
     return model
 
@@ -106,6 +120,265 @@ def check_forward(model: nn.Module, name: str, image_size: int) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+def build_for_training(config: Config, num_classes: int) -> nn.Module:
+    """:func:`build_model`, then ``model.weights`` (the classifier head is replaced where the class
+    count differs) and ``model.freeze``.
+
+    A backbone frozen for the whole run stops computing gradients; one frozen for
+    ``train.freeze_epochs`` keeps them (DDP fixes its parameter set once) and gets a zero learning
+    rate from the schedule until then.
+    """
+    cfg, image_size = config.model, config.data.image_size
+    key, weights = resolve_name(cfg.name), cfg.weights
+    if key.startswith(TIMM_PREFIX) and not _is_file_spec(weights) and weights.lower() != "none":
+        model = _construct(key, num_classes, image_size, pretrained_tag=weights)  # timm replaces its head
+        log.info("model.weights=%s: timm pretrained weights for %s", weights, key)
+    else:
+        model = build_model(key, num_classes, image_size, cfg.init)
+        if weights.lower() != "none":
+            log.info("%s", load_weights(model, _weight_tensors(key, weights), weights))
+    if cfg.freeze == "backbone" and config.train.freeze_epochs == 0:
+        head = head_parameter_names(model)
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name in head)
+    return model
+
+
+def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str | None) -> nn.Module:
+    if key in BUILTIN:
+        return BUILTIN[key](num_classes, image_size)
+    if key.startswith(TIMM_PREFIX):
+        import timm
+
+        arch = key[len(TIMM_PREFIX):]
+        if pretrained_tag is None:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        full = arch if pretrained_tag.upper() == "DEFAULT" or "." in arch else f"{arch}.{pretrained_tag}"
+        try:
+            return timm.create_model(full, pretrained=True, num_classes=num_classes)
+        except (OSError, RuntimeError, ValueError) as exc:  # no network, unknown tag, no cached file
+            raise ConfigError(f"model.weights: cannot get timm weights '{full}' ({_first_line(exc)}); "
+                              f"tags: {', '.join(_timm_tags(arch)) or 'none'}; offline, copy the Hugging "
+                              "Face cache (HF_HOME) from a machine with network") from None
+    if user_code.is_import_path(key):
+        return _call_user_builder(key, num_classes, image_size)
+    from torchvision import models
+
+    try:
+        return models.get_model(key, weights=None, num_classes=num_classes, **torchvision_options(key, image_size))
+    except (ValueError, AssertionError) as exc:  # e.g. a ViT size that is no multiple of its patch size
+        raise ConfigError(f"model.name={key} cannot be built for data.image_size={image_size} "
+                          f"({_first_line(exc)}); choose another image size") from None
+
+
+def _call_user_builder(spec: str, num_classes: int, image_size: int) -> nn.Module:
+    builder = user_code.load_callable(spec, "model.name")
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # some C-implemented callables have no signature
+        params = {}
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if "image_size" in params:
+        kwargs["image_size"] = image_size
+    model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {spec}(num_classes=...) returned {type(model).__name__}, not a "
+                          "torch.nn.Module; return the network itself")
+    return model
+
+
+def _timm_arch(arch: str) -> str:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.name=timm:{arch}: {TIMM_MISSING}") from None
+    if timm.is_model(arch):
+        return arch
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join('timm:' + c for c in close)}?" if close else "see timm.list_models()"
+    raise ConfigError(f"model.name: unknown timm model '{arch}'; {hint}")
+
+
+def _timm_tags(arch: str) -> list[str]:
+    import timm
+
+    return [name.split(".", 1)[1] for name in timm.list_pretrained(f"{arch}.*")][:6]
+
+
+# ------------------------------------------------------------------------------------ weights
+def _is_file_spec(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or weights.lower().endswith(WEIGHT_FILE_SUFFIXES) \
+        or Path(weights).expanduser().is_file()
+
+
+def _weight_tensors(key: str, weights: str) -> dict[str, torch.Tensor]:
+    """The tensors ``model.weights`` names: a local file or a torchvision weights name."""
+    if _is_file_spec(weights):
+        return read_weight_file(Path(weights).expanduser())
+    enum = _torchvision_weights(key, weights)
+    return _cached_torchvision_file(enum)
+
+
+def _torchvision_weights(key: str, weights: str) -> Any:
+    """The torchvision weights enum member ``weights`` names for model ``key``."""
+    from torchvision import models
+
+    if key in BUILTIN or user_code.is_import_path(key):
+        raise ConfigError(f"model.weights: '{weights}' names torchvision weights, but model '{key}' has none; "
+                          "give a weights file (a state dict or one of our checkpoints), or none")
+    enum = models.get_model_weights(key)
+    names = ["DEFAULT", *(member.name for member in enum)]
+    match = next((n for n in names if n.lower() == weights.lower()), None)
+    if match is None:
+        raise ConfigError(f"model.weights: '{weights}' is not a weights name of {key} nor a file; "
+                          f"use one of {', '.join(names)}, a file path, or none")
+    return enum[match] if match != "DEFAULT" else enum.DEFAULT
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Before any work: the weights file ``model.weights`` names exists (torchvision's is
+    downloaded into ``$TORCH_HOME`` now if it can be), else a ConfigError."""
+    key, weights = resolve_name(cfg.name), cfg.weights
+    if weights.lower() == "none" or key.startswith(TIMM_PREFIX) and not _is_file_spec(weights):
+        return
+    if _is_file_spec(weights):
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"model.weights: file '{weights}' not found; give a state dict or checkpoint path, "
+                              "a torchvision weights name (DEFAULT...), or none")
+        return
+    _torchvision_file(_torchvision_weights(key, weights))
+
+
+def _cached_torchvision_file(weights: Any) -> dict[str, torch.Tensor]:
+    return read_weight_file(_torchvision_file(weights))
+
+
+def _torchvision_file(weights: Any) -> Path:
+    """torchvision's weights file in ``$TORCH_HOME/hub/checkpoints``, downloaded if absent and possible."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not path.is_file():
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+        except (OSError, ValueError) as exc:  # URLError (no network, proxy), HTTP errors, disk full
+            raise ConfigError(f"model.weights: {path} is missing and could not be downloaded ({_first_line(exc)}); "
+                              f"download {weights.url} on a machine with network and put it at that path "
+                              "(it is $TORCH_HOME/hub/checkpoints/)") from None
+    return path
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``: safetensors, a plain state dict, or one of our checkpoints
+    (its ``model`` entry); loaded with ``weights_only=True``, wrapper prefixes removed."""
+    if not path.is_file():
+        raise ConfigError(f"model.weights: file '{path}' not found; give a state dict or checkpoint path, "
+                          "a torchvision weights name (DEFAULT...), or none")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream at all
+            raise ConfigError(f"model.weights: '{path}' is not a weights file (truncated, or another format); "
+                              "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
+        raise ConfigError(f"model.weights: refusing '{path}': it holds pickled Python objects, not only tensors; "
+                          "re-save it with torch.save(model.state_dict())") from None
+    except Exception as exc:  # truncated zips, headers that are not safetensors
+        raise ConfigError(f"model.weights: cannot read '{path}' as weights ({_first_line(exc)}); "
+                          "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {_strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    if not tensors:
+        raise ConfigError(f"model.weights: '{path}' holds no tensors; give a state dict or a checkpoint")
+    return tensors
+
+
+def _strip_wrappers(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> str:
+    """Copy every tensor whose name and shape match; keep the model's own (fresh) tensors where
+    the shape differs (the classifier head, for another class count). Returns the report line."""
+    own = model.state_dict()
+    loaded = {k: v for k, v in tensors.items() if k in own and v.shape == own[k].shape}
+    replaced = sorted(k for k in tensors if k in own and k not in loaded)
+    missing = sorted(k for k in own if k not in tensors)
+    unused = sorted(k for k in tensors if k not in own)
+    if not loaded:
+        raise ConfigError(f"model.weights: no tensor of '{origin}' matches the model (theirs: "
+                          f"{', '.join(list(tensors)[:3])}...; ours: {', '.join(list(own)[:3])}...); "
+                          "check model.name")
+    model.load_state_dict(loaded, strict=False)
+
+    def listed(keys: list[str], why: str = "") -> str:
+        return f" ({why}{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
+
+    return (f"model.weights={origin}: {len(loaded)} tensors loaded, {len(replaced)} replaced"
+            f"{listed(replaced, 'shape differs: ')}, {len(missing)} missing{listed(missing)}, "
+            f"{len(unused)} unused{listed(unused)}")
+
+
+def implied_settings(cfg: Config) -> dict[str, Any]:
+    """The data settings the configured weights expect (normalisation, size, crop), which apply
+    unless the config sets them itself. Reads no network."""
+    weights, name = cfg.model.weights, cfg.model.name
+    if weights.lower() == "none":
+        return {}
+    if _is_file_spec(weights):
+        return _checkpoint_data_settings(Path(weights).expanduser())
+    key = resolve_name(name)
+    if key.startswith(TIMM_PREFIX):
+        from timm.models import get_pretrained_cfg
+
+        arch = key[len(TIMM_PREFIX):]
+        tag = arch if weights.upper() == "DEFAULT" or "." in arch else f"{arch}.{weights}"
+        pretrained = get_pretrained_cfg(tag)
+        if pretrained is None:
+            return {}
+        size = pretrained.input_size[-1]
+        return {"data.mean": list(pretrained.mean), "data.std": list(pretrained.std), "data.image_size": size,
+                "data.val_crop_fraction": float(pretrained.crop_pct)}
+    transform = _torchvision_weights(key, weights).transforms()
+    crop, resize = transform.crop_size[0], transform.resize_size[0]
+    return {"data.mean": list(transform.mean), "data.std": list(transform.std), "data.image_size": crop,
+            "data.val_crop_fraction": crop / resize}
+
+
+def _checkpoint_data_settings(path: Path) -> dict[str, Any]:
+    """One of our checkpoints knows the data settings its model was trained with."""
+    if not path.is_file() or path.suffix == ".safetensors":
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # reported, with its cause, when the weights are loaded
+        return {}
+    saved = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
+    keys = ("mean", "std", "image_size", "val_crop_fraction")
+    return {f"data.{k}": saved[k] for k in keys if k in saved}
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the classifier head's parameters: timm's ``get_classifier()``, else the last
+    ``nn.Linear`` (or 1x1 ``nn.Conv2d``) in module order."""
+    get_classifier = getattr(model, "get_classifier", None)
+    head: nn.Module | None = get_classifier() if callable(get_classifier) else None
+    if not isinstance(head, nn.Module):
+        candidates = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        head = next((m for m in reversed(candidates) if isinstance(m, nn.Linear)), candidates[-1] if candidates else None)
+    if head is None:
+        return set()
+    ids = {id(p) for p in head.parameters()}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
 
 
 def initialise(model: nn.Module, scheme: str) -> None:

@@ -1,8 +1,9 @@
-"""Optimizer and learning-rate schedule (linear warmup, then cosine, step or constant)."""
+"""Optimizer and learning-rate schedule (linear warmup, then cosine, step or constant), by progress."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -10,18 +11,22 @@ from torch import nn
 from trainer.config import OptimConfig, SchedConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    head: Collection[str] = ()) -> torch.optim.Optimizer:
     """SGD, Adam, AdamW or Adagrad; norm and bias parameters skip weight decay unless configured.
 
+    The parameters named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group
+    records whether it is the head, so that the schedule can hold a frozen backbone still.
     Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
+            is_head, decayed = name in head, not (param.ndim <= 1 and not cfg.decay_norm_and_bias)
+            groups.setdefault((is_head, decayed), {
+                "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "head": is_head,
+                "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0)})["params"].append(param)
+    groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -32,23 +37,78 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, foreach=True)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: SchedConfig, steps_per_epoch: int) -> float:
-    """The multiplier of the base learning rate at optimizer step ``step``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+class OptimizerState:
+    """The optimizer as a checkpoint piece: its buffers (momentum, Adam moments) come from the
+    checkpoint, its hyper-parameters (momentum, weight decay, betas...) from the current config,
+    so that overrides given at a resume take effect."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, own in zip(self.optimizer.param_groups, configured):
+            group.update(own)
+
+
+def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
+    """The multiplier of the base learning rate for an optimizer step over progress [start, end).
+
+    Progress is in epochs (fractional), so the schedule does not depend on steps per epoch: a
+    resume with another batch size, world size or accumulation continues the same curve.
+    Warmup rises linearly to 1 at ``warmup_epochs`` (by the step's end, so the first step moves);
+    the decay is read at the step's start (so the last step still moves).
+    """
+    warmup = min(cfg.warmup_epochs, epochs)
+    if start < warmup:
+        return min(1.0, end / warmup)
     if cfg.name == "constant":
         return 1.0
     if cfg.name == "step":
-        period = max(1, round(cfg.step_epochs * steps_per_epoch))
-        return cfg.gamma ** ((step - warmup_steps) // period)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return cfg.gamma ** math.floor((start - warmup) / cfg.step_epochs)
+    progress = min(1.0, (start - warmup) / (epochs - warmup)) if epochs > warmup else 1.0
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step."""
-    total = steps_per_epoch * epochs
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, cfg, steps_per_epoch))
+class Schedule:
+    """Sets the learning rate of each optimizer step from training progress (see :func:`lr_factor`).
+
+    Each parameter group keeps the base rate it was built with (``optim.lr``, times
+    ``optim.head_lr_mult`` for the head); groups that are not the head stay at zero while progress
+    is under ``frozen_epochs`` (a backbone frozen for ``train.freeze_epochs``). Rates, schedule and
+    length come from the current config, never from the checkpoint: ``optim.lr``, ``sched.*`` and
+    ``train.epochs`` given at a resume apply from the resume point. Its state is the progress
+    window of the last step, so the logged rate survives a resume.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int,
+                 frozen_epochs: float = 0.0) -> None:
+        self.optimizer, self.cfg, self.epochs, self.frozen_epochs = optimizer, cfg, epochs, frozen_epochs
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.start, self.end = 0.0, 0.0
+
+    def set_window(self, start: float, end: float) -> None:
+        """Set the rate for the optimizer step that covers progress [start, end) (in epochs)."""
+        self.start, self.end = start, end
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = lr_factor(self.start, self.end, self.cfg, self.epochs)
+        frozen = self.start < self.frozen_epochs
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = 0.0 if frozen and not group.get("head") else base * factor
+
+    def lr(self) -> float:
+        """The first group's rate: the backbone's (zero while frozen), or the only one."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"start": self.start, "end": self.end}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.start, self.end = float(state["start"]), float(state["end"])
+        self._apply()

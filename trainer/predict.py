@@ -1,4 +1,7 @@
-"""``python -m trainer.predict CHECKPOINT IMAGE_OR_FOLDER...``: classify images on the CPU."""
+"""``python -m trainer.predict CHECKPOINT IMAGE_OR_FOLDER...``: classify images on the CPU.
+
+``CHECKPOINT`` is one of our checkpoints, or a ``.pt2`` program written by ``trainer.export``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trainer import checkpoint, data, models
+from trainer import checkpoint, data, export, user_code
 from trainer.config import DataConfig
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
 
@@ -21,15 +24,16 @@ class Predictor:
     """A trained model on the CPU with its validation transform and class names."""
 
     def __init__(self, checkpoint_path: Path, weights: str = "auto") -> None:
-        state = checkpoint.load(checkpoint_path)
-        saved = state["config"]
-        self.classes: list[str] = state["classes"]
+        if checkpoint_path.suffix == ".pt2":
+            self.model, saved = export.load_program(checkpoint_path)
+            saved_data = saved["data"]
+        else:
+            state = checkpoint.load(checkpoint_path)
+            saved, saved_data = state, state["config"]["data"]
+            self.model = export.rebuild_model(state, checkpoint_path, weights)
+        self.classes: list[str] = saved["classes"]
         data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
-                                                                   saved["data"]))  # type: ignore[assignment]
-        self.model = models.build_model(saved["model"]["name"], len(self.classes), data_cfg.image_size)
-        _, chosen = checkpoint.select_weights(state, weights, checkpoint_path)
-        checkpoint.load_model_weights(self.model, chosen, checkpoint_path)
-        self.model.eval()
+                                                                   saved_data))  # type: ignore[assignment]
         self.transform = data.build_transform(data_cfg, train=False)
 
     @torch.inference_mode()
@@ -61,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", "--top-k", type=int, default=3, help="classes to print per image")
     parser.add_argument("--weights", choices=checkpoint.WEIGHTS, default="auto",
                         help="the trained weights or their EMA (auto: the EMA when best.pt was chosen on val_ema/)")
+    parser.add_argument("--code", action="append", default=[], metavar="DIR",
+                        help="folder with the package of an import-path model.name")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
+        user_code.add_code_dirs(args.code)
         predictor = Predictor(args.checkpoint, args.weights)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

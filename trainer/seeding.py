@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from trainer import distributed
+from trainer.distributed import DistEnv
 
 
 def seed_everything(seed: int) -> None:
@@ -14,6 +17,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Each rank's own seed (dropout and stochastic-depth masks differ between ranks); ``step``
+    re-derives one at a resume where the saved per-rank states do not fit the new world size."""
+    return (seed + rank + 1_000_003 * step) % 2**63
 
 
 def capture_rng() -> dict[str, Any]:
@@ -40,3 +49,23 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RankRng:
+    """Every rank's RNG states as a checkpoint piece (saving is a collective).
+
+    Restored rank by rank when the world size is unchanged (exact); otherwise each rank is
+    seeded with :func:`rank_seed` at ``step()``, so the same resume is reproducible.
+    """
+
+    def __init__(self, env: DistEnv, seed: int, step: Callable[[], int]) -> None:
+        self.env, self.seed, self.step = env, seed, step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_rank": distributed.all_gather_objects(self.env, capture_rng())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["per_rank"]) == self.env.world_size:
+            restore_rng(state["per_rank"][self.env.rank])
+        else:
+            seed_everything(rank_seed(self.seed, self.env.rank, self.step()))

@@ -2,7 +2,8 @@
 
 One public call, :meth:`TrainStep.micro_batch`, forwards and backwards one micro-batch and, at the
 end of an accumulation window, steps the optimizer in the AMP order: scale -> backward -> unscale
--> clip -> step -> update -> zero_grad -> EMA -> schedule. Nothing in a steady-state step makes the
+-> clip -> step -> update -> zero_grad -> EMA. The learning rate is not stepped here: the Worker
+sets it from training progress before each step (``optim.Schedule``). Nothing in a steady-state step makes the
 host wait for the device: the loss stays a device tensor, the scaler's skips are counted on the
 device, and the EMA counts its updates in Python.
 """
@@ -66,16 +67,16 @@ class ModelEma:
 
 class TrainStep:
     """Owns what one optimizer step needs beyond the model and optimizer: autocast, the scaler,
-    accumulation, clipping, non-finite handling, the EMA and the learning-rate schedule.
+    accumulation, clipping, non-finite handling and the EMA.
 
     ``model`` is what runs the forward pass (DDP- and/or compile-wrapped); ``net`` is the plain
     module underneath, whose parameters are clipped and averaged.
     """
 
-    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, device: torch.device,
-                 cfg: TrainConfig, memory_format: torch.memory_format = torch.contiguous_format) -> None:
-        self.net, self.model, self.optimizer, self.scheduler = net, model, optimizer, scheduler
+    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                 device: torch.device, cfg: TrainConfig,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.net, self.model, self.optimizer = net, model, optimizer
         self.precision, self.device, self.cfg, self.memory_format = precision, device, cfg, memory_format
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
@@ -120,10 +121,6 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
-        self.scheduler.step()
-
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def skipped(self) -> int:
         """Optimizer steps skipped so far: non-finite gradients and scaler overflows (reads the device)."""
@@ -134,7 +131,10 @@ class TrainStep:
                 "skipped_steps": self.skipped_steps, "scaler_skips": int(self.scaler_skips)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scaler.load_state_dict(state["scaler"])
+        """What the checkpoint has: a run that had no scaler or no EMA leaves this one's fresh (an
+        EMA switched on at a resume starts from the resumed weights)."""
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -65,8 +65,9 @@ class Sink:
 
     name = "sink"
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None) -> None:
-        """Start (or, with the ``resume_id`` a checkpoint kept, continue) this sink's run."""
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
+        """Start (or, with the ``resume_id`` a checkpoint kept, continue) this sink's run, from
+        global step ``step`` (0 for a new run)."""
 
     def run_id(self) -> str | None:
         """The id under which a resumed run continues this sink's run (None: nothing to continue)."""
@@ -121,12 +122,13 @@ class TensorBoardSink(Sink):
         self.folder = folder
         self.writer: Any = None
         self.pending: list[tuple[str, tuple[Any, ...]]] = []
+        self.purge_step: int | None = None
 
     def _open_writer(self) -> Any:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.folder))
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.purge_step)
             for method, args in self.pending:
                 getattr(self.writer, method)(*args)
             self.pending.clear()
@@ -138,7 +140,8 @@ class TensorBoardSink(Sink):
         else:
             getattr(self.writer, method)(*args)
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None) -> None:
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
+        self.purge_step = step + 1  # one history: drop what a killed run logged after its checkpoint
         self._write("add_text", "config", "```yaml\n" + config_yaml + "\n```", 0)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -206,7 +209,7 @@ class WandbSink(Sink):
         self.id = uuid.uuid4().hex[:12]
         self.run: Any = None
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None) -> None:
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
         if self.mode == "offline":
             os.environ["WANDB_ERROR_REPORTING"] = "false"  # nothing may try the network
         try:
@@ -269,7 +272,7 @@ class MlflowSink(Sink):
         self.buffered: list[Any] = []
         self.finished = False
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None) -> None:
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
         try:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
@@ -369,8 +372,8 @@ class BackgroundSink(Sink):
         if not self.failed:
             self.calls.put((method, args))
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None) -> None:
-        self._submit("open", config, config_yaml, resume_id)
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
+        self._submit("open", config, config_yaml, resume_id, step)
 
     def run_id(self) -> str | None:
         return self.inner.run_id()  # chosen before the thread opens the run: no waiting

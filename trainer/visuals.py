@@ -92,8 +92,8 @@ class RunVisuals:
         """The grid of augmented training samples and the model graph, for a run that starts afresh,
         made just before the sinks' first write (not before the first training step).
 
-        The samples are the first of epoch 0's order, through the training transform (its
-        randomness is seeded per sample, so this changes no random state the run uses).
+        The samples are this rank's first of the epoch's order, through the training transform
+        (its randomness is seeded per sample, so this changes no random state the run uses).
         """
         cfg = self.log_cfg
         if self.env.is_main and (cfg.pictures or cfg.graph or cfg.histogram_every_epochs > 0):
@@ -102,7 +102,8 @@ class RunVisuals:
     def _start_pictures(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                         device: torch.device, step: int) -> None:
         cfg = self.log_cfg
-        samples = [train_set[key] for key in itertools.islice(iter(sampler), GRID_IMAGES)]
+        keys = itertools.chain.from_iterable(iter(sampler))  # the batch sampler's (epoch, index) keys
+        samples = [train_set[key] for key in itertools.islice(keys, GRID_IMAGES)]
         samples = [sample for sample in samples if sample is not None]
         if not samples:
             return

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,12 +16,12 @@ from trainer import checkpoint, data, distributed, flops, models, optim, precisi
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
 from trainer.early_stop import early_stop_reason
-from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError, NonFiniteLoss, OutOfMemory
+from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
 from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
 from trainer.profiling import StepProfiler
 from trainer.resources import PeakMemory
-from trainer.seeding import capture_rng, restore_rng, seed_everything
+from trainer.seeding import RankRng, rank_seed, seed_everything
 from trainer.signals import StopRequest
 from trainer.step import TrainStep
 from trainer.visuals import RunVisuals
@@ -37,16 +38,20 @@ class Worker:
             precision.configure_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.train.deterministic)
         seed_everything(cfg.train.seed)
         self._build_data()
-        self.net = models.build_model(cfg.model.name, len(self.classes), cfg.data.image_size, cfg.model.init)
+        self.net = models.build_for_training(cfg, len(self.classes))
         self.memory_format = models.memory_format(cfg.model.channels_last)
         self.net.to(self.device, memory_format=self.memory_format)
         self.eval_net: nn.Module = torch.compile(self.net) if cfg.model.compile else self.net
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum_steps)
-        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device)
-        self.scheduler = optim.build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.train.epochs)
-        self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.scheduler, self.precision,
-                              self.device, cfg.train, self.memory_format)
-        self.epoch, self.batches_done, self.global_step = 0, 0, 0
+        fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
+        head = models.head_parameter_names(self.net) if fine_tuning else set()
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
+        frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
+        self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
+        self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.precision, self.device,
+                              cfg.train, self.memory_format)
+        seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
+        self.position = data.Position()
+        self.global_step = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.meter = TrainMeter(self.device, cfg.log.every_steps)
@@ -67,17 +72,16 @@ class Worker:
         self.classes = splits.classes
         train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
                                                 cfg.train.seed, cfg.data.on_bad_sample == "skip")
-        self.train_sampler = data.TrainSampler(train_set, env.world_size, env.rank, cfg.train.seed)
+        if len(train_set) < env.world_size:
+            raise DataError(f"{len(train_set)} training samples for {env.world_size} processes: each process "
+                            "needs at least one; use fewer processes or more data")
         batch = cfg.data.batch_size
-        if self.train_sampler.num_samples < batch:
-            raise DataError(f"each of the {env.world_size} processes gets {self.train_sampler.num_samples} "
-                            f"training samples, fewer than data.batch_size={batch}; lower the batch size")
-        self.batches_per_epoch = self.train_sampler.num_samples // batch
+        self.train_sampler = data.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
         batch_bytes = batch * 3 * cfg.data.image_size ** 2 * 4
         if (shm := data.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
             log.warning(shm)
-        self.train_loader = data.build_loader(train_set, self.train_sampler, batch, cfg.data, self.device,
-                                              cfg.train.seed + env.rank, drop_last=True)
+        self.train_loader = data.build_train_loader(train_set, self.train_sampler, cfg.data, self.device,
+                                                    cfg.train.seed + env.rank)
         self.val_loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
                                                 cfg.train.seed)
 
@@ -96,31 +100,35 @@ class Worker:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
         cfg, config_yaml = self.cfg, to_yaml(self.cfg)
         self._announce(config_yaml)
+        # One history: what the checkpoint holds, nothing a killed run logged after it.
+        jsonl = self.sinks.jsonl_path
+        if self.env.is_main and jsonl is not None and (self.history or jsonl.exists()):
+            checkpoint.rewrite_lines(jsonl, [json.dumps(record) for record in self.history])
         try:
-            self.sinks.start(flatten(to_dict(cfg)), config_yaml)
-            self.visuals.at_start(self.sinks, self.net, self.train_sampler.dataset, self.train_sampler,
+            self.sinks.start(flatten(to_dict(cfg)), config_yaml, self.global_step)
+            self.visuals.at_start(self.sinks, self.net, self.train_loader.dataset, self.train_sampler,
                                   self.device, self.global_step)
-            if self.epoch >= cfg.train.epochs:
+            if self.position.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
                          "raise train.epochs to continue it, or choose another log.name",
-                         self.run_dir, self.epoch, cfg.train.epochs)
+                         self.run_dir, self.position.epoch, cfg.train.epochs)
                 return EXIT_OK
-            while self.epoch < cfg.train.epochs:
+            while self.position.epoch < cfg.train.epochs:
                 if (reason := self._early_stop()) is not None:
-                    log.info("early stop after epoch %d: %s; best checkpoint: %s", self.epoch, reason,
+                    log.info("early stop after epoch %d: %s; best checkpoint: %s", self.position.epoch, reason,
                              checkpoint.checkpoint_dir(self.run_dir) / "best.pt")
                     break
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
-                log.debug("epoch %d: validating %d samples", self.epoch + 1, len(self.val_loader.dataset))
+                log.debug("epoch %d: validating %d samples", self.position.epoch + 1, len(self.val_loader.dataset))
                 evidence = self.visuals.evidence()
                 val = self.evaluate(self.eval_net, evidence)
                 val_ema = self.evaluate(self.step.ema.module) if self.step.ema else None
                 if distributed.any_rank(self.env, [self.stop.requested])[0]:  # a stop during validation
                     return self._stop()
                 self._end_epoch(train_stats, val, val_ema)
-                self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.epoch, self.global_step)
+                self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.position.epoch, self.global_step)
             self._finish()
             return EXIT_OK
         finally:
@@ -128,44 +136,46 @@ class Worker:
             self.sinks.close()
 
     def train_epoch(self) -> dict[str, float] | None:
-        """One pass over this rank's shard (from ``batches_done`` on); None if a stop was requested.
+        """The rest of the epoch's global order, from ``position`` on; None if a stop was requested.
 
-        Ranks agree on stopping (and on timed saves) at every optimizer step, one step late (see
+        Accumulation windows count from the first micro-batch trained here; the epoch's last
+        window may be shorter, and its loss is divided by its real number of micro-batches. Ranks
+        agree on stopping (and on timed saves) at every optimizer step, one step late (see
         :class:`LaggedAgreement`), and once more after the last batch.
         """
-        cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
+        cfg, accum, position, size = self.cfg, self.cfg.train.grad_accum_steps, self.position, self.train_sampler.size
         self.net.train()
-        self.train_sampler.set_epoch(self.epoch)
-        self.train_sampler.set_start(self.batches_done * cfg.data.batch_size)
-        if self.batches_done == 0:
+        self.train_sampler.set_position(position)
+        global_batches = self.train_sampler.global_batches()
+        if position.consumed == 0:
             self.meter = TrainMeter(self.device, cfg.log.every_steps)
         self.peak_memory.reset()
-        bar = ProgressBar(self.env, cfg.log.progress_bar, self.batches_per_epoch, f"epoch {self.epoch + 1}")
-        bar.update(self.batches_done)
-        started, waited, counted_before = time.perf_counter(), 0.0, self.meter.count
+        bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
+        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
+        window_start = position.consumed  # where the current accumulation window began
         batches = iter(self.train_loader)
-        while True:
+        for index, global_size in enumerate(global_batches):
             self.profiler.update(self.global_step)
             wait_start = time.perf_counter()
-            batch = next(batches, None)
+            images, targets, skipped = next(batches)
             waited += time.perf_counter() - wait_start
-            if batch is None:
-                break
-            images, targets, skipped = batch
             self.skipped_samples += skipped
-            window_start = self.batches_done - self.batches_done % accum
-            window = min(accum, self.batches_per_epoch - window_start)  # the epoch's last window may be shorter
-            self.batches_done += 1
-            last = self.batches_done - window_start == window
-            loss = self._train_step(images, targets, window, last)
+            if index % accum == 0:
+                window_start = position.consumed
+            window = min(accum, len(global_batches) - (index - index % accum))
+            boundary = (index + 1) % accum == 0 or index + 1 == len(global_batches)
+            position.consumed += global_size
+            if boundary:
+                self.schedule.set_window(position.epoch + window_start / size, position.epochs_done(size))
+            loss = self._train_step(images, targets, window, boundary)
             self.meter.update(loss, targets.shape[0], self.global_step)
             bar.update()
-            if self.batches_done % cfg.log.every_steps == 0:
+            if boundary and self.global_step % cfg.log.every_steps == 0:
                 self._flush_meter()
                 running = self.meter.mean_loss()
                 bar.set_postfix(loss=f"{running:.4f}")
-                self.sinks.scalars({"train/loss_running": running, "train/lr": self.step.lr()}, self.global_step)
-            if last and self.batches_done < self.batches_per_epoch:
+                self.sinks.scalars({"train/loss_running": running, "train/lr": self.schedule.lr()}, self.global_step)
+            if boundary and index + 1 < len(global_batches):
                 stop, save = self._poll()
                 if stop:
                     bar.close()
@@ -179,8 +189,8 @@ class Worker:
         self._flush_meter()
         elapsed = time.perf_counter() - started
         stats = self.meter.reduce(self.env.control)
-        trained_now = (self.meter.count - counted_before) * self.env.world_size  # not what a resume restored
-        stats.update(images_per_s=trained_now / elapsed, data_wait=waited / elapsed, time_s=elapsed)
+        stats.update(images_per_s=(position.consumed - consumed_before) / elapsed, data_wait=waited / elapsed,
+                     time_s=elapsed)
         return stats
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
@@ -199,8 +209,9 @@ class Worker:
     def _flush_meter(self) -> None:
         bad_step = self.meter.flush()
         if bad_step is not None and self.cfg.train.on_nonfinite_loss == "stop":
-            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} (epoch {self.epoch + 1}); "
-                                "lower optim.lr, set train.clip_grad_norm, or train.on_nonfinite_loss=skip")
+            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} "
+                                f"(epoch {self.position.epoch + 1}); lower optim.lr, set train.clip_grad_norm, "
+                                "or train.on_nonfinite_loss=skip")
 
     def _poll(self) -> tuple[bool, bool]:
         """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?"""
@@ -215,9 +226,9 @@ class Worker:
         ckpt = self.cfg.ckpt
         self.agreement.settle(2)
         self.save_checkpoint()
-        log.warning("stopped by %s at epoch %d batch %d; checkpoint saved, exit code %d",
-                    self.stop.signal_name or "a signal on another rank", self.epoch + 1, self.batches_done,
-                    EXIT_STOPPED)
+        log.warning("stopped by %s at epoch %d, %d of %d samples; checkpoint saved, exit code %d",
+                    self.stop.signal_name or "a signal on another rank", self.position.epoch + 1,
+                    self.position.consumed, self.train_sampler.size, EXIT_STOPPED)
         warned = ckpt.warning_signal in self.stop.received
         self.requeue = self.env.is_main and ckpt.requeue and warned and slurm.may_requeue(ckpt.max_requeues)
         return EXIT_STOPPED
@@ -225,8 +236,14 @@ class Worker:
     def evaluate(self, model: nn.Module, observer: EvalObserver | None = None) -> dict[str, float]:
         """Metrics of ``model`` over the whole validation set, every sample counted once across ranks.
 
-        A stop signal cuts it short (the partial metrics are then not logged).
+        Every rank first takes rank 0's buffers (BatchNorm statistics, EMA-averaged buffers): each
+        rank updated its own in its last steps, and rank 0's are the ones the checkpoint keeps, so
+        the logged metrics are the saved model's (what ``trainer.evaluate`` reports). A stop signal
+        cuts the validation short (the partial metrics are then not logged).
         """
+        if self.env.is_distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         try:
             metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device,
                                               self.precision, self.memory_format, self.env.control,
@@ -241,11 +258,11 @@ class Worker:
     # ----------------------------------------------------------------------------- bookkeeping
     def _end_epoch(self, train: dict[str, float], val: dict[str, float], val_ema: dict[str, float] | None) -> None:
         cfg = self.cfg
-        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step}
+        record: dict[str, Any] = {"epoch": self.position.epoch + 1, "step": self.global_step}
         record.update({f"train/{k}": v for k, v in train.items()})
         record.update({f"val/{k}": v for k, v in val.items()})
         record.update({f"val_ema/{k}": v for k, v in (val_ema or {}).items()})
-        record["train/lr"] = self.step.lr()
+        record["train/lr"] = self.schedule.lr()
         record["train/skipped_steps"] = self.step.skipped()
         record["train/global_batch"] = cfg.data.batch_size * self.env.world_size * cfg.train.grad_accum_steps
         record.update({f"train/{k}": v for k, v in self.peak_memory.read().items()})
@@ -253,13 +270,13 @@ class Worker:
         if skipped:
             record["data/skipped_samples"] = skipped
             log.warning("epoch %d: skipped %d unreadable samples so far (data.on_bad_sample=skip)",
-                        self.epoch + 1, skipped)
+                        self.position.epoch + 1, skipped)
         value = record[cfg.ckpt.metric]  # config.validate checked that it is logged
         improved = self.best is None or (value > self.best if cfg.ckpt.mode == "max" else value < self.best)
         if improved:
             self.best = value
         self.history.append(record)
-        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.position = data.Position(self.position.epoch + 1, 0)
         log.info("epoch %d/%d  train loss %.4f | val loss %.4f top1 %.4f top5 %.4f f1 %.4f | lr %.3g | "
                  "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
                  train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],
@@ -288,7 +305,7 @@ class Worker:
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
                  flops.short(self.flops_per_image), self.precision.name, len(self.classes),
-                 len(self.train_sampler.dataset), len(self.val_loader.dataset), cfg.data.batch_size,
+                 self.train_sampler.size, len(self.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
     def _finish(self) -> None:
@@ -300,26 +317,36 @@ class Worker:
         log.info("checkpoints: %s, %s", ckpts / "last.pt", ckpts / "best.pt")
 
     # ----------------------------------------------------------------------------- checkpoints
-    def state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (a collective: gathers every rank's RNG)."""
-        mid_epoch = self.batches_done > 0
-        if mid_epoch:
-            self._flush_meter()
-        per_rank = distributed.all_gather_objects(
-            self.env, {"rng": capture_rng(), "train_meter": self.meter.state() if mid_epoch else None})
-        return {
-            "format": 1, "model": models.unwrap(self.net).state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step": self.step.state_dict(), "epoch": self.epoch, "batches_done": self.batches_done,
-            "global_step": self.global_step, "world_size": self.env.world_size, "best": self.best,
-            "history": self.history, "per_rank": per_rank, "classes": self.classes,
-            "config": to_dict(self.cfg), "versions": _versions(),
-            "trackers": self.sinks.state_dict(),
+    def checkpoint_pieces(self) -> dict[str, checkpoint.Stateful]:
+        """The stateful pieces a checkpoint holds, in restore order (the Worker's own counters
+        first: the RNG piece reads the step). Saving some of them is a collective."""
+        env = self.env
+        pieces: dict[str, checkpoint.Stateful] = {
+            "worker": self, "model": models.unwrap(self.net), "optimizer": optim.OptimizerState(self.optimizer),
+            "schedule": self.schedule, "step": self.step, "position": self.position,
+            "meter": checkpoint.RankSums(env, lambda: self.meter.state().tolist(),
+                                         lambda sums: self.meter.load_state(torch.tensor(sums, dtype=torch.float64))),
+            "skipped_samples": checkpoint.RankSums(env, lambda: [self.skipped_samples],
+                                                   lambda counts: setattr(self, "skipped_samples", int(counts[0]))),
+            "rng": RankRng(env, self.cfg.train.seed, lambda: self.global_step),
+            "trackers": self.sinks,
         }
+        return pieces
+
+    def state_dict(self) -> dict[str, Any]:
+        """The Worker's own counters (its other state lives in :meth:`checkpoint_pieces`)."""
+        return {"global_step": self.global_step, "best": self.best, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step, self.best, self.history = state["global_step"], state["best"], state["history"]
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes ``step_<n>.pt`` atomically and points ``last.pt`` (and ``best.pt``) at it."""
-        state = self.state()
+        self._flush_meter()
+        meta = {"classes": self.classes, "config": to_dict(self.cfg), "versions": _versions(),
+                "world_size": self.env.world_size, "epoch": self.position.epoch, "global_step": self.global_step,
+                "best": self.best, "history": self.history}
+        state = checkpoint.capture(self.checkpoint_pieces(), meta)
         if self.env.is_main:
             folder = checkpoint.checkpoint_dir(self.run_dir)
             path = folder / f"step_{self.global_step:09d}.pt"
@@ -331,29 +358,28 @@ class Worker:
         distributed.barrier(self.env)
         self.last_save = time.monotonic()
 
-    def resume(self, path: Path) -> None:
-        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
-        state = checkpoint.load(path)
+    def resume(self, path: Path, fall_back: bool = False) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint` (or, with ``fall_back``
+        and an unreadable ``path``, from the newest older one that reads), whatever changed since:
+        one line says what changed and whether the result stays bitwise exact."""
+        state, path = checkpoint.load_for_resume(path, fall_back, announce=self.env.is_main)
         checkpoint.check_classes(state, self.classes, path)
-        checkpoint.load_model_weights(models.unwrap(self.net), state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step.load_state_dict(state["step"])
-        self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.best, self.history = state["best"], state["history"]
-        self.batches_done = state["batches_done"]
-        self.sinks.load_state_dict(state.get("trackers", {}))
-        if state["world_size"] == self.env.world_size:
-            mine = state["per_rank"][self.env.rank]
-            restore_rng(mine["rng"])
-            if mine["train_meter"] is not None:
-                self.meter.load_state(mine["train_meter"])
-        elif self.batches_done:
-            log.warning("checkpoint %s was written by %d processes, this run has %d: restarting epoch %d "
-                        "from its first batch", path, state["world_size"], self.env.world_size, self.epoch + 1)
-            self.batches_done = 0
-        log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batches_done,
-                 self.global_step)
+        if (mismatch := checkpoint.weight_mismatch(models.unwrap(self.net), state["model"])) is not None:
+            raise CheckpointError(f"{path} does not match the model ({mismatch}); "
+                                  "check model.name and the number of classes")
+        saved = state.get("config") or {}
+        changes, inexact = checkpoint.changes_since(saved, to_dict(self.cfg), state.get("world_size", 0),
+                                                    self.env.world_size)
+        pieces = self.checkpoint_pieces()
+        saved_optim = saved.get("optim", {})
+        if (saved_optim.get("name"), saved_optim.get("decay_norm_and_bias")) != (
+                self.cfg.optim.name, self.cfg.optim.decay_norm_and_bias):
+            del pieces["optimizer"]
+            changes.append("optimizer state not restored (another optimizer or parameter grouping)")
+        checkpoint.restore(pieces, state, path)
+        log.info(checkpoint.describe_changes(changes, inexact))
+        log.info("resumed from %s: epoch %d, %d of %d samples done, step %d", path, self.position.epoch + 1,
+                 self.position.consumed, self.train_sampler.size, self.global_step)
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,77 @@
+"""The real trainer, recording what the tests compare, into the folder named by RECORD_DIR.
+
+Each process appends to its own ``<role>_rank<r>_pid<p>.jsonl``:
+- ``served``: every (epoch, index, data set size) the data set served;
+- ``steps`` (every rank): each optimizer step's progress window, learning rate, global step,
+  and a dropout mask drawn from the rank's torch RNG (state restored, so training is unchanged).
+Faults, on the first torchrun attempt only:
+- STOP_AT_STEP=n: rank 0 sends SIGTERM to the torchrun agent (which forwards it to every
+  worker) as optimizer step n begins;
+- KILL_AFTER_EPOCH_LINE=e: rank 0 flushes TensorBoard after writing epoch e's metrics line,
+  then SIGKILLs the whole job before that epoch's checkpoint.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from trainer import data, logs, optim  # noqa: E402
+from trainer.__main__ import main  # noqa: E402
+
+RECORD = Path(os.environ["RECORD_DIR"])
+RANK = int(os.environ.get("RANK", "0"))
+FIRST_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+STOP_AT = int(os.environ.get("STOP_AT_STEP", "0"))
+KILL_AFTER = int(os.environ.get("KILL_AFTER_EPOCH_LINE", "0"))
+
+
+def record(role: str, entry: dict) -> None:
+    with open(RECORD / f"{role}_rank{RANK}_pid{os.getpid()}.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+original_getitem = data.SeededTransformDataset.__getitem__
+
+
+def recording_getitem(self, key):  # type: ignore[no-untyped-def]
+    record("served", {"epoch": key[0], "index": key[1], "size": len(self)})
+    return original_getitem(self, key)
+
+
+original_set_window = optim.Schedule.set_window
+steps_begun = 0
+
+
+def recording_set_window(self, start, end):  # type: ignore[no-untyped-def]
+    global steps_begun
+    original_set_window(self, start, end)
+    steps_begun += 1
+    state = torch.get_rng_state()
+    mask = torch.nn.functional.dropout(torch.ones(32), 0.5).bool().tolist()
+    torch.set_rng_state(state)
+    record("steps", {"start": start, "end": end, "lr": self.lr(), "mask": mask})
+    if FIRST_ATTEMPT and RANK == 0 and STOP_AT and steps_begun == STOP_AT:
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+original_epoch = logs.MetricSinks.epoch
+
+
+def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-untyped-def]
+    original_epoch(self, record_, step)
+    if FIRST_ATTEMPT and RANK == 0 and record_["epoch"] == KILL_AFTER:
+        if self.writer() is not None:
+            self.writer().flush()
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+data.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]
+optim.Schedule.set_window = recording_set_window  # type: ignore[method-assign]
+logs.MetricSinks.epoch = epoch_then_kill  # type: ignore[method-assign]
+main()

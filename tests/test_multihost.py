@@ -1,0 +1,197 @@
+"""Two real hosts, simulated by network namespaces (tests/netns.py): one ``python -m launcher``
+(hence one torchrun) per host, meeting at a c10d rendezvous on host 0.
+
+Needs root and iproute2; skipped with the reason elsewhere. Every byte between the hosts goes over
+the veth pair of the namespaces made here; the one-host reference runs inside host 0's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import netns
+from netns_slurm import two_node_cluster
+from slurm_cluster import ClusterUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+RDZV_PORT = 29400  # inside fresh namespaces: nothing else listens there
+VAL_SAMPLES = 3 * 11  # not a multiple of 2 or 4 processes: padded duplicates would show
+TIMEOUT_S = 10  # dist.timeout_s of the lost-host run
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[netns.Host, netns.Host]]:
+    try:
+        context = netns.two_hosts()
+        pair = context.__enter__()
+    except netns.HostsUnavailable as exc:
+        pytest.skip(f"cannot simulate two hosts with network namespaces: {exc}")
+    try:
+        yield pair
+    finally:
+        context.__exit__(None, None, None)
+        assert not any(host.exists() for host in pair), "a namespace was left behind"
+
+
+def run_args(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"log.output_dir={tmp / 'runs'}", f"log.name={name}", f"data.cache_dir={tmp / 'cache'}",
+            "data.synthetic_classes=3", "data.synthetic_train_per_class=64", "data.synthetic_val_per_class=11",
+            "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "log.progress_bar=off",
+            "model.name=linear", *extra]
+
+
+def job_env(host: netns.Host, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PET_", "OMP_"))}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME=host.interface, **extra)
+    return env
+
+
+def launch(host: netns.Host, tmp: Path, log: str, launcher_args: list[str], trainer_args: list[str],
+           **env: str) -> subprocess.Popen:
+    env = job_env(host, **env)
+    argv = [sys.executable, "-m", "launcher", *launcher_args, "--", *trainer_args]
+    return host.popen(argv, env, tmp / log, REPO)
+
+
+def on_two_hosts(hosts: tuple[netns.Host, netns.Host], tmp: Path, nproc: int, trainer_args: list[str],
+                 **env: str) -> list[subprocess.Popen]:
+    endpoint = f"{hosts[0].address}:{RDZV_PORT}"
+    return [launch(host, tmp, f"host{rank}.log", ["--nproc", str(nproc), "--nnodes", "2", "--node-rank", str(rank),
+                                                  "--rdzv-endpoint", endpoint, "--local-addr", host.address],
+                   trainer_args, **env) for rank, host in enumerate(hosts)]
+
+
+def finish(processes: list[subprocess.Popen], tmp: Path, logs: list[str], timeout: float = 240) -> list[str]:
+    outputs = []
+    for process, log in zip(processes, logs):
+        process.wait(timeout=timeout)
+        outputs.append((tmp / log).read_text())
+    return outputs
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_hosts_train_exactly_like_one_host(hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
+    """2 hosts x 2 processes end with the same weights, bit for bit, as 4 processes on one host
+    (gloo reduces in the same order: rank order, whatever host a rank is on), and validation counts
+    each sample once. (2 hosts x 1 process: the SLURM test below, against 2 processes on one host.)"""
+    nproc = 2
+    world = 2 * nproc
+    two = on_two_hosts(hosts, tmp_path, nproc, run_args(tmp_path, "two_hosts", "train.epochs=1"))
+    one = launch(hosts[0], tmp_path, "one_host.log", ["--nproc", str(world)],  # at the same time: CI minutes
+                 run_args(tmp_path, "one_host", "train.epochs=1"))
+    outputs = finish([*two, one], tmp_path, ["host0.log", "host1.log", "one_host.log"])
+    assert [p.returncode for p in [*two, one]] == [0, 0, 0], "\n".join(outputs)
+    assert f"| {world} process(es) on cpu (gloo) |" in outputs[0]
+    assert f"c10d at {hosts[0].address}:{RDZV_PORT}" in outputs[1]
+
+    runs = tmp_path / "runs"
+    for name in ("two_hosts", "one_host"):
+        history = records(runs / name)
+        assert [r["val/samples"] for r in history] == [VAL_SAMPLES], name
+        assert history[-1]["train/global_batch"] == 8 * world
+    assert records(runs / "two_hosts")[-1]["train/loss"] == records(runs / "one_host")[-1]["train/loss"]
+    weights = [torch.load(runs / name / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
+               for name in ("two_hosts", "one_host")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
+        hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
+    """Host 1 drops off the network mid-epoch (its link goes down: no reset, only silence). Host 0
+    ends within dist.timeout_s plus a margin, saying which rank it lost; started again alone, it
+    resumes from the last checkpoint and finishes."""
+    args = run_args(tmp_path, "lost", "train.epochs=4", "ckpt.every_steps=4", f"dist.timeout_s={TIMEOUT_S}")
+    two = on_two_hosts(hosts, tmp_path, 1, args)
+    checkpoints = tmp_path / "runs" / "lost" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("step_*.pt")):
+        assert all(p.poll() is None for p in two) and time.monotonic() < deadline, \
+            "no checkpoint appeared\n" + (tmp_path / "host0.log").read_text()
+        time.sleep(0.05)
+    subprocess.run(["ip", "-n", hosts[1].namespace, "link", "set", hosts[1].interface, "down"], check=True)
+    margin = 30  # the census of the survivors (5 s), torchrun's shutdown, a busy CI machine
+    try:
+        two[0].wait(timeout=TIMEOUT_S + margin)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"host 0 still runs {TIMEOUT_S + margin} s after host 1 was cut off\n"
+                    + (tmp_path / "host0.log").read_text())
+    output = (tmp_path / "host0.log").read_text()
+    assert two[0].returncode == 1, output
+    lost = [line for line in output.splitlines() if line.startswith("error [rank 0]:")]
+    assert len(lost) == 1 and "lost rank 1 (node 1)" in lost[0] and "Timed out" in lost[0], output
+    assert "Traceback" not in output
+
+    alone = launch(hosts[0], tmp_path, "alone.log", ["--nproc", "1"], args)
+    output = finish([alone], tmp_path, ["alone.log"])[0]
+    assert alone.returncode == 0, output
+    assert "resumed from" in output and "last.pt" in output
+    history = records(tmp_path / "runs" / "lost")
+    assert history[-1]["epoch"] == 4 and all(r["val/samples"] == VAL_SAMPLES for r in history)
+
+
+@pytest.mark.slurm
+def test_sbatch_on_two_slurm_nodes_is_preempted_requeued_and_ends_like_one_uninterrupted_host(
+        hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
+    """``sbatch --nodes=2 slurm/train_multinode.sbatch`` on a slurmd per host: the warning signal
+    (USR1 to the batch shell, as ``--signal=B:USR1@T`` sends it) makes both nodes' workers save and
+    stop, the job requeues, resumes and ends with the weights of an uninterrupted run (the same
+    2 processes on one host, run meanwhile)."""
+    longer = ["data.synthetic_train_per_class=256", "train.epochs=2", "ckpt.every_steps=8"]
+    single_thread = {"OMP_NUM_THREADS": "1"}  # the same on both sides: sbatch gives 1 CPU per node
+    try:
+        context = two_node_cluster(hosts, tmp_path / "slurm")
+        cluster = context.__enter__()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no two-node SLURM cluster: {exc}")
+    try:
+        reference = launch(hosts[0], tmp_path, "one_host.log", ["--nproc", "2"],
+                           run_args(tmp_path, "uninterrupted", *longer), **single_thread)
+        env = job_env(hosts[0], PYTHON=sys.executable, CPU_BIND="", **single_thread)
+        job = cluster.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+                              str(REPO / "slurm" / "train_multinode.sbatch"), *run_args(tmp_path, "sbatch", *longer)],
+                             cwd=tmp_path, env=env)
+        log = tmp_path / f"slurm-train-mn-{job}.out"
+        checkpoints = tmp_path / "runs" / "sbatch" / "checkpoints"
+        deadline = time.monotonic() + 180
+        while not list(checkpoints.glob("step_*.pt")):
+            assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING") and time.monotonic() < deadline, \
+                f"job {job}: no checkpoint\n" + (log.read_text() if log.exists() else "(no log)")
+            time.sleep(0.1)
+        cluster.cancel(job, "--batch", "--signal=USR1")
+        info = cluster.wait_for(job, ("PENDING",), timeout=120)
+        assert info["JobState"] == "PENDING", f"job {job} was not requeued ({info['JobState']}):\n{log.read_text()}"
+        cluster.start_requeued_soon(job)
+        info = cluster.wait_for(job, ("COMPLETED",), timeout=240)
+        output = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output[-4000:]
+        assert "2 node(s) x 1 worker(s), rendezvous nodea:" in output
+        assert f"requeued SLURM job {job}" in output and "resumed from" in output
+        assert output.count("stopped by SIGUSR1") >= 1 and "| 2 process(es) on cpu (gloo) |" in output
+        output = finish([reference], tmp_path, ["one_host.log"])[0]
+        assert reference.returncode == 0, output
+    finally:
+        for job_id in cluster.jobs:
+            cluster.cancel(job_id)
+        context.__exit__(None, None, None)
+    runs = tmp_path / "runs"
+    assert [r["val/samples"] for r in records(runs / "sbatch")] == [VAL_SAMPLES, VAL_SAMPLES]
+    weights = [torch.load(runs / name / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"]
+               for name in ("sbatch", "uninterrupted")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
