@@ -15,7 +15,6 @@ import torchvision
 from torch import nn
 
 from trainer import config, data, distributed
-from trainer.logs import MetricSinks
 from trainer.signals import StopRequest
 from trainer.worker import Worker
 
@@ -102,13 +101,12 @@ def worker_overrides(spec: Spec, workdir: Path, name: str, world_size: int = 1) 
 
 
 def build_worker(spec: Spec, workdir: Path, name: str, extra: Sequence[str] = ()) -> Worker:
-    """A real Worker built from a real Config, with its metric sinks open as in ``Worker.fit``."""
+    """A real Worker built from a real Config (its metric sinks open at their first write, as in ``Worker.fit``)."""
     world_size = distributed.discover().world_size
     cfg = config.load([], [*worker_overrides(spec, workdir, name, world_size), *extra])
     env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(cfg, env, cfg.run_dir, StopRequest())
-    worker.sinks = MetricSinks(env, cfg.run_dir, cfg.log.tensorboard)
     return worker
 
 

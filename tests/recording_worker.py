@@ -66,8 +66,9 @@ original_epoch = logs.MetricSinks.epoch
 def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-untyped-def]
     original_epoch(self, record_, step)
     if FIRST_ATTEMPT and RANK == 0 and record_["epoch"] == KILL_AFTER:
-        if self.writer() is not None:
-            self.writer().flush()
+        for sink in self.sinks:  # the TensorBoard sink's writer, if open
+            if getattr(sink, "writer", None) is not None:
+                sink.writer.flush()
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 

@@ -57,13 +57,11 @@ def test_out_of_memory_names_the_batch_size(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- in-process checks
 def in_process_worker(tmp: Path, *extra: str):  # type: ignore[no-untyped-def]
     from trainer import config, distributed
-    from trainer.logs import MetricSinks
     from trainer.signals import StopRequest
     from trainer.worker import Worker
 
     cfg = config.load([], small(tmp, "inproc", "data.num_workers=0", "dist.device=cuda", *extra))
     worker = Worker(cfg, distributed.setup("cuda"), cfg.run_dir, StopRequest())
-    worker.sinks = MetricSinks(worker.env, worker.run_dir, tensorboard=False)
     return worker
 
 

@@ -40,7 +40,9 @@ def recorded_run(tmp: Path, name: str, *extra: str, nproc: int = 2, batch_size: 
     """A run through recording_worker.py, recording into ``tmp/record/<name>``."""
     folder = tmp / "record" / name
     folder.mkdir(parents=True, exist_ok=True)
-    return run(args(tmp, name, *extra, batch_size=batch_size), nproc=nproc, script=RECORDING, launcher=launcher,
+    # log.pictures=false: the start grid reads 16 training samples, which "served" would count
+    return run(args(tmp, name, "log.pictures=false", *extra, batch_size=batch_size), nproc=nproc, script=RECORDING,
+               launcher=launcher,
                env=child_env(RECORD_DIR=str(folder), **faults))
 
 

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 
 from trainer import config, distributed
 from trainer.errors import NonFiniteLoss
-from trainer.logs import MetricSinks
 from trainer.signals import StopRequest
 from trainer.worker import Worker
 from helpers import last_checkpoint, run, small_run
@@ -59,7 +58,6 @@ def test_clipping_caps_the_global_gradient_norm(tmp_path: Path) -> None:
             return _step(*args)
 
         worker.optimizer.step = recording_step  # type: ignore[method-assign]
-        worker.sinks = MetricSinks(worker.env, worker.run_dir, tensorboard=False)
         assert worker.train_epoch() is not None
     assert max(norms["0"]) > 0.05, "without clipping the test would prove nothing"
     assert max(norms["0.05"]) <= 0.05 + 1e-6

@@ -92,6 +92,8 @@ class TrainConfig:
     tf32: bool = True
     deterministic: bool = False
     freeze_epochs: int = 0
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
 
 
 @dataclass
@@ -121,8 +123,16 @@ class LogConfig:
     name: str = "default"
     every_steps: int = 50
     progress_bar: str = "auto"
-    tensorboard: bool = True
     debug: bool = False
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    project: str = "launchpad"
+    wandb_mode: str = "offline"
+    mlflow_uri: str = ""
+    pictures: bool = True
+    histogram_every_epochs: int = 0
+    graph: bool = False
+    profile_steps: str = ""
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -158,6 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
+    "log.wandb_mode": ("offline", "online"),
 }
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
 
@@ -167,7 +178,10 @@ NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
-                "optim.head_lr_mult")
+                "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
+                "log.histogram_every_epochs", "log.peak_tflops")
+TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
+"""The values ``log.trackers`` may list."""
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -262,6 +276,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
     if not cfg.log.name or "/" in cfg.log.name:
         raise ConfigError(f"log.name: '{cfg.log.name}' must be a non-empty folder name without '/'")
+    cfg.log.trackers = _validate_trackers(cfg.log.trackers)
+    profile_range(cfg.log.profile_steps)
+
+
+def _validate_trackers(names: list[str]) -> list[str]:
+    """Lower-cased, without repeats, each one of :data:`TRACKERS`."""
+    chosen: list[str] = []
+    for name in names:
+        key = str(name).lower()
+        if key not in TRACKERS:
+            raise ConfigError(f"log.trackers: '{name}' is not one of {', '.join(TRACKERS)}"
+                              f"{_suggest(key, TRACKERS, 'value')}")
+        if key not in chosen:
+            chosen.append(key)
+    return chosen
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """``log.profile_steps`` as (first, last) optimizer step, both included; None when empty."""
+    if not text:
+        return None
+    first, sep, last = str(text).partition("-")
+    if not (first.strip().isdigit() and last.strip().isdigit() and sep) or not 1 <= int(first) <= int(last):
+        raise ConfigError(f"log.profile_steps: '{text}' must be FIRST-LAST optimizer steps with "
+                          "1 <= FIRST <= LAST, e.g. log.profile_steps=10-15 ('' to turn it off)")
+    return int(first), int(last)
 
 
 VAL_METRICS = ("loss", "top1", "top5", "precision", "recall", "f1")
@@ -277,6 +317,17 @@ def epoch_metrics(cfg: Config) -> list[str]:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain nested dicts (safe to store in a checkpoint or JSON)."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (e.g. :func:`to_dict`'s) as one dict of dotted keys: ``{"optim.lr": 0.1, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

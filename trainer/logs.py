@@ -1,15 +1,22 @@
-"""Rank-aware console logging, the progress bar, and the rank-0 metric sinks (TensorBoard, JSONL)."""
+"""Rank-aware console logging, the progress bar, and the rank-0 metric sinks (see trainer.trackers)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+from torch import nn
+
+from trainer.config import LogConfig
 from trainer.distributed import DistEnv
+from trainer.trackers import Histogram, Sink, build_sinks
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("trainer")
 
@@ -70,58 +77,87 @@ class ProgressBar:
 
 
 class MetricSinks:
-    """Rank 0's TensorBoard writer and JSON-lines file; every method is a no-op on other ranks.
+    """Rank 0's sinks (``log.trackers``: TensorBoard, metrics.jsonl, wandb, MLflow), fanned out.
 
-    The writer (and the TensorBoard import, a few hundred ms) is opened at the first write, so
-    it never delays the first training step; text logged before then is written first.
+    Every method is a no-op on other ranks. :meth:`state_dict` holds the trackers' run ids, which
+    the checkpoint keeps so that a resumed or requeued run continues the same tracker runs.
     """
 
-    def __init__(self, env: DistEnv, run_dir: Path, tensorboard: bool, purge_step: int | None = None) -> None:
-        self.enabled = env.is_main
-        self.purge_step = purge_step  # a resumed run drops the events a killed run logged after its checkpoint
-        self.tensorboard = self.enabled and tensorboard
-        self.tensorboard_dir = str(run_dir / "tensorboard") if self.tensorboard else None
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        self.pending_text: list[tuple[str, str]] = []
-        self._writer: Any = None
+    def __init__(self, env: DistEnv, run_dir: Path, cfg: LogConfig) -> None:
+        names = cfg.trackers if env.is_main else []
+        self.sinks: list[Sink] = build_sinks(names, run_dir, cfg.project, cfg.wandb_mode, cfg.mlflow_uri)
+        self.tensorboard_dir = run_dir / "tensorboard" if "tensorboard" in names else None
+        self.jsonl_path = run_dir / "metrics.jsonl" if "jsonl" in names else None
+        self.resume_ids: dict[str, str] = {}
+        self.started = False
+        self.deferred: list[Callable[[], None]] = []
 
-    def writer(self) -> Any:
-        """The SummaryWriter, opened on first use (None when TensorBoard is off or not rank 0)."""
-        if self._writer is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    def where(self) -> str:
+        """Where the local sinks write, for the last lines of a run (wandb and MLflow say so at start)."""
+        parts = [f"TensorBoard: tensorboard --logdir {self.tensorboard_dir}"] if self.tensorboard_dir else []
+        parts += [f"metrics: {self.jsonl_path}"] if self.jsonl_path else []
+        return f" ({', '.join(parts)})" if parts else ""
 
-            self._writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=self.purge_step)
-            for tag, text in self.pending_text:
-                self._writer.add_text(tag, text, 0)
-        return self._writer
+    def state_dict(self) -> dict[str, str]:
+        """Each tracker's run id, known from the start (also those kept from the checkpoint for a
+        tracker that is off this time)."""
+        ids = dict(self.resume_ids)
+        if self.started:
+            ids.update({sink.name: run_id for sink in self.sinks if (run_id := sink.run_id()) is not None})
+        return ids
 
-    def config_text(self, yaml_text: str) -> None:
-        if self.tensorboard:
-            self.pending_text.append(("config", "```yaml\n" + yaml_text + "\n```"))
+    def load_state_dict(self, ids: dict[str, str]) -> None:
+        """The run ids to continue; call before :meth:`start`."""
+        self.resume_ids = dict(ids)
+
+    def start(self, config: dict[str, Any], config_yaml: str, step: int) -> None:
+        """Open every sink with the flattened config, from global step ``step`` (wandb and MLflow
+        start on their own threads)."""
+        for sink in self.sinks:
+            sink.open(config, config_yaml, self.resume_ids.get(sink.name), step)
+        self.started = True
+
+    def defer(self, action: Callable[[], None]) -> None:
+        """Run ``action`` just before the first scalars or epoch record: work for the sinks that
+        should not delay the first training step (as the TensorBoard writer opens only then)."""
+        self.deferred.append(action)
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if (writer := self.writer()) is not None:
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
+        self._run_deferred()
+        for sink in self.sinks:
+            sink.scalars(values, step)
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
-        """Write one epoch's reduced metrics to TensorBoard and append them to metrics.jsonl."""
-        if not self.enabled:
-            return
-        self.scalars({k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))}, step)
-        with open(self.jsonl_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """One epoch's reduced metrics, to every sink (metrics.jsonl gets one line)."""
+        self._run_deferred()
+        for sink in self.sinks:
+            sink.epoch(record, step)
 
-    def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        """Record the run's hyper-parameters and final metrics in the same event file."""
-        if (writer := self.writer()) is None:
-            return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        for sink in self.sinks:
+            sink.image(tag, image, step)
 
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        for summary in hparams_summary(clean, final):
-            writer.file_writer.add_summary(summary)
+    def table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        for sink in self.sinks:
+            sink.table(tag, columns, rows, step)
+
+    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
+        for sink in self.sinks:
+            sink.histogram(tag, histogram, step)
+
+    def graph(self, model: nn.Module, example: torch.Tensor) -> None:
+        for sink in self.sinks:
+            sink.graph(model, example)
+
+    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        """The run completed: hyper-parameters and final metrics (TensorBoard's HPARAMS, summaries)."""
+        for sink in self.sinks:
+            sink.finish(hparams, final)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for sink in self.sinks:
+            sink.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,7 @@ class EvalMeter:
         self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
         self.top5 = torch.zeros((), dtype=torch.int64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.reduced_confusion: torch.Tensor | None = None  # set by reduce(): every rank's, on the CPU
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         preds = logits.argmax(dim=1)
@@ -110,20 +111,30 @@ class EvalMeter:
         if dist.is_initialized():
             dist.all_reduce(packed, group=group)
         confusion = packed[: self.num_classes ** 2].view(self.num_classes, self.num_classes)
+        self.reduced_confusion = confusion
         loss_sum, top5 = packed[-2:].tolist()
         return summarise(confusion, loss_sum, top5)
+
+
+class EvalObserver(Protocol):
+    """Sees each validation batch, then the reduced confusion matrix (see trainer.visuals)."""
+
+    def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+    def finish(self, confusion: torch.Tensor) -> None: ...
 
 
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
                    precision: Precision, memory_format: torch.memory_format = torch.contiguous_format,
                    group: dist.ProcessGroup | None = None, stop: Callable[[], bool] = lambda: False,
-                   ) -> tuple[dict[str, float], int]:
+                   observer: EvalObserver | None = None) -> tuple[dict[str, float], int]:
     """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
 
     ``stop()`` is checked before each batch: a rank told to stop leaves early, so the metrics are
     then partial (the caller discards them). It needs no agreement between ranks: the only
     collective is the reduction at the end, which every rank reaches either way.
+    ``observer`` (on every rank or none) sees each batch and the reduced confusion matrix.
     """
     model.eval()
     meter, skipped = EvalMeter(num_classes, device), 0
@@ -136,18 +147,20 @@ def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, devic
         with precision.autocast(device):
             logits = model(images).float()
         meter.update(logits, targets, nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    return meter.reduce(group), skipped
+        if observer is not None:
+            observer.update(images, logits, targets)
+    metrics = meter.reduce(group)
+    if observer is not None:
+        observer.finish(meter.reduced_confusion)  # type: ignore[arg-type]
+    return metrics, skipped
 
 
 def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str, float]:
     """Metrics from a confusion matrix (rows: true class, columns: predicted)."""
     count = confusion.sum().item()
     hits = confusion.diag()
+    precision, recall, f1 = per_class(confusion)
     predicted, actual = confusion.sum(dim=0), confusion.sum(dim=1)
-    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
-    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(hits))
     present = (actual > 0) | (predicted > 0)  # every class seen as a target or a prediction
     n = max(int(present.sum()), 1)
     return {
@@ -156,3 +169,14 @@ def summarise(confusion: torch.Tensor, loss_sum: float, top5: float) -> dict[str
         "recall": recall[present].sum().item() / n, "f1": f1[present].sum().item() / n,
         "samples": int(count),
     }
+
+
+def per_class(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, recall and F1 of each class (0 where undefined) from a confusion matrix."""
+    hits = confusion.diag()
+    predicted, actual = confusion.sum(dim=0), confusion.sum(dim=1)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
+    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(hits))
+    return precision, recall, f1

@@ -12,16 +12,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import checkpoint, data, distributed, models, optim, precision, slurm
-from trainer.config import Config, to_dict, to_yaml
+from trainer import checkpoint, data, distributed, flops, models, optim, precision, slurm
+from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
+from trainer.early_stop import early_stop_reason
 from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
-from trainer.metrics import TrainMeter, evaluate_model
+from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
+from trainer.profiling import StepProfiler
 from trainer.resources import PeakMemory
 from trainer.seeding import RankRng, rank_seed, seed_everything
 from trainer.signals import StopRequest
 from trainer.step import TrainStep
+from trainer.visuals import RunVisuals
 
 
 class Worker:
@@ -57,7 +60,10 @@ class Worker:
         self.skipped_samples = 0
         self.last_save = time.monotonic()
         self.requeue = False
-        self.sinks: MetricSinks | None = None
+        self.sinks = MetricSinks(env, run_dir, cfg.log)
+        self.visuals = RunVisuals(cfg, env, run_dir, self.classes)
+        self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir)
+        self.flops_per_image: float | None = None
 
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
@@ -95,29 +101,38 @@ class Worker:
         cfg, config_yaml = self.cfg, to_yaml(self.cfg)
         self._announce(config_yaml)
         # One history: what the checkpoint holds, nothing a killed run logged after it.
-        self.sinks = MetricSinks(self.env, self.run_dir, cfg.log.tensorboard, purge_step=self.global_step + 1)
-        if self.env.is_main and (self.history or self.sinks.jsonl_path.exists()):
-            checkpoint.rewrite_lines(self.sinks.jsonl_path, [json.dumps(record) for record in self.history])
-        self.sinks.config_text(config_yaml)
+        jsonl = self.sinks.jsonl_path
+        if self.env.is_main and jsonl is not None and (self.history or jsonl.exists()):
+            checkpoint.rewrite_lines(jsonl, [json.dumps(record) for record in self.history])
         try:
+            self.sinks.start(flatten(to_dict(cfg)), config_yaml, self.global_step)
+            self.visuals.at_start(self.sinks, self.net, self.train_loader.dataset, self.train_sampler,
+                                  self.device, self.global_step)
             if self.position.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
                          "raise train.epochs to continue it, or choose another log.name",
                          self.run_dir, self.position.epoch, cfg.train.epochs)
                 return EXIT_OK
             while self.position.epoch < cfg.train.epochs:
+                if (reason := self._early_stop()) is not None:
+                    log.info("early stop after epoch %d: %s; best checkpoint: %s", self.position.epoch, reason,
+                             checkpoint.checkpoint_dir(self.run_dir) / "best.pt")
+                    break
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
                 log.debug("epoch %d: validating %d samples", self.position.epoch + 1, len(self.val_loader.dataset))
-                val = self.evaluate(self.eval_net)
+                evidence = self.visuals.evidence()
+                val = self.evaluate(self.eval_net, evidence)
                 val_ema = self.evaluate(self.step.ema.module) if self.step.ema else None
                 if distributed.any_rank(self.env, [self.stop.requested])[0]:  # a stop during validation
                     return self._stop()
                 self._end_epoch(train_stats, val, val_ema)
+                self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.position.epoch, self.global_step)
             self._finish()
             return EXIT_OK
         finally:
+            self.profiler.close()
             self.sinks.close()
 
     def train_epoch(self) -> dict[str, float] | None:
@@ -140,6 +155,7 @@ class Worker:
         window_start = position.consumed  # where the current accumulation window began
         batches = iter(self.train_loader)
         for index, global_size in enumerate(global_batches):
+            self.profiler.update(self.global_step)
             wait_start = time.perf_counter()
             images, targets, skipped = next(batches)
             waited += time.perf_counter() - wait_start
@@ -217,7 +233,7 @@ class Worker:
         self.requeue = self.env.is_main and ckpt.requeue and warned and slurm.may_requeue(ckpt.max_requeues)
         return EXIT_STOPPED
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, observer: EvalObserver | None = None) -> dict[str, float]:
         """Metrics of ``model`` over the whole validation set, every sample counted once across ranks.
 
         Every rank first takes rank 0's buffers (BatchNorm statistics, EMA-averaged buffers): each
@@ -231,7 +247,7 @@ class Worker:
         try:
             metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device,
                                               self.precision, self.memory_format, self.env.control,
-                                              lambda: self.stop.requested)
+                                              lambda: self.stop.requested, observer)
         except torch.OutOfMemoryError:
             batch = self.val_loader.batch_size
             raise OutOfMemory(f"{self.device} ran out of memory in validation at batch {batch} per process; "
@@ -265,27 +281,39 @@ class Worker:
                  "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
                  train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],
                  train["images_per_s"], 100 * train["data_wait"], record["train/peak_mem_mb"])
-        self.sinks.epoch(record, self.global_step)
+        peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
+        perf = flops.throughput(self.flops_per_image, train["images_per_s"], peak, self.env.world_size)
+        self.sinks.epoch({**record, **perf}, self.global_step)
         self.save_checkpoint(best=improved)
+
+    def _early_stop(self) -> str | None:
+        """Why to stop before the next epoch (``train.early_stop_patience``), as rank 0 decides."""
+        cfg = self.cfg
+        if cfg.train.early_stop_patience <= 0:
+            return None
+        reason = early_stop_reason(self.history, cfg.ckpt.metric, cfg.ckpt.mode, cfg.train.early_stop_patience,
+                                   cfg.train.early_stop_min_delta)
+        return distributed.broadcast_object(self.env, reason)
 
     def _announce(self, config_yaml: str) -> None:
         cfg, env = self.cfg, self.env
         log.info("resolved config:\n%s", config_yaml.rstrip())
-        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters | precision %s | "
-                 "%d classes, %d train / %d val samples | batch %d per process, %d global",
+        if env.is_main:
+            self.flops_per_image = flops.training_flops_per_image(self.net, cfg.data.image_size)
+        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters, %s training FLOPs per image | "
+                 "precision %s | %d classes, %d train / %d val samples | batch %d per process, %d global",
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
-                 self.precision.name, len(self.classes), self.train_sampler.size,
-                 len(self.val_loader.dataset), cfg.data.batch_size,
+                 flops.short(self.flops_per_image), self.precision.name, len(self.classes),
+                 self.train_sampler.size, len(self.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
     def _finish(self) -> None:
         final = {k: v for k, v in self.history[-1].items() if k.startswith("val/") and k != "val/samples"}
-        self.sinks.hparams(_flatten(to_dict(self.cfg)), final)
+        self.sinks.finish(flatten(to_dict(self.cfg)), final)
         ckpts = checkpoint.checkpoint_dir(self.run_dir)
         log.info("done: val top1 %.4f (best %s %.4f)", final["val/top1"], self.cfg.ckpt.metric, self.best)
-        log.info("logs: %s (TensorBoard: tensorboard --logdir %s), metrics: %s",
-                 self.run_dir / "logs", self.sinks.tensorboard_dir, self.sinks.jsonl_path)
+        log.info("logs: %s%s", self.run_dir / "logs", self.sinks.where())
         log.info("checkpoints: %s, %s", ckpts / "last.pt", ckpts / "best.pt")
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -301,6 +329,7 @@ class Worker:
             "skipped_samples": checkpoint.RankSums(env, lambda: [self.skipped_samples],
                                                    lambda counts: setattr(self, "skipped_samples", int(counts[0]))),
             "rng": RankRng(env, self.cfg.train.seed, lambda: self.global_step),
+            "trackers": self.sinks,
         }
         return pieces
 
@@ -351,16 +380,6 @@ class Worker:
         log.info(checkpoint.describe_changes(changes, inexact))
         log.info("resumed from %s: epoch %d, %d of %d samples done, step %d", path, self.position.epoch + 1,
                  self.position.consumed, self.train_sampler.size, self.global_step)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _versions() -> dict[str, str]:

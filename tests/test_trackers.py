@@ -1,0 +1,346 @@
+"""Trackers, pictures, profiling and early stopping, read back with each tool's own reader.
+
+Real runs: torchrun with 2 processes (gloo), wandb offline files decoded with wandb's protobuf
+classes, the MLflow store queried with MlflowClient, TensorBoard events with EventAccumulator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainer import config, flops
+from trainer.early_stop import early_stop_reason
+from trainer.errors import ConfigError
+from trainer.pictures import MAX_LABELLED_CLASSES, confusion_image
+from trainer.trackers import BackgroundSink, Sink, markdown_table
+from trainer.visuals import top_confusions
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ALL_TRACKERS = "log.trackers=[tensorboard,jsonl,wandb,mlflow]"
+
+
+def run_args(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"log.output_dir={tmp / 'runs'}", f"log.name={name}", f"data.cache_dir={tmp / 'cache'}",
+            "data.synthetic_classes=3", "data.synthetic_train_per_class=48", "data.synthetic_val_per_class=8",
+            "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "log.progress_bar=off",
+            "dist.timeout_s=60", *extra]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def trainer(tmp: Path, name: str, *extra: str, launcher: tuple[str, ...] = (sys.executable,),
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, "-m", "trainer", *run_args(tmp, name, *extra)], cwd=REPO,
+                          env=env or child_env(), capture_output=True, text=True, timeout=300)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a ``.wandb`` file: wandb's LevelDB-style log of its own protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", "not a wandb transaction log"
+    found, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if room < 7 or (length == 0 and kind == 0):  # block trailer / zero padding
+            pos += room
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            found.append(record)
+            pending = b""
+    return found
+
+
+def wandb_runs(run_dir: Path) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Per offline run folder (oldest first): its run id and its history rows."""
+    runs = {}
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        run_id, history = None, []
+        for record in wandb_records(next(folder.glob("run-*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id = record.run.run_id
+            elif kind == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
+        runs[folder.name] = (run_id, history)
+    return runs
+
+
+def mlflow_runs(run_dir: Path) -> tuple[object, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(experiments)
+
+
+# ----------------------------------------------------------------------------- 2 processes, one run
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """2 processes, every tracker and picture, a profiled window, and a metric that cannot improve
+    (a learning rate of 1e-9) under early stopping with patience 2."""
+    tmp = tmp_path_factory.mktemp("trackers")
+    result = trainer(tmp, "ddp", ALL_TRACKERS, "log.histogram_every_epochs=1", "log.graph=true",
+                     "log.profile_steps=2-3", "optim.lr=1e-9", "train.epochs=8", "train.early_stop_patience=2",
+                     "train.early_stop_min_delta=0.01", launcher=tuple(TORCHRUN))
+    return tmp / "runs" / "ddp", result
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_both_ranks_with_exit_0_and_the_best_checkpoint(ddp_run) -> None:
+    run_dir, result = ddp_run
+    assert result.returncode == 0, result.stdout + result.stderr  # torchrun: 0 only if both ranks exit 0
+    stops = [line for line in result.stdout.splitlines() if line.startswith("early stop after epoch 3:")]
+    assert len(stops) == 1 and "val/top1 has not improved by more than 0.01 for 2 epochs" in stops[0], result.stdout
+    assert [r["epoch"] for r in records(run_dir)] == [1, 2, 3]
+    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1  # the first epoch set the best; the next two did not beat it
+    assert "done: val top1" in result.stdout
+    again = trainer(run_dir.parents[1], "ddp", "optim.lr=1e-9", "train.epochs=8", "train.early_stop_patience=2",
+                    "train.early_stop_min_delta=0.01", "log.trackers=[jsonl]")
+    assert again.returncode == 0 and "early stop after epoch 3:" in again.stdout, again.stdout + again.stderr
+    assert len(records(run_dir)) == 3  # the resumed run decides from the same history: no fourth epoch
+
+
+@pytest.mark.slow
+def test_two_processes_open_exactly_one_run_in_each_tracker(ddp_run) -> None:
+    run_dir, result = ddp_run
+    wandb = wandb_runs(run_dir)
+    assert len(wandb) == 1, wandb.keys()
+    (run_id, history), = wandb.values()
+    assert [row["val/top1"] for row in history if "val/top1" in row] == [r["val/top1"] for r in records(run_dir)]
+    client, runs = mlflow_runs(run_dir)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")] == \
+        [r["step"] for r in records(run_dir)]
+    assert runs[0].data.params["train.early_stop_patience"] == "2"
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["trackers"]["wandb"] == run_id
+    assert state["trackers"]["mlflow"] == runs[0].data.tags["launchpad.resume_key"]
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_pictures_tables_histograms_and_graph(ddp_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = ddp_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/augmented_samples", "val/confusion_matrix", "val/worst_mistakes"} <= set(tags["images"])
+    assert len(events.Images("val/confusion_matrix")) == 3  # one per epoch
+    grid = events.Images("train/augmented_samples")[0]
+    assert grid.width > 4 * 96 and grid.height >= 2 * 96  # 16 samples, enlarged to be seen
+    assert {"val/per_class/text_summary", "val/top_confusions/text_summary"} <= set(tags["tensors"])
+    table = events.Tensors("val/per_class/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| class | precision | recall | f1 | support |") and "| circle |" in table
+    assert "weights/0.weight" in tags["histograms"] and "grads/0.weight" in tags["histograms"]
+    assert tags["graph"]
+
+
+@pytest.mark.slow
+def test_per_class_json_agrees_with_the_epoch_metrics(ddp_run) -> None:
+    run_dir, _ = ddp_run
+    per_class = json.loads((run_dir / "per_class.json").read_text())
+    last = records(run_dir)[-1]
+    assert per_class["epoch"] == last["epoch"] and [c["class"] for c in per_class["classes"]] == \
+        ["circle", "square", "triangle"]
+    assert sum(c["support"] for c in per_class["classes"]) == last["val/samples"] == 24
+    assert np.mean([c["recall"] for c in per_class["classes"]]) == pytest.approx(last["val/recall"])
+
+
+@pytest.mark.slow
+def test_profiler_writes_one_chrome_trace_per_rank(ddp_run) -> None:
+    run_dir, result = ddp_run
+    for rank in (0, 1):
+        trace = json.loads((run_dir / "profile" / f"rank_{rank}_steps_2-3.json").read_text())
+        assert any(event.get("name", "").startswith("aten::convolution") for event in trace["traceEvents"])
+    assert f"profiler: steps 2-3 recorded, one trace per rank: {run_dir / 'profile'}" in result.stdout
+
+
+# ----------------------------------------------------------------------------- resume, failures
+@pytest.mark.slow
+def test_wandb_and_mlflow_continue_the_same_run_after_sigterm_and_resume(tmp_path: Path) -> None:
+    args = run_args(tmp_path, "resumed", "log.trackers=[jsonl,wandb,mlflow]", "log.pictures=false")
+    run_dir = tmp_path / "runs" / "resumed"
+    first = subprocess.Popen([sys.executable, "-m", "trainer", *args, "train.epochs=50"], cwd=REPO,
+                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoints" / "last.pt").exists()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 3, output
+    stopped_at = len(records(run_dir))
+    assert 1 <= stopped_at < 4, output
+    second = trainer(tmp_path, "resumed", "log.trackers=[jsonl,wandb,mlflow]", "log.pictures=false",
+                     f"train.epochs={stopped_at + 2}")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stdout + second.stderr
+
+    steps = [r["step"] for r in records(run_dir)]
+    assert len(steps) == stopped_at + 2
+    wandb = wandb_runs(run_dir)
+    assert len(wandb) == 2, wandb.keys()  # one offline folder per process, both of the same run
+    assert len({run_id for run_id, _ in wandb.values()}) == 1
+    history = [row for _, rows in wandb.values() for row in rows if "val/top1" in row]
+    assert [row["_step"] for row in history] == steps  # one history: every epoch once, in order
+    client, runs = mlflow_runs(run_dir)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")] == steps
+
+
+def test_a_tracker_that_cannot_be_imported_is_one_warning_and_the_run_completes(tmp_path: Path) -> None:
+    hidden = tmp_path / "hidden" / "wandb"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('wandb hidden by the test')\n")
+    env = child_env(PYTHONPATH=f"{tmp_path / 'hidden'}{os.pathsep}{REPO}")
+    result = trainer(tmp_path, "no-wandb", "log.trackers=[jsonl,wandb]", "model.name=linear", "train.epochs=1",
+                     "log.pictures=false", env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "wandb" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("WARNING wandb is off for the rest of this run: open failed (cannot import wandb")
+    assert "pip install 'torch-launchpad[wandb]'" in warnings[0]
+    assert len(records(tmp_path / "runs" / "no-wandb")) == 1
+
+
+# ----------------------------------------------------------------------------- units
+class Failing(Sink):
+    """A sink whose scalars raise, recording what reached it."""
+
+    name = "failing"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def open(self, config: dict, config_yaml: str, resume_id: str | None, step: int) -> None:
+        self.seen.append("open")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        self.seen.append("close")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_failing_background_sink_warns_once_and_drops_the_rest() -> None:
+    inner, collect = Failing(), Collect()
+    sink = BackgroundSink(inner)
+    logging.getLogger("trainer").addHandler(collect)
+    try:
+        sink.open({}, "", None, 0)
+        for step in range(5):
+            sink.scalars({"train/loss": 1.0}, step)
+        sink.close()
+    finally:
+        logging.getLogger("trainer").removeHandler(collect)
+    assert not sink.thread.is_alive()
+    assert [r.getMessage() for r in collect.records] == [
+        "failing is off for the rest of this run: scalars failed ([Errno 28] No space left on device); "
+        "training goes on"]
+    assert inner.seen == ["open", "close"]
+
+
+def test_early_stop_counts_epochs_since_the_last_real_improvement() -> None:
+    def reason(values: list[float], mode: str = "max", patience: int = 2, delta: float = 0.01) -> str | None:
+        return early_stop_reason([{"val/x": v} for v in values], "val/x", mode, patience, delta)
+
+    assert reason([0.5, 0.6, 0.605]) is None  # one stale epoch so far
+    assert reason([0.5, 0.6, 0.605, 0.609]) == ("val/x has not improved by more than 0.01 for 2 epochs "
+                                                "(best 0.6000 at epoch 2, train.early_stop_patience=2)")
+    assert reason([0.5, 0.6, 0.605, 0.62]) is None  # 0.62 beats 0.6 by more than 0.01
+    assert reason([1.0, 0.8, 0.85, 0.9], mode="min") is not None
+    assert reason([1.0, 0.8, 0.85, 0.9], patience=0) is None
+
+
+def test_flops_of_a_linear_model_are_three_forward_matmuls() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert flops.training_flops_per_image(model, 8) == 3 * 2 * (3 * 8 * 8) * 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x.sum().item()
+
+    assert flops.training_flops_per_image(DataDependent(), 8) is None
+    assert flops.throughput(3e9, 1000.0, 100.0, 2) == {"train/tflops": 3.0, "train/mfu": 0.015}
+    assert flops.peak_tflops(torch.device("cpu"), "fp32", True) is None
+
+
+def test_confusion_beyond_the_labelled_limit_is_a_heatmap_with_top_confusions_listed() -> None:
+    n = MAX_LABELLED_CLASSES + 20
+    counts = np.eye(n, dtype=np.int64) * 10
+    counts[3, 7], counts[5, 2] = 4, 6
+    classes = [f"c{i}" for i in range(n)]
+    assert top_confusions(counts, classes) == [["c5", "c2", 6, 6 / 16], ["c3", "c7", 4, 4 / 14]]
+    big = confusion_image(counts, classes)
+    assert big.width >= n and big.height >= n
+    small = confusion_image(counts[:6, :6], classes[:6])
+    assert small.width > 6 * 40  # labelled, with counts in cells
+    assert markdown_table(["a", "b"], [["x|y", 0.5]]) == "| a | b |\n|---|---|\n| x\\|y | 0.5000 |"
+
+
+@pytest.mark.parametrize("value", ["5", "3-1", "0-2", "a-b"])
+def test_profile_steps_must_be_a_range_of_steps(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"log.profile_steps: .* must be FIRST-LAST"):
+        config.load([], [f"log.profile_steps={value}"])
+
+
+def test_unknown_tracker_names_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"log.trackers: 'wandbb' is not one of tensorboard, jsonl, wandb, "
+                                          r"mlflow; did you mean 'wandb'"):
+        config.load([], ["log.trackers=[tensorboard,wandbb]"])
+    assert config.load([], ["log.trackers=[WandB,jsonl,wandb]"]).log.trackers == ["wandb", "jsonl"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_epochs_log_mfu_and_the_trace_holds_gpu_kernels(tmp_path: Path) -> None:
+    result = trainer(tmp_path, "cuda", "dist.device=cuda", "train.precision=bf16", "train.epochs=2",
+                     "log.profile_steps=2-4", "log.histogram_every_epochs=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = records(tmp_path / "runs" / "cuda")[-1]
+    assert last["train/tflops"] > 0
+    if flops.peak_tflops(torch.device("cuda", 0), "bf16", True) is not None:  # a GPU in the table
+        assert 0 < last["train/mfu"] < 1
+    trace = json.loads((tmp_path / "runs" / "cuda" / "profile" / "rank_0_steps_2-4.json").read_text())
+    assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])
