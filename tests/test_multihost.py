@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -140,9 +141,13 @@ def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
     alone = launch(hosts[0], tmp_path, "alone.log", ["--nproc", "1"], args)
     output = finish([alone], tmp_path, ["alone.log"])[0]
     assert alone.returncode == 0, output
-    assert "resumed from" in output and "last.pt" in output
+    resumed = re.search(r"resumed from \S*last\.pt: epoch (\d+), (\d+) of (\d+) samples done", output)
+    assert resumed and int(resumed[2]) > 0, output  # a mid-epoch checkpoint of 2 processes, continued by 1
     history = records(tmp_path / "runs" / "lost")
     assert history[-1]["epoch"] == 4 and all(r["val/samples"] == VAL_SAMPLES for r in history)
+    # The interrupted epoch counts what the 2 processes trained before the checkpoint plus what the
+    # survivor trained after it: the whole epoch, once (the rest of the same global order, re-sharded).
+    assert history[int(resumed[1]) - 1]["train/samples"] == int(resumed[3])
 
 
 @pytest.mark.slurm
