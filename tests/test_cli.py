@@ -76,7 +76,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys: pytest.Captur
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
     comments = config._yaml_comments(config.DEFAULT_YAML)
-    for key, default in config._flatten_dict(config.to_dict(config.Config())).items():
+    for key, default in config.flatten(config.to_dict(config.Config())).items():
         shown, _, meaning = lines[f"--{key}"].split(f"--{key}", 1)[1].strip().partition("  ")
         assert yaml.safe_load(shown) == default, key
         assert meaning.strip() == comments[key], key

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from trainer import distributed
+from trainer.config import flatten
 from trainer.distributed import DistEnv
 from trainer.errors import CheckpointError
 
@@ -272,7 +273,7 @@ def changes_since(saved: dict[str, Any], current: dict[str, Any], saved_world: i
     if saved_world != world:
         changes.append(f"world size {saved_world} -> {world}")
         inexact.append("world size")
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)} -> {new.get(key)}")
@@ -289,16 +290,6 @@ def describe_changes(changes: list[str], inexact: list[str]) -> str:
                "(each sample is still seen once per epoch; the schedule follows progress)"
                if inexact else "bitwise identical to an uninterrupted run (none of these change the math)")
     return f"changed since the checkpoint: {'; '.join(changes)}; {verdict}"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- history

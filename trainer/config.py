@@ -479,7 +479,7 @@ def cli_key(name: str) -> str:
 def help_text() -> str:
     """Usage, the aliases, and every key with its default and meaning (from configs/default.yaml)."""
     meanings = _yaml_comments(DEFAULT_YAML)
-    defaults = _flatten_dict(to_dict(Config()))
+    defaults = flatten(to_dict(Config()))
     width = max(len(k) for k in defaults) + 3
     lines = [
         "usage: python -m trainer [-c FILE.yaml]... [--code DIR]... [key=value | --key value | --key=value]...",
@@ -521,13 +521,3 @@ def _yaml_comments(path: Path) -> dict[str, str]:
         elif "#" in rest:
             comments[f"{section}.{key}"] = rest.split("#", 1)[1].strip()
     return comments
-
-
-def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten_dict(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
