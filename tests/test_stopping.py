@@ -1,16 +1,24 @@
-"""Stopping where it is least convenient: during validation, under torchrun with 2 processes."""
+"""Stopping where it is least convenient: during validation under torchrun with 2 processes, and
+with steps so short that polling every step would cost more than the steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,3 +55,46 @@ def test_sigterm_during_validation_stops_at_once_with_one_checkpoint(tmp_path: P
     state = torch.load(steps[0], weights_only=True)
     assert state["position"] == {"epoch": 0, "consumed": 24} and state["history"] == []
     assert not (tmp_path / "val" / "metrics.jsonl").exists() or not (tmp_path / "val" / "metrics.jsonl").read_text()
+
+
+def poll_ranks(rank: int, port: int, out: str, step_s: float) -> None:
+    """Poll like the training loop with steps of ``step_s``; rank 1 gets a stop signal at step 30."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        env = distributed.DistEnv(distributed.Topology(rank, rank, 2, 2, "test"), torch.device("cpu"), "gloo",
+                                  dist.new_group(backend="gloo"))
+        agreement = distributed.LaggedAgreement(env)
+        stopped_at, intervals = None, []
+        for step in range(1, 2000):
+            time.sleep(step_s)
+            intervals.append(agreement.every)
+            if agreement.poll([rank == 1 and step >= 30])[0]:
+                stopped_at = step
+                break
+        agreement.settle(1)
+        Path(out, f"{rank}.json").write_text(json.dumps({"stopped_at": stopped_at, "every": max(intervals)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("step_s", [0.0, 0.06])
+def test_ranks_stop_together_polling_less_often_only_for_tiny_steps(tmp_path: Path, step_s: float) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = mp.start_processes(poll_ranks, args=(port, str(tmp_path), step_s), nprocs=2, join=False,
+                               start_method="fork")
+    deadline = time.monotonic() + 60
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish within 60 s")
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0]["stopped_at"] == results[1]["stopped_at"] is not None  # the same step on both ranks
+    every = results[0]["every"]
+    if step_s:  # 60 ms steps: a poll is under 1% of a step, so every step is polled; stop one step late
+        assert every == 1 and results[0]["stopped_at"] == 31
+    else:  # back-to-back steps: fewer polls, and the stop comes within two intervals
+        assert every > 1 and 30 < results[0]["stopped_at"] <= 30 + 2 * every

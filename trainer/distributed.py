@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -202,32 +204,54 @@ class LaggedAgreement:
     """:func:`any_rank` for flags polled in the training loop, without waiting for the other ranks.
 
     Each :meth:`poll` starts a non-blocking all-reduce of this rank's flags over the control group
-    and returns the outcome of the previous poll, which had a whole step to arrive. Every rank polls
-    at the same steps, so every rank reads the same outcome at the same step: a decision one step
-    late, for the price of a background transfer instead of a round trip per step.
+    and returns the outcome of the previous poll, which had at least a step to arrive. Every rank
+    polls at the same steps, so every rank reads the same outcome at the same step: a decision one
+    poll late, for the price of a background transfer instead of a round trip.
+
+    A poll costs about :data:`POLL_COST_S` of CPU. With steps so short that this would exceed
+    :data:`POLL_BUDGET` of their time, ranks poll only every ``every`` steps: each proposes an
+    interval from its own step time, and the largest proposal travels with the flags, so all
+    ranks adopt it at the same step. A signal still takes effect within about
+    ``POLL_COST_S / POLL_BUDGET`` seconds, or one step when steps are longer than that.
     """
+
+    POLL_COST_S = 5e-4
+    POLL_BUDGET = 0.01
+    MAX_EVERY = 100
 
     def __init__(self, env: DistEnv) -> None:
         self.env = env
+        self.every = 1
+        self._steps = 0
+        self._last_poll = time.perf_counter()
         self._pending: tuple[Any, torch.Tensor] | None = None
 
     def poll(self, flags: list[bool]) -> list[bool]:
         if not self.env.is_distributed:
             return flags
+        self._steps += 1
+        if self._steps < self.every:
+            return [False] * len(flags)
+        now = time.perf_counter()
+        step_s = (now - self._last_poll) / self._steps
+        self._steps, self._last_poll = 0, now
         outcome = self.settle(len(flags))
-        values = torch.tensor([float(flag) for flag in flags])
+        proposal = min(self.MAX_EVERY, max(1, math.ceil(self.POLL_COST_S / (self.POLL_BUDGET * max(step_s, 1e-9)))))
+        values = torch.tensor([float(flag) for flag in flags] + [float(proposal)])
         work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True)
         self._pending = (work, values)
         return outcome
 
     def settle(self, count: int) -> list[bool]:
-        """Wait for the poll in flight, if any, and return its outcome (all false if none)."""
+        """Wait for the poll in flight, if any, adopt its interval and return its flags (all false if none)."""
         if self._pending is None:
             return [False] * count
         work, values = self._pending
         self._pending = None
         work.wait()
-        return [bool(value) for value in values.tolist()]
+        *flags, every = values.tolist()
+        self.every = int(every)
+        return [bool(value) for value in flags]
 
 
 def teardown(env: DistEnv) -> None:
