@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", action="append", default=[], metavar="DIR",
                         help="folder with the package of an import-path model.name or data.source")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after overrides too
     topology = distributed.discover()
     setup_console(topology.rank)
     try:
