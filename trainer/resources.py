@@ -25,7 +25,8 @@ def max_rss_mb() -> float:
 class PeakMemory:
     """Peak device memory of one epoch: on CUDA the memory the caching allocator reserved (what
     competes with other processes) and its allocation retries (a sign of fragmentation near the
-    limit), both counted from :meth:`reset`; elsewhere the process's peak resident memory so far."""
+    limit), both counted from :meth:`reset`; on MPS, which keeps no peak, the driver's allocation
+    at the epoch's end; on a CPU the process's peak resident memory so far."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
