@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/python -m trainer log.name=demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers: a module stays on one worker, the SLURM modules share one (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"

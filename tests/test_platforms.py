@@ -23,6 +23,7 @@ from torchvision import models as tv_models
 
 from trainer import config, distributed, models, precision, resources, slurm
 from trainer.errors import ConfigError, OutOfMemory
+from trainer.evaluate import main as evaluate_main
 from trainer.metrics import EvalMeter, TrainMeter
 from trainer.signals import StopRequest
 from trainer.step import ModelEma, TrainStep
@@ -312,7 +313,8 @@ def cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpoints_in_fp32(tmp_path: Path) -> None:
+def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpoints_in_fp32(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train = cli("trainer", f"log.output_dir={tmp_path}", "log.name=ema", f"data.cache_dir={tmp_path / 'cache'}",
                 "model.name=linear", "data.synthetic_classes=3", "data.synthetic_train_per_class=40",
                 "data.synthetic_val_per_class=10", "data.image_size=16", "data.num_workers=0", "train.epochs=1",
@@ -321,11 +323,18 @@ def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpo
     assert train.returncode == 0, train.stderr
     logged = json.loads((tmp_path / "ema" / "metrics.jsonl").read_text())
     best = tmp_path / "ema" / "checkpoints" / "best.pt"
-    chosen = {which: cli("trainer.evaluate", str(best), *(["--weights", which] if which != "auto" else []),
-                         "data.num_workers=0")  # an override after the option, as users type it
-              for which in ("auto", "model", "ema")}
-    metrics = {which: json.loads(done.stdout) for which, done in chosen.items() if done.returncode == 0}
-    assert set(metrics) == {"auto", "model", "ema"}, {w: d.stderr for w, d in chosen.items()}
+
+    def evaluate(*args: str) -> dict[str, float]:
+        """``python -m trainer.evaluate ARGS``, in this process: the printed metrics."""
+        capsys.readouterr()
+        code = evaluate_main(list(args))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    metrics = {which: evaluate(str(best), *(["--weights", which] if which != "auto" else []),
+                               "data.num_workers=0")  # an override after the option, as users type it
+               for which in ("auto", "model", "ema")}
     assert metrics["auto"] == metrics["ema"] != metrics["model"]
     for which, prefix in (("ema", "val_ema/"), ("model", "val/")):
         assert metrics[which]["loss"] == pytest.approx(logged[prefix + "loss"], abs=1e-6)
@@ -333,6 +342,4 @@ def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpo
     state = torch.load(best, weights_only=True)  # as if trained with fp16 on a GPU
     state["config"]["train"]["precision"] = "fp16"
     torch.save(state, tmp_path / "fp16.pt")
-    fp16 = cli("trainer.evaluate", str(tmp_path / "fp16.pt"))
-    assert fp16.returncode == 0, fp16.stderr
-    assert json.loads(fp16.stdout) == metrics["auto"]
+    assert evaluate(str(tmp_path / "fp16.pt"), "data.num_workers=0") == metrics["auto"]

@@ -23,15 +23,37 @@ from trainer import distributed
 REPO = Path(__file__).resolve().parents[1]
 
 
+SLOW_VALIDATION = """
+import time
+import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    def __init__(self, size, seconds_per_image):
+        self.size, self.seconds_per_image = size, seconds_per_image
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds_per_image)
+        return torch.rand(3, 16, 16), index % 3
+
+
+def build(cfg):
+    return Images(24, 0.0), Images(1200, 0.05), ["a", "b", "c"]
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_during_validation_stops_at_once_with_one_checkpoint(tmp_path: Path) -> None:
-    """Validation is slow here (ResNet-152, one image per batch, 600 per rank); a SIGTERM in its
-    middle ends the job within seconds, with one checkpoint at the end of the epoch's training."""
-    args = [f"log.output_dir={tmp_path}", "log.name=val", f"data.cache_dir={tmp_path / 'cache'}",
-            "model.name=resnet152", "data.image_size=64", "data.synthetic_classes=6",
-            "data.synthetic_train_per_class=4", "data.synthetic_val_per_class=200", "data.batch_size=4",
-            "data.val_batch_size=1", "data.num_workers=0", "train.epochs=1", "log.progress_bar=off",
-            "log.debug=true"]
+    """Validation is slow here (50 ms per image, one image per batch, 600 per rank: 30 s); a SIGTERM
+    in its middle ends the job within seconds, with one checkpoint at the end of the epoch's training."""
+    (tmp_path / "slowval.py").write_text(SLOW_VALIDATION)
+    args = ["--code", str(tmp_path), f"log.output_dir={tmp_path}", "log.name=val", "model.name=smallcnn",
+            "data.source=slowval:build", "data.image_size=16", "data.batch_size=4", "data.val_batch_size=1",
+            "data.num_workers=0", "train.epochs=1", "log.progress_bar=off", "log.debug=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "trainer", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -6,6 +6,7 @@ classes, the MLflow store queried with MlflowClient, TensorBoard events with Eve
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -182,7 +183,11 @@ def test_profiler_writes_one_chrome_trace_per_rank(ddp_run) -> None:
     run_dir, result = ddp_run
     for rank in (0, 1):
         trace = json.loads((run_dir / "profile" / f"rank_{rank}_steps_2-3.json").read_text())
-        assert any(event.get("name", "").startswith("aten::convolution") for event in trace["traceEvents"])
+        events = trace["traceEvents"]
+        per_thread = collections.Counter((event.get("tid"), event.get("name")) for event in events)
+        assert any(event.get("name", "").startswith("aten::convolution") for event in events), (
+            f"rank {rank}: no convolution in {len(events)} events; (thread, name) counts: "
+            f"{per_thread.most_common(20)}\n{result.stdout[-3000:]}")
     assert f"profiler: steps 2-3 recorded, one trace per rank: {run_dir / 'profile'}" in result.stdout
 
 
