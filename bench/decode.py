@@ -27,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ from bench.common import Row, Timing, clock, interleave, median, paired_ratios, 
 from trainer import config, data
 from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
-IMAGE_SIZE = 224
 BATCH = 32
 TARGET_RATE = 3000.0
 """Images/s a fast GPU trains ResNet-50 at: how many loader workers feed it."""
@@ -53,8 +52,22 @@ TRAINER = "trainer (PIL draft, uint8)"
 
 @dataclass(frozen=True)
 class Plan:
-    images: int = 96
-    repeats: int = 9
+    images: int = 96  # JPEGs each path loads per round
+    repeats: int = 9  # interleaved rounds
+    image_size: int = 224  # the training crop's side
+
+
+@dataclass
+class Decode:
+    """The rows (each path vs the tutorial pipeline) and every round's images/s, wall and CPU time."""
+
+    rows: list[Row]
+    images: int
+    image_size: int
+    crop_scale_min: float
+    rates: dict[str, list[float]]
+    cpu_rates: dict[str, list[float]]
+    batches: dict[str, tuple[str, list[int]]]  # dtype and shape of each path's first batch
 
 
 def make_photo_folder(root: Path, count: int, seed: int = 0) -> Path:
@@ -103,23 +116,23 @@ class _TensorDecode:
         return self.steps(decode_jpeg(read_file(path), mode=ImageReadMode.RGB))
 
 
-def paths(train: Path, scale_min: float) -> dict[str, Dataset]:
+def paths(train: Path, size: int, scale_min: float) -> dict[str, Dataset]:
     """Each decode path as a per-sample-seeded data set of the same files."""
-    cfg = config.load([], ["data.source=imagefolder", f"data.root={train.parent}", f"data.image_size={IMAGE_SIZE}",
+    cfg = config.load([], ["data.source=imagefolder", f"data.root={train.parent}", f"data.image_size={size}",
                            "data.random_resized_crop=true", f"data.crop_scale_min={scale_min}"]).data
-    crop_flip = [transforms.RandomResizedCrop(IMAGE_SIZE, scale=(scale_min, 1.0), antialias=True),
+    crop_flip = [transforms.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True),
                  transforms.RandomHorizontalFlip()]
     tutorial = transforms.Compose([*crop_flip, transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
     pil_uint8 = transforms.Compose([*crop_flip, transforms.PILToTensor()])
     plain_folder = datasets.ImageFolder(str(train))  # torchvision's loader: decodes the whole image
     files = datasets.ImageFolder(str(train), loader=str)
     trainer_set = data.load_splits(cfg).train
-    no_draft = config.load([], ["data.random_resized_crop=true", f"data.image_size={IMAGE_SIZE}",
+    no_draft = config.load([], ["data.random_resized_crop=true", f"data.image_size={size}",
                                 f"data.crop_scale_min={scale_min}", "data.jpeg_draft=false"]).data
     return {
         BASELINE: data.SeededTransformDataset(plain_folder, tutorial, seed=0),
         "PIL, uint8": data.SeededTransformDataset(plain_folder, pil_uint8, seed=0),
-        "torchvision.io decode_jpeg, uint8": data.SeededTransformDataset(files, _TensorDecode(IMAGE_SIZE, (scale_min, 1.0)),
+        "torchvision.io decode_jpeg, uint8": data.SeededTransformDataset(files, _TensorDecode(size, (scale_min, 1.0)),
                                                                         seed=0),
         "trainer, jpeg_draft=false (uint8)": data.SeededTransformDataset(trainer_set, data.build_transform(no_draft, True),
                                                                          seed=0),
@@ -136,10 +149,10 @@ def worker_pass(dataset: Dataset, epoch: int, count: int) -> tuple[Timing, list[
     return since(started), batches
 
 
-def measure(workdir: Path, plan: Plan, scale_min: float = 0.08) -> tuple[list[Row], dict[str, Any]]:
+def measure(workdir: Path, plan: Plan, scale_min: float = 0.08) -> Decode:
     """Interleaved rounds of every path; one row per path against the tutorial pipeline."""
     train = make_photo_folder(workdir, plan.images)
-    datasets_ = paths(train, scale_min)
+    datasets_ = paths(train, plan.image_size, scale_min)
     count = min(plan.images, len(datasets_[BASELINE]))  # type: ignore[arg-type]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -172,9 +185,8 @@ def measure(workdir: Path, plan: Plan, scale_min: float = 0.08) -> tuple[list[Ro
         rows.append(Row(f"decode: {name}", "img/s per loader worker", median(rates[name]), median(rates[BASELINE]),
                         BASELINE, GOAL if chosen else None, True, paired_ratios(rates[name], rates[BASELINE]),
                         median(cpu_rates[name]) / median(cpu_rates[BASELINE]), note))
-    details = {"images": count, "image_size": IMAGE_SIZE, "crop_scale_min": scale_min, "rates": rates,
-               "cpu_rates": cpu_rates, "batches": {name: [str(d), list(s)] for name, (d, s) in shapes.items()}}
-    return rows, details
+    return Decode(rows, count, plan.image_size, scale_min, rates, cpu_rates,
+                  {name: (str(dtype), list(shape)) for name, (dtype, shape) in shapes.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,23 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few images, two rounds: check that it runs")
     parser.add_argument("--repeats", type=int, help="interleaved rounds (default 9)")
     parser.add_argument("--images", type=int, help="JPEGs decoded per path per round (default 96)")
+    parser.add_argument("--image-size", type=int, help="side of the training crop (default 224)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample as JSON")
     args = parser.parse_args(argv)
     plan = Plan(images=8, repeats=2) if args.quick else Plan()
-    plan = Plan(images=args.images or plan.images, repeats=args.repeats or plan.repeats)
+    plan = Plan(args.images or plan.images, args.repeats or plan.repeats, args.image_size or plan.image_size)
     meta = report.machine()
     print(f"bench.decode {meta['date']}: {meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}, "
-          f"load average {meta['load_average_start'][0]:.1f}; {plan.images} JPEGs x {plan.repeats} rounds", flush=True)
+          f"load average {meta['load_average_start'][0]:.1f}; {plan.images} JPEGs x {plan.repeats} rounds, {plan.image_size} px crops", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     try:
-        rows, details = measure(workdir, plan)
+        result = measure(workdir, plan)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["load_average_end"] = os.getloadavg()
     print(f"load average at end {meta['load_average_end'][0]:.1f}\n")
-    print(report.table(rows))
+    print(report.table(result.rows))
     if args.json:
-        report.to_json(args.json, meta, rows, {"decode": details})
+        report.to_json(args.json, meta, result.rows, {"decode": result})
     return 0
 
 
