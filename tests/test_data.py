@@ -9,10 +9,13 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from helpers import small_run
 from torchvision_files import trust_written_cifar_files, write_cifar10, write_mnist
-from trainer import config, data, decode
-from trainer.errors import DataError
+from trainer import config, data, decode, distributed
+from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError
 from trainer.normalize import Normalize
+from trainer.signals import StopRequest
+from trainer.worker import Worker
 
 
 def data_cfg(**overrides: object) -> config.DataConfig:
@@ -125,14 +128,14 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- uint8 workers, JPEG decoding
-def write_photo_folder(root: Path, width: int = 200, height: int = 150) -> None:
+def write_photo_folder(root: Path, width: int = 200, height: int = 150, per_class: int = 3) -> None:
     """Textured JPEGs (one grayscale) and a PNG in two classes, train/ and val/ alike."""
     gen = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for label in ("a", "b"):
             folder = root / split / label
             folder.mkdir(parents=True)
-            for i in range(3):
+            for i in range(per_class):
                 shade = torch.linspace(0, 160, width).expand(height, width)[..., None]
                 noise = torch.randint(0, 90, (height, width, 3), generator=gen)
                 pixels = (shade + noise).clamp(0, 255).to(torch.uint8).numpy()
@@ -201,3 +204,36 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path: Path) -> None:
         data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)[(0, index)]
     lenient = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), 0, skip_bad=True)
     assert lenient[(0, index)] is None
+
+
+def test_a_mid_epoch_resume_on_jpeg_files_with_loader_workers_is_bitwise_identical(tmp_path: Path) -> None:
+    """uint8 workers, reduced-size decoding and normalisation on the device: stopped mid-epoch with
+    no loader workers and resumed with 2, a run ends with the weights of one that ran through with 1."""
+    write_photo_folder(tmp_path / "photos", width=120, height=90, per_class=6)
+    common = ["data.source=imagefolder", f"data.root={tmp_path / 'photos'}", "model.name=linear", "train.epochs=2",
+              "data.random_resized_crop=true", "data.crop_scale_min=0.3", "log.pictures=false",
+              "data.persistent_workers=false"]  # no worker processes outlive a failing assertion
+
+    def worker(name: str, workers: int) -> Worker:
+        cfg = config.load([], small_run(tmp_path, *common, f"log.name={name}", f"data.num_workers={workers}",
+                                        batch_size=2))
+        return Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
+
+    through = worker("through", 1)
+    assert through.fit() == EXIT_OK
+    stopped = worker("stopped", 0)
+    criterion, calls = stopped.step.criterion, []
+
+    def stop_at_the_second_step(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            stopped.stop.received.append("SIGTERM")
+        return criterion(logits, targets)
+
+    stopped.step.criterion = stop_at_the_second_step  # type: ignore[assignment]
+    assert stopped.fit() == EXIT_STOPPED and 0 < stopped.position.consumed < len(stopped.train_sampler.order())
+    resumed = worker("stopped", 2)
+    resumed.resume(resumed.run_dir / "checkpoints" / "last.pt")
+    assert resumed.fit() == EXIT_OK and resumed.global_step == through.global_step
+    for key, value in through.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[key], value), key
