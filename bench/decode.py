@@ -156,17 +156,19 @@ def measure(workdir: Path, plan: Plan, scale_min: float = 0.08) -> Decode:
     count = min(plan.images, len(datasets_[BASELINE]))  # type: ignore[arg-type]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
-    epochs = iter(range(10**6))
+    passes = {name: 0 for name in datasets_}  # a path's n-th pass reads epoch n: the same crops for every path
+    shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def runner(name: str) -> Callable[[], Timing]:
+        def run() -> Timing:
+            timing, batches = worker_pass(datasets_[name], passes[name], count)
+            passes[name] += 1
+            shapes[name] = (batches[0].dtype, tuple(batches[0].shape))
+            return timing
+        return run
+
     try:
-        runs: dict[str, Callable[[], Timing]] = {}
-        shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for name, dataset in datasets_.items():
-            def run(dataset: Dataset = dataset, name: str = name) -> Timing:
-                timing, batches = worker_pass(dataset, next(epochs) // len(datasets_), count)
-                shapes[name] = (batches[0].dtype, tuple(batches[0].shape))
-                return timing
-            runs[name] = run
-        timings = interleave(runs, plan.repeats)
+        timings = interleave({name: runner(name) for name in datasets_}, plan.repeats)
     finally:
         torch.set_num_threads(threads)
     rates = {name: [count / t.wall for t in values] for name, values in timings.items()}
