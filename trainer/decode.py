@@ -36,11 +36,12 @@ def open_image(path: str) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK... as RGB (decodes a lazily opened file)."""
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 (3, H, W) tensor (a view; collation copies it once)."""
+    """An RGB PIL image as a uint8 (3, H, W) tensor (channels-last in memory; collation stacks it)."""
     return F.pil_to_tensor(image)
 
 
