@@ -50,7 +50,7 @@ def test_pt2_program_predicts_what_the_checkpoint_predicts(trained: tuple[Path, 
     assert from_program.classes == from_checkpoint.classes
     expected = probabilities(from_checkpoint, images)
     torch.testing.assert_close(probabilities(from_program, images), expected, atol=1e-5, rtol=0)
-    batch = torch.stack([from_checkpoint.transform(Image.open(p)) for p in images])  # any batch size
+    batch = torch.cat([from_checkpoint.prepare(Image.open(p)) for p in images])  # any batch size
     torch.testing.assert_close(from_program.model(batch).softmax(1), expected, atol=1e-5, rtol=0)
     capsys.readouterr()
     assert predict_main([str(out), str(images[0])]) == 0
@@ -73,7 +73,7 @@ def test_safetensors_holds_the_weights_classes_and_config(trained: tuple[Path, l
     reference = Predictor(ckpt)
     rebuilt = models.build_model("smallcnn", len(state["classes"]), 24)
     assert models.load_weights(rebuilt, tensors, str(out)).endswith("0 replaced, 0 missing, 0 unused")
-    batch = torch.stack([reference.transform(Image.open(p)) for p in images])
+    batch = torch.cat([reference.prepare(Image.open(p)) for p in images])
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt.eval()(batch), reference.model(batch), atol=1e-5, rtol=0)
 

@@ -108,3 +108,18 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         runs.append(torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_uint8_batches_normalised_on_cuda_equal_the_cpu_float_pipeline() -> None:
+    """The step's conversion on the GPU (channels_last kept) gives ToTensor + Normalize's values to 1e-6."""
+    from torchvision import transforms
+
+    from trainer.normalize import Normalize
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([transforms.Normalize(mean, std)(image.float() / 255) for image in pixels])
+    on_device = pixels.to("cuda", memory_format=torch.channels_last)
+    images = Normalize(mean, std, torch.device("cuda"))(on_device)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images.cpu(), expected, rtol=0, atol=1e-6)

@@ -25,6 +25,7 @@ from trainer import config, distributed, models, precision, resources, slurm
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.evaluate import main as evaluate_main
 from trainer.metrics import EvalMeter, TrainMeter
+from trainer.normalize import Normalize
 from trainer.signals import StopRequest
 from trainer.step import ModelEma, TrainStep
 from trainer.worker import Worker
@@ -63,7 +64,7 @@ def small_step(cfg: config.TrainConfig) -> TrainStep:
     torch.manual_seed(0)
     net = models.build_model("smallcnn", 4, 16)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, cfg)
+    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, cfg, Normalize([0.5] * 3, [0.25] * 3, CPU))
 
 
 # ----------------------------------------------------------------------------- MPS and macOS
@@ -71,7 +72,8 @@ def test_the_step_and_the_meters_create_no_dtype_that_mps_lacks() -> None:
     step = small_step(train_cfg())
     train_meter, eval_meter = TrainMeter(CPU, window=4), EvalMeter(4, CPU)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(6)]
+    batches = [(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen),  # as loaders return them
+                torch.randint(0, 4, (8,), generator=gen)) for _ in range(6)]
     recorder = DtypeRecorder()
     with recorder:  # everything the device sees in a training epoch and a validation pass
         for i, (images, targets) in enumerate(batches):
@@ -79,7 +81,7 @@ def test_the_step_and_the_meters_create_no_dtype_that_mps_lacks() -> None:
             train_meter.update(loss, 8, i)
         assert train_meter.flush() is None
         with torch.no_grad():
-            logits = step.net.eval()(batches[0][0])
+            logits = step.net.eval()(step.normalize(batches[0][0]))
             eval_meter.update(logits, batches[0][1], nn.functional.cross_entropy(logits, batches[0][1], reduction="sum"))
     assert len(recorder.made) > 100, "the recorder saw the work"
     assert recorder.lacking() == []

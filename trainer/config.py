@@ -44,6 +44,7 @@ class DataConfig:
     persistent_workers: bool = True
     pin_memory: bool = True
     on_bad_sample: str = "error"
+    jpeg_draft: bool = True
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
-from trainer import distributed, user_code
+from trainer import decode, distributed, user_code
 from trainer.config import DataConfig
 from trainer.distributed import DistEnv
 from trainer.errors import DataError
@@ -125,7 +125,7 @@ def _image_folder_splits(root: Path) -> Splits:
         if not (root / split).is_dir():
             raise DataError(f"data.root '{root}' has no {split}/ folder; expected {root}/{split}/<class>/<image>")
         try:
-            found[split] = datasets.ImageFolder(str(root / split))
+            found[split] = datasets.ImageFolder(str(root / split), loader=decode.open_image)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"{root / split}: {' '.join(str(exc).split())}") from None
     train, val = found["train"], found["val"]
@@ -155,17 +155,21 @@ def _torchvision_splits(cfg: DataConfig, download: bool) -> Splits:
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
-    """Train: random resized crop and flip (each optional); val: resize and centre crop."""
+    """Train: random resized crop and flip (each optional); val: resize and centre crop.
+
+    The result is a uint8 (3, H, W) tensor: :class:`trainer.normalize.Normalize` makes it float
+    and normalises it on the device.
+    """
     size = cfg.image_size
-    steps: list[Callable] = [_to_rgb]
+    steps: list[Callable] = []
     if train and cfg.random_resized_crop:
-        steps.append(transforms.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), antialias=True))
+        steps.append(decode.ResizedCrop(size, (cfg.crop_scale_min, 1.0), cfg.jpeg_draft))
     else:
-        steps += [transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
+        steps += [decode.to_rgb, transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
                   transforms.CenterCrop(size)]
     if train and cfg.hflip:
         steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
+    steps.append(decode.to_uint8_tensor)
     return TensorsPassThrough(transforms.Compose(steps))
 
 
@@ -177,10 +181,6 @@ class TensorsPassThrough:
 
     def __call__(self, item: Any) -> torch.Tensor:
         return item if isinstance(item, torch.Tensor) else self.transform(item)
-
-
-def _to_rgb(image: Any) -> Any:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 LOADER_PREFETCH = 4
@@ -211,13 +211,20 @@ class SeededTransformDataset(Dataset):
             try:
                 image, target = self.base[index]
             except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
-                if self.skip_bad:
-                    return None
-                raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
-                                "fix or remove it, or set data.on_bad_sample=skip") from None
-            return self.transform(image), target
+                return self._unreadable(index, exc)
+            try:
+                return self.transform(image), target
+            except (OSError, SyntaxError) as exc:  # a lazily opened file's pixels decode here (truncated data)
+                return self._unreadable(index, exc)
         finally:
             torch.set_rng_state(state)
+
+    def _unreadable(self, index: int, exc: Exception) -> None:
+        """``None`` in skip mode; else the error naming the sample."""
+        if self.skip_bad:
+            return None
+        raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
+                        "fix or remove it, or set data.on_bad_sample=skip") from None
 
     def _describe(self, index: int) -> str:
         samples: Sequence | None = getattr(self.base, "samples", None)

@@ -19,6 +19,7 @@ from trainer.__main__ import _one_line
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from trainer.logs import setup_console
 from trainer.metrics import evaluate_model
+from trainer.normalize import Normalize
 
 MODEL_SECTIONS = ("data", "model", "train")
 """The parts of a checkpoint's saved config that evaluation starts from (not dist, log or ckpt)."""
@@ -40,7 +41,7 @@ def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dic
     loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
     autocast = precision.resolve("fp32" if env.device.type == "cpu" else cfg.train.precision, env.device)
     metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device, autocast, memory_format,
-                                env.control)
+                                env.control, normalize=Normalize(cfg.data.mean, cfg.data.std, env.device))
     return metrics
 
 

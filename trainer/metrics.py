@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from trainer.normalize import Normalize
 from trainer.precision import Precision
 
 
@@ -128,13 +129,14 @@ class EvalObserver(Protocol):
 def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
                    precision: Precision, memory_format: torch.memory_format = torch.contiguous_format,
                    group: dist.ProcessGroup | None = None, stop: Callable[[], bool] = lambda: False,
-                   observer: EvalObserver | None = None) -> tuple[dict[str, float], int]:
+                   observer: EvalObserver | None = None, *, normalize: Normalize) -> tuple[dict[str, float], int]:
     """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
 
     ``stop()`` is checked before each batch: a rank told to stop leaves early, so the metrics are
     then partial (the caller discards them). It needs no agreement between ranks: the only
     collective is the reduction at the end, which every rank reaches either way.
-    ``observer`` (on every rank or none) sees each batch and the reduced confusion matrix.
+    ``observer`` (on every rank or none) sees each batch (as loaded: uint8 from our transforms) and
+    the reduced confusion matrix. ``normalize`` makes the model's input on the device.
     """
     model.eval()
     meter, skipped = EvalMeter(num_classes, device), 0
@@ -145,7 +147,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, devic
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast(device):
-            logits = model(images).float()
+            logits = model(normalize(images)).float()
         meter.update(logits, targets, nn.functional.cross_entropy(logits, targets, reduction="sum"))
         if observer is not None:
             observer.update(images, logits, targets)

@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from trainer import checkpoint, data, export, user_code
 from trainer.config import DataConfig
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+from trainer.normalize import Normalize
 
 
 class Predictor:
@@ -35,11 +36,16 @@ class Predictor:
         data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
                                                                    saved_data))  # type: ignore[assignment]
         self.transform = data.build_transform(data_cfg, train=False)
+        self.normalize = Normalize(data_cfg.mean, data_cfg.std, torch.device("cpu"))
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The model's input for one image: (1, 3, H, W) floats, transformed and normalised as in validation."""
+        return self.normalize(self.transform(image).unsqueeze(0))
 
     @torch.inference_mode()
     def probabilities(self, image: Image.Image) -> torch.Tensor:
         """Class probabilities for one image."""
-        logits = self.model(self.transform(image).unsqueeze(0))
+        logits = self.model(self.prepare(image))
         return logits.float().softmax(dim=1)[0]
 
     def top(self, image: Image.Image, k: int) -> list[tuple[str, float]]:

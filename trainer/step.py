@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import TrainConfig
+from trainer.normalize import Normalize
 from trainer.precision import Precision
 
 
@@ -70,13 +71,14 @@ class TrainStep:
     accumulation, clipping, non-finite handling and the EMA.
 
     ``model`` is what runs the forward pass (DDP- and/or compile-wrapped); ``net`` is the plain
-    module underneath, whose parameters are clipped and averaged.
+    module underneath, whose parameters are clipped and averaged. ``normalize`` turns the loader's
+    uint8 images into the model's floats once they are on the device.
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 device: torch.device, cfg: TrainConfig,
+                 device: torch.device, cfg: TrainConfig, normalize: Normalize,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
-        self.net, self.model, self.optimizer = net, model, optimizer
+        self.net, self.model, self.optimizer, self.normalize = net, model, optimizer, normalize
         self.precision, self.device, self.cfg, self.memory_format = precision, device, cfg, memory_format
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
@@ -87,7 +89,7 @@ class TrainStep:
     def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
         """Forward and backward one micro-batch of a ``window``-micro-batch accumulation window; on the
         ``last`` one, step the optimizer. Returns the micro-batch's mean loss (a device tensor)."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        images = self.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         targets = targets.to(self.device, non_blocking=True)
         syncing = last or not isinstance(self.model, DistributedDataParallel)
         with nullcontext() if syncing else self.model.no_sync():

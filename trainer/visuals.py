@@ -24,6 +24,7 @@ from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.logs import MetricSinks
 from trainer.metrics import per_class
+from trainer.normalize import Normalize
 from trainer.trackers import Histogram
 
 GRID_IMAGES = 16
@@ -78,14 +79,13 @@ class RunVisuals:
 
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str]) -> None:
         self.log_cfg, self.env, self.classes = cfg.log, env, classes
-        self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, env.device)
         self.per_class_path = run_dir / "per_class.json"
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # training samples for gradient histograms
 
     def evidence(self) -> ValidationEvidence | None:
         """An observer for the next evaluation, when pictures are on (same answer on every rank)."""
-        return ValidationEvidence(self.env, self._uint8) if self.log_cfg.pictures else None
+        return ValidationEvidence(self.env, self.normalize.to_pixels) if self.log_cfg.pictures else None
 
     def at_start(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                  device: torch.device, step: int) -> None:
@@ -116,10 +116,10 @@ class RunVisuals:
             from trainer import pictures  # PIL's drawing modules: imported when first needed
 
             captions = [self.classes[t] for t in targets.tolist()]
-            sinks.image("train/augmented_samples", pictures.image_grid(self._uint8(images), captions), 0)
+            sinks.image("train/augmented_samples", pictures.image_grid(self.normalize.to_pixels(images), captions), 0)
         if cfg.graph:
             with _evaluation_mode(model):
-                sinks.graph(model, images[:1].to(device))
+                sinks.graph(model, self.normalize(images[:1].to(device)))
 
     def at_epoch_end(self, sinks: MetricSinks, evidence: ValidationEvidence | None, model: nn.Module,
                      epoch: int, step: int) -> None:
@@ -169,16 +169,11 @@ class RunVisuals:
         device = named[0][1].device
         images, targets = (t.to(device) for t in self.probe)
         with _evaluation_mode(model), torch.enable_grad():
-            loss = nn.functional.cross_entropy(model(images).float(), targets)
+            loss = nn.functional.cross_entropy(model(self.normalize(images)).float(), targets)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         for (name, _), grad in zip(named, grads):
             if grad is not None and (histogram := Histogram.of(grad)) is not None:
                 sinks.histogram(f"grads/{name}", histogram, step)
-
-    def _uint8(self, images: torch.Tensor) -> np.ndarray:
-        """Normalised (N, 3, H, W) images back to displayable (N, H, W, 3) uint8."""
-        pixels = (images.float().cpu() * self.std + self.mean).clamp(0, 1) * 255
-        return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @contextmanager

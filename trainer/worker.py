@@ -19,6 +19,7 @@ from trainer.early_stop import early_stop_reason
 from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
 from trainer.logs import MetricSinks, ProgressBar, log
 from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
+from trainer.normalize import Normalize
 from trainer.profiling import StepProfiler
 from trainer.resources import PeakMemory
 from trainer.seeding import RankRng, rank_seed, seed_everything
@@ -47,8 +48,9 @@ class Worker:
         self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
         self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)
         self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.precision, self.device,
-                              cfg.train, self.memory_format)
+                              cfg.train, self.normalize, self.memory_format)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
         self.position = data.Position()
         self.global_step = 0
@@ -77,7 +79,7 @@ class Worker:
                             "needs at least one; use fewer processes or more data")
         batch = cfg.data.batch_size
         self.train_sampler = data.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
-        batch_bytes = batch * 3 * cfg.data.image_size ** 2 * 4
+        batch_bytes = batch * 3 * cfg.data.image_size ** 2  # uint8 pixels
         if (shm := data.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
             log.warning(shm)
         self.train_loader = data.build_train_loader(train_set, self.train_sampler, cfg.data, self.device,
@@ -247,7 +249,7 @@ class Worker:
         try:
             metrics, skipped = evaluate_model(model, self.val_loader, len(self.classes), self.device,
                                               self.precision, self.memory_format, self.env.control,
-                                              lambda: self.stop.requested, observer)
+                                              lambda: self.stop.requested, observer, normalize=self.normalize)
         except torch.OutOfMemoryError:
             batch = self.val_loader.batch_size
             raise OutOfMemory(f"{self.device} ran out of memory in validation at batch {batch} per process; "
