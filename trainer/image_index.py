@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -127,18 +128,22 @@ def scan(split_dir: Path, classes: list[str]) -> ImageIndex:
     nested: dict[str, int] = {}
     hidden = sum(1 for entry in os.scandir(split_dir) if entry.name.startswith(".") and entry.is_dir())
     empty = []
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
     for target, name in enumerate(classes):
         count = len(names)
         class_dir = split_dir / name
         for folder, dirs, files in sorted(_walk(class_dir)):
-            hidden += sum(1 for entry in dirs + files if entry.startswith("."))
+            hidden += sum(1 for d in dirs if d.startswith("."))
             relative = os.path.relpath(folder, split_dir)
             if folder != str(class_dir):
                 nested[relative] = os.stat(folder).st_mtime_ns
+            prefix = (relative + os.sep).encode(encoding, errors)
             for file in sorted(files):
-                if not file.startswith(".") and file.lower().endswith(IMG_EXTENSIONS):
-                    names.append(os.fsencode(os.path.join(relative, file)))
-                    targets.append(target)
+                if file.startswith("."):
+                    hidden += 1
+                elif file.lower().endswith(IMG_EXTENSIONS):
+                    names.append(prefix + file.encode(encoding, errors))
+        targets.extend([target] * (len(names) - count))
         if len(names) == count:
             empty.append(name)
     if empty:
