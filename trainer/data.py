@@ -146,18 +146,20 @@ def _image_folder_splits(root: Path, cache_dir: Path) -> Splits:
     return Splits(train, val, list(train.classes))
 
 
-def _torchvision_splits(source: str, root: str, download: bool = False) -> Splits:
+def _torchvision_splits(source: str, root: str, download: bool = False, shown_root: str | None = None) -> Splits:
+    """The set's files under ``root`` (``shown_root``: the folder that error messages name)."""
     cls, layout = TORCHVISION_SETS[source]
+    shown = shown_root or root
     try:
         train = cls(root, train=True, download=download)
         val = cls(root, train=False, download=download)
     except RuntimeError as exc:
         hint = ("downloading failed or is impossible here; copy the files there by hand"
                 if download else "set data.download=true to fetch it, or copy the files there")
-        raise DataError(f"{layout} not found or corrupt under data.root='{root}' ({str(exc).splitlines()[0]}); "
+        raise DataError(f"{layout} not found or corrupt under data.root='{shown}' ({str(exc).splitlines()[0]}); "
                         f"{hint}") from None
     except OSError as exc:  # URLError and socket errors when the download has no network
-        raise DataError(f"downloading {layout} to '{root}' failed ({exc}); "
+        raise DataError(f"downloading {layout} to '{shown}' failed ({exc}); "
                         "copy the files there by hand and keep data.download=false") from None
     return Splits(train, val, list(train.classes))
 
@@ -178,7 +180,7 @@ def _download(cfg: DataConfig) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _torchvision_splits(cfg.source, str(staging), download=True)
+        _torchvision_splits(cfg.source, str(staging), download=True, shown_root=str(root))
         for entry in sorted(staging.iterdir()):
             target = root / entry.name
             if target.exists():  # an incomplete or corrupt copy: kept aside, not deleted

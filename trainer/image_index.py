@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import zipfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -195,7 +196,7 @@ def _read(path: Path, split_dir: Path, classes: list[str]) -> ImageIndex | None:
             return None
         return ImageIndex(classes, arrays["paths"], arrays["offsets"], arrays["targets"], nested,
                           int(arrays["hidden"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, damaged, or a nested folder is gone: scan
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, damaged, a folder gone
         return None
 
 
@@ -206,9 +207,9 @@ def _split(packed: np.ndarray) -> list[bytes]:
 
 def _write(path: Path, index: ImageIndex) -> None:
     """Write atomically (a temporary file in the same folder, then a rename); remove older versions."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as file:
             np.savez(file, classes=np.asarray(index.classes), paths=index.paths, offsets=index.offsets,
                      targets=index.targets, hidden=np.int64(index.hidden),
@@ -220,11 +221,11 @@ def _write(path: Path, index: ImageIndex) -> None:
     except OSError as exc:
         log.warning("could not cache the image index in %s (%s); the folder will be scanned again next time",
                     path.parent, exc)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         return
     prefix = path.name.split("-")[0] + "-"
     for old in path.parent.glob(f"{prefix}*.npz"):
         if old != path:
-            try:
+            with suppress(OSError):
                 old.unlink(missing_ok=True)
-            except OSError:
-                pass
