@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import psutil
@@ -45,6 +46,7 @@ from trainer import config, data, image_index
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_GOAL_MB = 50.0
 START_GOAL_S = 2.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def _tiny_png(rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def _timed(function, *args):  # type: ignore[no-untyped-def]
+def _timed(function: Callable[..., T], *args: Any) -> tuple[float, T]:
+    """Seconds ``function(*args)`` took, and its result."""
     started = time.perf_counter()
     result = function(*args)
     return time.perf_counter() - started, result
@@ -138,8 +141,9 @@ class _WorkerMemory:
 
 def worker_memory(dataset: Dataset) -> tuple[float, float]:
     """(USS, RSS) of one forked loader worker after it has read every sample of ``dataset``."""
-    loader = DataLoader(dataset, batch_size=max(1, len(dataset) // 100), num_workers=1,  # type: ignore[arg-type]
-                        collate_fn=_WorkerMemory(), multiprocessing_context="fork")
+    batch = max(1, len(dataset) // 100)  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=batch, num_workers=1, collate_fn=_WorkerMemory(),
+                        multiprocessing_context="fork")
     last = (0.0, 0.0)
     for last in loader:
         pass
