@@ -69,7 +69,10 @@ def test_a_stand_in_adds_nothing_to_its_accumulation_window() -> None:
 @pytest.mark.slow
 def test_all_bad_micro_batch_on_one_rank_does_not_hang_two_ranks(tmp_path: Path) -> None:
     """Two gloo ranks, one image per micro-batch, half the images unreadable: some steps find one
-    rank with nothing readable while the other has an image. The run ends and counts the skips."""
+    rank with nothing readable while the other has an image. The run ends and counts the skips.
+
+    The same run checks that the ranks share one scan: rank 0 walks each split (its log says so),
+    rank 1 only reads the index rank 0 wrote (its full log, ``logs/rank_1.log``, has no walk)."""
     root = tmp_path / "images"
     write_image_folder(root, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, per_class=4)
     bad = {0, 1, 4, 5}  # cat/0, cat/1, dog/0, dog/1 in the index's (sorted) order
@@ -90,3 +93,6 @@ def test_all_bad_micro_batch_on_one_rank_does_not_hang_two_ranks(tmp_path: Path)
     epochs = [r for r in records if "data/skipped_samples" in r]
     assert epochs[-1]["data/skipped_samples"] == 8  # 4 unreadable images x 2 epochs
     assert len(epochs) == 2 and all(math.isfinite(r["train/loss"]) for r in epochs)
+    logs = helpers.run_dir(tmp_path, "bad") / "logs"
+    walks = {rank: (logs / f"rank_{rank}.log").read_text().count(" indexed ") for rank in (0, 1)}
+    assert walks == {0: 2, 1: 0}  # train/ and val/, on rank 0 only

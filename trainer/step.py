@@ -110,7 +110,9 @@ class TrainStep:
         with nullcontext() if last or not distributed else self.model.no_sync():
             with self.precision.autocast(self.device), _eval_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
-            loss = self.criterion(logits.float(), targets) * (0.0 if stand_in else 1.0)
+            loss = self.criterion(logits.float(), targets)
+            if stand_in:
+                loss = loss * 0.0
             self.scaler.scale(loss / window if window > 1 else loss).backward()
         self.window_has_data |= not stand_in
         if last:
