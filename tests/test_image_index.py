@@ -169,3 +169,9 @@ def test_failed_download_leaves_no_half_set(mnist_mirror: Path, tmp_path: Path) 
     with pytest.raises(DataError, match=f"MNIST.*{re.escape(str(root))}'"):
         data.prepare(data_cfg(source="mnist", root=root, download=True))
     assert os.listdir(root) == []  # the files that did arrive are not where MNIST looks
+
+
+def test_rank_without_the_downloaded_set_says_why(tmp_path: Path) -> None:
+    """Another node's rank, after rank 0 downloaded into its own node-local data.root."""
+    with pytest.raises(DataError, match="data.root must be a folder every node sees"):
+        data.load_splits(data_cfg(source="mnist", root=tmp_path, download=True))

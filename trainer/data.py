@@ -82,7 +82,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         return _image_folder_splits(_synthetic_root(cfg, create=False), cache)
     if cfg.source == "imagefolder":
         return _image_folder_splits(Path(os.path.expanduser(cfg.root)), cache)
-    return _torchvision_splits(cfg.source, os.path.expanduser(cfg.root))
+    return _torchvision_splits(cfg.source, os.path.expanduser(cfg.root), downloaded_by_rank0=cfg.download)
 
 
 def check_source(source: str) -> None:
@@ -146,16 +146,20 @@ def _image_folder_splits(root: Path, cache_dir: Path) -> Splits:
     return Splits(train, val, list(train.classes))
 
 
-def _torchvision_splits(source: str, root: str, download: bool = False, shown_root: str | None = None) -> Splits:
-    """The set's files under ``root`` (``shown_root``: the folder that error messages name)."""
+def _torchvision_splits(source: str, root: str, download: bool = False, shown_root: str | None = None,
+                        downloaded_by_rank0: bool = False) -> Splits:
+    """The set's files under ``root`` (``shown_root``: the folder that error messages name;
+    ``downloaded_by_rank0``: global rank 0 was to download them there before this call)."""
     cls, layout = TORCHVISION_SETS[source]
     shown = shown_root or root
     try:
         train = cls(root, train=True, download=download)
         val = cls(root, train=False, download=download)
     except RuntimeError as exc:
-        hint = ("downloading failed or is impossible here; copy the files there by hand"
-                if download else "set data.download=true to fetch it, or copy the files there")
+        hint = ("downloading failed or is impossible here; copy the files there by hand" if download else
+                "global rank 0 downloads it into data.root: with several nodes, data.root must be a folder "
+                "every node sees, or copy the files to each node" if downloaded_by_rank0 else
+                "set data.download=true to fetch it, or copy the files there")
         raise DataError(f"{layout} not found or corrupt under data.root='{shown}' ({str(exc).splitlines()[0]}); "
                         f"{hint}") from None
     except OSError as exc:  # URLError and socket errors when the download has no network
