@@ -96,6 +96,7 @@ class TrainStep:
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
         self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in
+        self.data_parallel = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)  # compiled too
 
     def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
                     stand_in: bool = False) -> torch.Tensor:
@@ -106,8 +107,8 @@ class TrainStep:
         """
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
-        distributed = isinstance(self.model, DistributedDataParallel)
-        with nullcontext() if last or not distributed else self.model.no_sync():
+        syncing = last or not isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if syncing else self.model.no_sync():
             with self.precision.autocast(self.device), _eval_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
@@ -116,7 +117,7 @@ class TrainStep:
             self.scaler.scale(loss / window if window > 1 else loss).backward()
         self.window_has_data |= not stand_in
         if last:
-            if self.window_has_data or distributed:  # DDP ranks must all step: no rank knows the others' data
+            if self.window_has_data or self.data_parallel:  # all DDP ranks step: none knows the others' data
                 self._optimizer_step()
             else:
                 self.skipped_steps += 1
