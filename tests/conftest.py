@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import slurm_cluster as slurm_local
 
-SHARED_CLUSTER_MODULES = ("test_slurm", "test_multihost")
+SHARED_CLUSTER_MODULES = ("test_slurm.py", "test_multihost.py")
 """Modules that start SLURM daemons (one local cluster, or two in network namespaces): never at once."""
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n N --dist loadgroup`` (``make test``), keep each module on one worker, so a
-    module-scoped fixture runs once, and run the SLURM modules one after the other on one worker."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        group = "slurm" if module in SHARED_CLUSTER_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``pytest -n N`` (``make test``): one module is one unit of work, so a module-scoped
+    fixture runs once, and the SLURM modules form a single unit, run one after the other."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if Path(module).name in SHARED_CLUSTER_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -118,7 +118,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     bad.write_bytes(b"\x89PNG not really")
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
     splits = data.load_splits(cfg)
-    index = [path for path, _ in splits.train.samples].index(str(bad))
+    index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
     strict = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)
     with pytest.raises(DataError, match="broken.png.*on_bad_sample=skip"):
         strict[(0, index)]
@@ -199,7 +199,7 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:2000])
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
     splits = data.load_splits(cfg)
-    index = [path for path, _ in splits.train.samples].index(str(bad))
+    index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
     with pytest.raises(DataError, match="0.jpg.*truncated.*on_bad_sample=skip"):
         data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)[(0, index)]
     lenient = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), 0, skip_bad=True)

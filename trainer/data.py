@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
-from trainer import decode, distributed, user_code
+from trainer import decode, distributed, image_index, user_code
 from trainer.config import DataConfig
 from trainer.distributed import DistEnv
 from trainer.errors import DataError
@@ -45,35 +46,43 @@ class Splits:
     classes: list[str]
 
 
-def prepare(cfg: DataConfig) -> None:
-    """One-time work before the data sets are opened (generate the synthetic set, download).
+def prepare(cfg: DataConfig, node: bool = True, once: bool = True) -> None:
+    """One-time work before the data sets are opened.
 
-    Call it on one process per node, then barrier, then :func:`load_splits` on every process
-    (:func:`prepared_splits` does all three).
+    ``node`` work runs on one process per node (generating the synthetic set into the cache);
+    ``once`` work on one process of the whole job (downloading a torchvision set, scanning an image
+    folder into its index). Then barrier and call :func:`load_splits` on every process
+    (:func:`prepared_splits` does all of it).
     """
-    if cfg.source == "synthetic":
+    if node and cfg.source == "synthetic":
         _synthetic_root(cfg, create=True)
-    elif cfg.source in TORCHVISION_SETS and cfg.download:
-        load_splits(cfg, download=True)
+    if not once:
+        return
+    if cfg.source in TORCHVISION_SETS and cfg.download:
+        _download(cfg)
+    elif cfg.source in ("synthetic", "imagefolder"):
+        load_splits(cfg)  # scans each split and caches its index, unless a current one is there
 
 
 def prepared_splits(cfg: DataConfig, env: DistEnv) -> Splits:
-    """:func:`prepare` on one process per node, a barrier, then :func:`load_splits` on every process."""
-    if env.topology.local_rank == 0:
-        prepare(cfg)
+    """:func:`prepare` (per node, and once per job on global rank 0), a barrier, then
+    :func:`load_splits` on every process, which reads the index rank 0 left in the cache."""
+    if env.topology.local_rank == 0 or env.rank == 0:
+        prepare(cfg, node=env.topology.local_rank == 0, once=env.rank == 0)
     distributed.barrier(env)
     return load_splits(cfg)
 
 
-def load_splits(cfg: DataConfig, download: bool = False) -> Splits:
+def load_splits(cfg: DataConfig) -> Splits:
     """Open the configured data source without transforms."""
     if user_code.is_import_path(cfg.source):
         return _user_splits(cfg)
+    cache = Path(os.path.expanduser(cfg.cache_dir))
     if cfg.source == "synthetic":
-        return _image_folder_splits(_synthetic_root(cfg, create=False))
+        return _image_folder_splits(_synthetic_root(cfg, create=False), cache)
     if cfg.source == "imagefolder":
-        return _image_folder_splits(Path(os.path.expanduser(cfg.root)))
-    return _torchvision_splits(cfg, download)
+        return _image_folder_splits(Path(os.path.expanduser(cfg.root)), cache)
+    return _torchvision_splits(cfg.source, os.path.expanduser(cfg.root), downloaded_by_rank0=cfg.download)
 
 
 def check_source(source: str) -> None:
@@ -117,7 +126,7 @@ def _synthetic_root(cfg: DataConfig, create: bool) -> Path:
         raise DataError(f"synthetic data: {exc}") from None
 
 
-def _image_folder_splits(root: Path) -> Splits:
+def _image_folder_splits(root: Path, cache_dir: Path) -> Splits:
     if not root.is_dir():
         raise DataError(f"data.root '{root}' does not exist; point data.root at a folder with train/ and val/")
     found = {}
@@ -125,7 +134,7 @@ def _image_folder_splits(root: Path) -> Splits:
         if not (root / split).is_dir():
             raise DataError(f"data.root '{root}' has no {split}/ folder; expected {root}/{split}/<class>/<image>")
         try:
-            found[split] = datasets.ImageFolder(str(root / split), loader=decode.open_image)
+            found[split] = image_index.load_split(root / split, cache_dir)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"{root / split}: {' '.join(str(exc).split())}") from None
     train, val = found["train"], found["val"]
@@ -137,21 +146,55 @@ def _image_folder_splits(root: Path) -> Splits:
     return Splits(train, val, list(train.classes))
 
 
-def _torchvision_splits(cfg: DataConfig, download: bool) -> Splits:
-    cls, layout = TORCHVISION_SETS[cfg.source]
-    root = os.path.expanduser(cfg.root)
+def _torchvision_splits(source: str, root: str, download: bool = False, shown_root: str | None = None,
+                        downloaded_by_rank0: bool = False) -> Splits:
+    """The set's files under ``root`` (``shown_root``: the folder that error messages name;
+    ``downloaded_by_rank0``: global rank 0 was to download them there before this call)."""
+    cls, layout = TORCHVISION_SETS[source]
+    shown = shown_root or root
     try:
         train = cls(root, train=True, download=download)
         val = cls(root, train=False, download=download)
     except RuntimeError as exc:
-        hint = ("downloading failed or is impossible here; copy the files there by hand"
-                if download else "set data.download=true to fetch it, or copy the files there")
-        raise DataError(f"{layout} not found or corrupt under data.root='{root}' ({str(exc).splitlines()[0]}); "
+        hint = ("downloading failed or is impossible here; copy the files there by hand" if download else
+                "global rank 0 downloads it into data.root: with several nodes, data.root must be a folder "
+                "every node sees, or copy the files to each node" if downloaded_by_rank0 else
+                "set data.download=true to fetch it, or copy the files there")
+        raise DataError(f"{layout} not found or corrupt under data.root='{shown}' ({str(exc).splitlines()[0]}); "
                         f"{hint}") from None
     except OSError as exc:  # URLError and socket errors when the download has no network
-        raise DataError(f"downloading {layout} to '{root}' failed ({exc}); "
+        raise DataError(f"downloading {layout} to '{shown}' failed ({exc}); "
                         "copy the files there by hand and keep data.download=false") from None
     return Splits(train, val, list(train.classes))
+
+
+def _download(cfg: DataConfig) -> None:
+    """Download a torchvision set into a hidden folder beside its place, then rename it into place.
+
+    A download that dies half-way leaves only the hidden folder (removed by the next try), never
+    a half set under the name the loader looks for. A set already there and intact is kept.
+    """
+    root = Path(os.path.expanduser(cfg.root))
+    try:
+        _torchvision_splits(cfg.source, str(root))
+        return
+    except DataError:
+        pass
+    staging = root / f".download-{cfg.source}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _torchvision_splits(cfg.source, str(staging), download=True, shown_root=str(root))
+        for entry in sorted(staging.iterdir()):
+            target = root / entry.name
+            if target.exists():  # an incomplete or corrupt copy: kept aside, not deleted
+                aside = root / f"{entry.name}.incomplete-{int(time.time())}"
+                log.warning("%s failed its check; moved it to %s and put the fresh download in its place",
+                            target, aside)
+                os.replace(target, aside)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
@@ -227,7 +270,9 @@ class SeededTransformDataset(Dataset):
                         "fix or remove it, or set data.on_bad_sample=skip") from None
 
     def _describe(self, index: int) -> str:
-        samples: Sequence | None = getattr(self.base, "samples", None)
+        if hasattr(self.base, "sample_path"):
+            return f"'{self.base.sample_path(index)}'"
+        samples: Sequence | None = getattr(self.base, "samples", None)  # e.g. the user's own ImageFolder
         return f"'{samples[index][0]}'" if samples else f"#{index}"
 
 
@@ -352,10 +397,14 @@ def shared_memory_warning(num_workers: int, batch_bytes: int, path: str = "/dev/
 
 def build_val_loader(split: Dataset, cfg: DataConfig, world_size: int, rank: int, device: torch.device,
                      seed: int) -> DataLoader:
-    """This rank's share of the validation set with the eval transform: every sample counted once."""
+    """This rank's share of the validation set with the eval transform: every sample counted once.
+
+    Its workers start at each validation and exit after it (never persistent): they would
+    otherwise sit resident, holding memory, through every training epoch.
+    """
     dataset = SeededTransformDataset(split, build_transform(cfg, False), seed, cfg.on_bad_sample == "skip")
     return build_loader(dataset, EvalSampler(len(dataset), world_size, rank), cfg.val_batch_size or cfg.batch_size,
-                        cfg, device, seed, drop_last=False)
+                        cfg, device, seed, drop_last=False, persistent=False)
 
 
 def build_train_loader(dataset: Dataset, batches: TrainBatchSampler, cfg: DataConfig, device: torch.device,
@@ -365,16 +414,17 @@ def build_train_loader(dataset: Dataset, batches: TrainBatchSampler, cfg: DataCo
 
 
 def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataConfig,
-                 device: torch.device, seed: int, drop_last: bool) -> DataLoader:
-    """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds."""
+                 device: torch.device, seed: int, drop_last: bool, persistent: bool = True) -> DataLoader:
+    """A DataLoader with the sensible defaults: workers, pinning on CUDA, per-worker seeds;
+    ``persistent=False`` overrides ``data.persistent_workers``."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      **_loader_options(cfg, device, seed))
+                      **_loader_options(cfg, device, seed, persistent))
 
 
-def _loader_options(cfg: DataConfig, device: torch.device, seed: int) -> dict[str, Any]:
+def _loader_options(cfg: DataConfig, device: torch.device, seed: int, persistent: bool = True) -> dict[str, Any]:
     workers = cfg.num_workers
     return dict(num_workers=workers, collate_fn=collate_skipping_bad,
                 pin_memory=cfg.pin_memory and device.type == "cuda",
-                persistent_workers=cfg.persistent_workers and workers > 0, worker_init_fn=seed_worker,
+                persistent_workers=persistent and cfg.persistent_workers and workers > 0, worker_init_fn=seed_worker,
                 generator=torch.Generator().manual_seed(seed),
                 prefetch_factor=LOADER_PREFETCH if workers > 0 else None)

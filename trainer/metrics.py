@@ -144,6 +144,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, devic
         if stop():
             break
         skipped += bad
+        if not len(targets):  # every sample unreadable; the only collective is after the loop
+            continue
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast(device):

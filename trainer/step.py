@@ -11,8 +11,8 @@ device, and the EMA counts its updates in Python.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +66,18 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block; each submodule's own mode back after it."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
 class TrainStep:
     """Owns what one optimizer step needs beyond the model and optimizer: autocast, the scaler,
     accumulation, clipping, non-finite handling and the EMA.
@@ -85,20 +97,34 @@ class TrainStep:
         self.ema = ModelEma(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
+        self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in
+        self.data_parallel = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)  # compiled too
 
-    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
+    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
+                    stand_in: bool = False) -> torch.Tensor:
         """Forward and backward one micro-batch of a ``window``-micro-batch accumulation window; on the
-        ``last`` one, step the optimizer. Returns the micro-batch's mean loss (a device tensor)."""
+        ``last`` one, step the optimizer. Returns the micro-batch's mean loss (a device tensor).
+
+        A ``stand_in`` batch (see :mod:`trainer.bad_batches`) runs in eval mode with zero weight.
+        """
         images = self.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         targets = targets.to(self.device, non_blocking=True)
         syncing = last or not isinstance(self.model, DistributedDataParallel)
         with nullcontext() if syncing else self.model.no_sync():
-            with self.precision.autocast(self.device):
+            with self.precision.autocast(self.device), _eval_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
+            if stand_in:
+                loss = loss * 0.0
             self.scaler.scale(loss / window if window > 1 else loss).backward()
+        self.window_has_data |= not stand_in
         if last:
-            self._optimizer_step()
+            if self.window_has_data or self.data_parallel:  # all DDP ranks step: none knows the others' data
+                self._optimizer_step()
+            else:
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+            self.window_has_data = False
         return loss.detach()
 
     def _optimizer_step(self) -> None:

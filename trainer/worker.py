@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint, data, distributed, flops, models, optim, precision, slurm
+from trainer.bad_batches import StandIn
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
 from trainer.early_stop import early_stop_reason
@@ -82,6 +83,7 @@ class Worker:
         batch_bytes = batch * 3 * cfg.data.image_size ** 2  # uint8 pixels
         if (shm := data.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
             log.warning(shm)
+        self.stand_in = StandIn(train_set.transform, cfg.data.image_size)
         self.train_loader = data.build_train_loader(train_set, self.train_sampler, cfg.data, self.device,
                                                     cfg.train.seed + env.rank)
         self.val_loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
@@ -169,8 +171,10 @@ class Worker:
             position.consumed += global_size
             if boundary:
                 self.schedule.set_window(position.epoch + window_start / size, position.epochs_done(size))
-            loss = self._train_step(images, targets, window, boundary)
-            self.meter.update(loss, targets.shape[0], self.global_step)
+            images, targets, stand_in = self.stand_in.swap(images, targets)
+            loss = self._train_step(images, targets, window, boundary, stand_in)
+            if not stand_in:
+                self.meter.update(loss, targets.shape[0], self.global_step)
             bar.update()
             if boundary and self.global_step % cfg.log.every_steps == 0:
                 self._flush_meter()
@@ -195,10 +199,11 @@ class Worker:
                      time_s=elapsed)
         return stats
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool) -> torch.Tensor:
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
+                    stand_in: bool = False) -> torch.Tensor:
         """:meth:`TrainStep.micro_batch`, with a running out of memory turned into the one-line hint."""
         try:
-            loss = self.step.micro_batch(images, targets, window, last)
+            loss = self.step.micro_batch(images, targets, window, last, stand_in)
         except torch.OutOfMemoryError:
             batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
             raise OutOfMemory(f"{self.device} ran out of memory at data.batch_size={batch} per process; try "
