@@ -15,7 +15,6 @@ cropped at full size.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from PIL import Image
