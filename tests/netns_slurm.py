@@ -88,7 +88,8 @@ def two_node_cluster(hosts: tuple[Host, Host], folder: Path) -> Iterator[TwoNode
     _install()
     folder.mkdir(parents=True, exist_ok=True)
     munge = Path(tempfile.mkdtemp(prefix="netns-munge-"))  # munged needs every parent folder open to all
-    for sub in (folder / "state", folder / "log", *(folder / "spool" / node for node in NODES)):
+    spool = Path(tempfile.mkdtemp(prefix="netns-spool-"))  # slurmd's step sockets: a unix path has 108 bytes
+    for sub in (folder / "state", folder / "log", *(spool / node for node in NODES)):
         sub.mkdir(parents=True, exist_ok=True)
     hosts_file = "127.0.0.1 localhost\n" + "".join(f"{h.address} {n}\n" for h, n in zip(hosts, NODES))
     (folder / "hosts").write_text(hosts_file)
@@ -103,7 +104,7 @@ def two_node_cluster(hosts: tuple[Host, Host], folder: Path) -> Iterator[TwoNode
         _check(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={socket}", f"--key-file={munge / 'key'}",
                 f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}", f"--log-file={munge / 'log'}"])
         conf = folder / "slurm.conf"
-        conf.write_text(_slurm_conf(folder, socket, hosts))
+        conf.write_text(_slurm_conf(folder, spool, socket, hosts))
         env = {"SLURM_CONF": str(conf)}
         _daemon(hosts[0], "nodea", folder, f"/usr/sbin/slurmctld -i -f {conf}", env)
         pidfiles.append(folder / "slurmctld.pid")
@@ -122,9 +123,10 @@ def two_node_cluster(hosts: tuple[Host, Host], folder: Path) -> Iterator[TwoNode
         for pidfile in reversed(pidfiles):
             _stop(pidfile)
         shutil.rmtree(munge, ignore_errors=True)
+        shutil.rmtree(spool, ignore_errors=True)
 
 
-def _slurm_conf(folder: Path, socket: Path, hosts: tuple[Host, Host]) -> str:
+def _slurm_conf(folder: Path, spool: Path, socket: Path, hosts: tuple[Host, Host]) -> str:
     nodes = "".join(f"NodeName={node} NodeAddr={host.address} NodeHostname={node} CPUs=1 State=UNKNOWN\n"
                     for host, node in zip(hosts, NODES))
     return f"""# Written by tests/netns_slurm.py: two nodes in two network namespaces.
@@ -150,7 +152,7 @@ KillWait=5
 MinJobAge=600
 InactiveLimit=0
 StateSaveLocation={folder}/state
-SlurmdSpoolDir={folder}/spool/%n
+SlurmdSpoolDir={spool}/%n
 SlurmctldPidFile={folder}/slurmctld.pid
 SlurmdPidFile={folder}/slurmd-%n.pid
 SlurmctldLogFile={folder}/log/slurmctld.log
