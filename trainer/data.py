@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
 
 from trainer import distributed, user_code
@@ -205,7 +205,9 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
-        state = torch.get_rng_state()  # seeded before reading too: a user's data set may draw in __getitem__
+        # A loader worker's generator serves this data set alone: only the main process (no
+        # workers) must get its own state back, and saving it costs as much as the seeding.
+        state = torch.get_rng_state() if get_worker_info() is None else None
         torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
             try:
@@ -217,7 +219,8 @@ class SeededTransformDataset(Dataset):
                                 "fix or remove it, or set data.on_bad_sample=skip") from None
             return self.transform(image), target
         finally:
-            torch.set_rng_state(state)
+            if state is not None:
+                torch.set_rng_state(state)
 
     def _describe(self, index: int) -> str:
         samples: Sequence | None = getattr(self.base, "samples", None)
