@@ -62,6 +62,15 @@ def choose_wait_policy(environ: MutableMapping[str, str], cores: int, machine_co
     return None, f"OpenMP's default: {ours}, {cores} usable core(s), load average {load:.1f}"
 
 
+def apply_wait_policy(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set ``OMP_WAIT_POLICY`` in ``environ`` as :func:`choose_wait_policy` decides; note why."""
+    global wait_policy_reason
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    policy, wait_policy_reason = choose_wait_policy(environ, usable_cores(), os.cpu_count() or 1, load)
+    if policy is not None:
+        environ["OMP_WAIT_POLICY"] = policy
+
+
 def user_environment(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """A copy of ``environ`` with ``OMP_WAIT_POLICY`` as the user set it (or unset), for starting
     processes that must choose their own: Workers of another size (the launcher), plain scripts (bench)."""
