@@ -114,7 +114,7 @@ def main() -> None:
         print("PLAIN_RESULT " + json.dumps({
             "model": args.model, "parameters": parameters, "samples_per_epoch": samples * world,
             "images_per_s": rates, "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "root": args.root}), flush=True)
     if distributed:
         dist.destroy_process_group()
 

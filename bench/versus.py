@@ -152,7 +152,7 @@ def run_plain(work: Workload, nproc: int, env: dict[str, str]) -> Run:
         raise RuntimeError(f"{PLAIN_SCRIPT.name}: no result line:\n{done.stderr[-2000:]}")
     result = json.loads(found[-1][len(PLAIN_MARKER):])
     return Run(result["images_per_s"], result["model"], result["parameters"], result["samples_per_epoch"],
-               {"threads": result["threads"], "omp_wait_policy": result["omp_wait_policy"]})
+               {key: result[key] for key in ("threads", "omp_wait_policy", "root")})
 
 
 def compare(sides: dict[str, Callable[[], Run]], rounds: int) -> dict[str, list[Run]]:

@@ -120,3 +120,15 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     lenient = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), 0, skip_bad=True)
     images, targets, skipped = data.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
     assert skipped == 1 and images.shape[0] == 1
+
+
+def test_seeding_a_sample_in_the_main_process_leaves_its_generator_as_it_was() -> None:
+    """With no loader workers the data set runs in the training process, whose generator draws
+    dropout masks: a sample's own seeding must not change that stream."""
+    dataset = data.SeededTransformDataset([(torch.zeros(3, 4, 4), 0)] * 4, lambda image: image + torch.rand(1), seed=0)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = dataset[(0, 1)][0]
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(dataset[(0, 1)][0], first) and not torch.equal(dataset[(0, 2)][0], first)
