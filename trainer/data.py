@@ -205,8 +205,9 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
-        # A loader worker's generator serves this data set alone: only the main process (no
-        # workers) must get its own state back, and saving it costs as much as the seeding.
+        # Seeded before reading too: a user's data set may draw in __getitem__. A loader worker's
+        # generator serves this data set alone, so only the main process (no workers) needs its
+        # state back; saving it costs about as much as the seeding.
         state = torch.get_rng_state() if get_worker_info() is None else None
         torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
