@@ -1,6 +1,8 @@
 """`python -m bench --quick` runs end to end, and both sides of each comparison do the same work.
 
-No timing is asserted here (timings belong to the benchmark's report, not to tests).
+No timing is asserted here (timings belong to the benchmark's report, not to tests). The
+start-up, in-memory throughput and scaling cases are left out to keep this short (the last two go
+through the same child runner, bench/versus.py, as the cases here).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complet
     folder = tmp_path_factory.mktemp("bench")
     path = folder / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # as a user's shell: unset
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--cases", "files,overhead,startup",
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--cases", "files,overhead",
                              "--nproc", "1", "--cache-dir", str(folder / "cache"), "--json", str(path)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,22 +32,17 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complet
 def test_every_case_reports_both_sides(report: tuple[subprocess.CompletedProcess, dict]) -> None:
     result, data = report
     cases = [row["case"] for row in data["rows"]]
-    assert [case.split()[:2] for case in cases] == [["files:", "jpeg"], ["files:", "png"], ["tiny", "steps:"],
-                                                     ["start-up", "to"]]
+    assert [case.split()[:2] for case in cases] == [["files:", "jpeg"], ["files:", "png"], ["tiny", "steps:"]]
     for row in data["rows"]:
         assert row["worker"] > 0 and row["baseline"] > 0 and row["pair_ratios"]
         assert row["case"] in result.stdout
-    marks = data["details"]["startup"]["marks"]
-    for side in ("worker", "hand-written"):
-        phases = [marks[side][name][0] for name in ("python_up", "imports", "built", "first_step")]
-        assert phases == sorted(phases), f"{side}: phases out of order {phases}"
 
 
 def test_worker_and_hand_written_loop_train_the_same_model_on_the_same_samples(
         report: tuple[subprocess.CompletedProcess, dict]) -> None:
     """Both sides name the same architecture with the same parameter count and train as many
     samples per epoch; the files cases read real JPEG and PNG files."""
-    details = {name: value for name, value in report[1]["details"].items() if name != "startup"}
+    details = report[1]["details"]
     assert set(details) == {"files jpeg 1p", "files png 1p", "overhead"}
     for name, detail in details.items():
         worker, plain = detail["same_work"]["worker"], detail["same_work"]["hand-written"]
