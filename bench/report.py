@@ -53,7 +53,8 @@ def table(rows: list[Row]) -> str:
         pairs = row.pair_ratios
         spread = f"[{min(pairs):.2f}, {max(pairs):.2f}]" if pairs else ""
         lines.append(f"| {row.case} | {row.metric} | {_num(row.worker)} | {_num(row.baseline)} ({row.baseline_name}) "
-                     f"| **{row.ratio:.3f}** | {spread} | {row.ratio_of_medians:.3f} | {row.goal_text} | {row.verdict} |")
+                     f"| **{row.ratio:.3f}** | {spread} | {row.ratio_of_medians:.3f} | {row.goal_text} "
+                     f"| {row.verdict} |")
     notes = [f"- {row.case.split(':')[0]}: {row.note}" for row in rows if row.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -78,7 +79,8 @@ def comparison_details(name: str, result: Comparison) -> list[str]:
 def startup_details(result: Startup) -> list[str]:
     lines = ["| side | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for side, marks in result.marks.items():
-        lines.append(f"| {side} | " + " | ".join(f"{median(marks[p]):.2f}" if p in marks else "" for p in PHASES) + " |")
+        cells = [f"{median(marks[p]):.2f}" if p in marks else "" for p in PHASES]
+        lines.append(f"| {side} | " + " | ".join(cells) + " |")
     return ["- seconds after spawn (medians) at which each child reached each phase, and its own CPU seconds "
             "(main process) at the first step:", "", *lines]
 

@@ -65,8 +65,8 @@ def measure(workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) ->
     row = Row(f"start-up to first step: python -m trainer vs plain script ({model}, {workers} loader workers)",
               "s", median(seconds["worker"]), median(seconds["hand-written"]), "plain script", goal, False,
               paired_ratios(seconds["worker"], seconds["hand-written"]),
-              note=f"CPU-time ratio {cpu:.3f}; start = the parent's time.time() just before subprocess.run; end = the child's time.time() "
-                   "printed right after its first optimizer.step() returned")
+              note=f"CPU-time ratio {cpu:.3f}; start = the parent's time.time() just before subprocess.run; "
+                   "end = the child's time.time() printed right after its first optimizer.step() returned")
     return Startup(row, marks)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.common import Row, interleave
+from bench.common import Row, interleave, median
 from trainer import openmp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,13 +63,13 @@ class Workload:
         return [*source, f"model.name={self.model}", f"data.image_size={self.image_size}",
                 f"data.batch_size={self.batch}", f"data.num_workers={self.workers}",
                 "data.random_resized_crop=true", "data.crop_scale_min=0.35", "data.hflip=true",
-                "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
-                f"train.precision={'bf16' if self.bf16 else 'fp32'}", f"model.channels_last={str(self.channels_last).lower()}",
-                f"model.compile={str(self.compile).lower()}",
+                "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", f"dist.device={self.device}",
+                f"train.precision={'bf16' if self.bf16 else 'fp32'}",
+                f"model.channels_last={str(self.channels_last).lower()}", f"model.compile={str(self.compile).lower()}",
                 "train.label_smoothing=0", f"optim.lr={self.lr}", "optim.momentum=0.9", "optim.nesterov=true",
                 "optim.weight_decay=0.0005", "sched.name=constant", "sched.warmup_epochs=0",
-                f"train.epochs={self.epochs}", f"dist.device={self.device}", "log.trackers=[jsonl]", "log.pictures=false",
-                "log.progress_bar=off", "ckpt.resume=never", *self.extra]
+                f"train.epochs={self.epochs}", "log.trackers=[jsonl]", "log.pictures=false", "log.progress_bar=off",
+                "ckpt.resume=never", *self.extra]
 
     def plain_args(self) -> list[str]:
         data = [str(self.data / "train")] if self.data is not None else [
@@ -94,8 +94,7 @@ class Run:
     @property
     def rate(self) -> float:
         """The median of the timed epochs' images/s (every epoch but the first)."""
-        timed = sorted(self.images_per_s[1:] or self.images_per_s)
-        return timed[len(timed) // 2] if len(timed) % 2 else sum(timed[len(timed) // 2 - 1:][:2]) / 2
+        return median(self.images_per_s[1:] or self.images_per_s)
 
 
 @dataclass
