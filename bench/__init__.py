@@ -1,10 +1,6 @@
-"""Benchmarks of the Worker's training step against the plainest hand-written PyTorch loop.
+"""Benchmarks: the Worker (``python -m trainer``, public config only) against a hand-written loop.
 
 Run ``python -m bench --help`` (``make bench``); docs/benchmarks.md explains what is measured.
-
-Importing :mod:`trainer` first sets ``OMP_WAIT_POLICY=PASSIVE`` before anything imports torch, so
-the Worker and the hand-written loop (same process, or children that inherit the environment) run
-under the same OpenMP settings.
+Every timed run is a fresh child process started with the user's environment, so each side
+chooses its own settings (the Worker its ``OMP_WAIT_POLICY``, the hand-written script none).
 """
-
-import trainer  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)

@@ -1,11 +1,18 @@
-"""``python -m bench``: is the Worker's training step as fast as the plainest hand-written loop?
+"""``python -m bench``: is ``python -m trainer`` as fast as the plainest hand-written loop?
 
-Cases (each compares medians of interleaved rounds, see docs/benchmarks.md):
+Cases (each compares medians of interleaved rounds of fresh processes, see docs/benchmarks.md):
 
-* throughput: steady-state images/s, Worker vs hand-written, one process (+ MFU on CUDA);
+* files: image files end to end (224 px JPEG and 64 px PNG), Worker vs the tutorial loop, on 1
+  process and on 2 gloo processes (torchrun on both sides);
+* throughput: steady-state images/s on tensors in memory, Worker vs hand-written, one process;
 * scaling: the Worker in 2 processes (torchrun, gloo) vs 1 process on the same total work;
 * overhead: us/step on tiny steps (one Linear layer), logging and progress bar on;
-* startup: seconds from process start to the first finished step, ``python -m trainer`` vs a script.
+* startup: seconds from process start to the first finished step, ``python -m trainer`` vs a script;
+* decode: images/s per loader worker of each JPEG decode path, the tutorial pipeline as baseline;
+* scale: a 200,000-image folder: first and cached scan, a cached 4-process start, loader worker memory.
+
+The hand-written side is always ``bench/plain_loop.py`` run by path, as a user's script: it imports
+neither ``trainer`` nor ``bench``, and every child starts from the user's environment.
 """
 
 from __future__ import annotations
@@ -22,58 +29,49 @@ from typing import Any
 
 import torch
 
-from bench import overhead, report, scaling, startup, throughput
-from bench.common import Row, Spec
+from bench import decode, files, overhead, report, scale, scaling, startup, throughput
+from bench.common import Row
 
-CASES = ("throughput", "scaling", "overhead", "startup")
+CASES = ("files", "throughput", "scaling", "overhead", "startup", "decode", "scale")
+DEFAULT_CACHE = Path("~/.cache/launchpad").expanduser()  # data.cache_dir's default: the sets are reused
 STARTED = time.monotonic()
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much work each case does; :func:`plan` picks one per device and ``--quick``."""
+    """How many interleaved rounds each case runs; :func:`plan` picks one per device and ``--quick``."""
 
-    spec: Spec  # throughput (and, per process, scaling)
-    steps: int = 2  # timed steps per side per round: short rounds pair up well on a busy machine
-    warmup: int = 2
-    repeats: int = 20  # interleaved rounds of the throughput case
-    scaling_steps: int = 3
-    scaling_epochs: int = 2  # timed epochs per child job
-    scaling_repeats: int = 2
-    tiny: Spec = Spec("linear", 16, 16, 10)
-    tiny_steps: int = 2000
-    tiny_repeats: int = 7
+    files_rounds: int = 3
+    throughput_rounds: int = 5
+    scaling_rounds: int = 3
+    overhead_rounds: int = 5
     startup_repeats: int = 5
     cases: tuple[str, ...] = CASES
 
 
 def plan(device: str, quick: bool) -> Plan:
-    tiny = Spec("linear", 16, 16, 10, device=device)
     if device == "cuda":
-        cases = ("throughput", "overhead") + (("scaling",) if torch.cuda.device_count() >= 2 else ())
-        full = Plan(Spec("resnet50", 224, 256, 10, "bf16", True, "cuda"), steps=10, warmup=10, repeats=10,
-                    scaling_steps=10, tiny=tiny, cases=cases)
-        return replace(full, spec=replace(full.spec, batch=64), warmup=3, repeats=3) if quick else full
+        return Plan(throughput_rounds=2 if quick else 3, overhead_rounds=2 if quick else 3,
+                    cases=("throughput", "overhead"))
     if quick:
-        return Plan(Spec("resnet18", 32, 16), warmup=1, repeats=3, scaling_steps=2, scaling_epochs=1,
-                    scaling_repeats=1, tiny_steps=300, tiny_repeats=3, startup_repeats=2)
-    return Plan(Spec("resnet18", 64, 64))
+        return Plan(1, 1, 1, 1, 2)
+    return Plan()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="much shorter run, to check that everything works")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that everything works")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: resnet18 64px fp32; cuda: resnet50 224px bf16 channels_last + MFU")
-    parser.add_argument("--repeats", type=int,
-                        help="interleaved rounds of every comparison (default: throughput 20, tiny steps 7, start-up 5)")
-    parser.add_argument("--steps", type=int, help="timed steps per side per round in the throughput case (default 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds of every comparison")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU if the GPU is not in the table")
+    parser.add_argument("--nproc", default="1,2", help="process counts of the files case (default 1,2)")
     parser.add_argument("--check", action="store_true", help="exit with status 1 if any goal is missed")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample as JSON")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed after)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"where the generated image sets are kept and reused (default {DEFAULT_CACHE})")
     return parser.parse_args(argv)
 
 
@@ -85,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
               "or use --device cpu", file=sys.stderr)
         return 2
     p = plan(args.device, args.quick)
-    p = replace(p, repeats=args.repeats or p.repeats, steps=args.steps or p.steps,
-                tiny_repeats=args.repeats or p.tiny_repeats, startup_repeats=args.repeats or p.startup_repeats,
-                cases=tuple(args.cases.split(",")) if args.cases else p.cases)
+    if args.repeats:
+        p = replace(p, files_rounds=args.repeats, throughput_rounds=args.repeats, scaling_rounds=args.repeats,
+                    overhead_rounds=args.repeats, startup_repeats=args.repeats)
+    if args.cases:
+        p = replace(p, cases=tuple(args.cases.split(",")))
     unknown = set(p.cases) - set(CASES)
     if unknown:
         print(f"bench: unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}", file=sys.stderr)
@@ -103,37 +103,54 @@ def main(argv: list[str] | None = None) -> int:
 def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
     meta = report.machine()
     print(f"bench {meta['date']}: {meta['cpu']} ({meta['cores']} cores){', ' + meta['gpu'] if meta['gpu'] else ''}, "
-          f"torch {meta['torch']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+          f"torch {meta['torch']}, OMP_WAIT_POLICY={meta['omp_wait_policy'] or 'unset'} (as the children get it), "
           f"load average {meta['load_average_start'][0]:.1f}, git {meta['git']}"
           f"{' + uncommitted trainer/ changes' if meta['trainer_changes'] else ''}", flush=True)
     rows: list[Row] = []
     details: dict[str, Any] = {}
     notes: list[str] = []
-    if "throughput" in p.cases:
-        _say(f"throughput: {p.spec.describe()}, {p.repeats} rounds x {p.steps} steps per side")
-        details["throughput"] = result = throughput.measure(p.spec, workdir, p.steps, p.warmup, p.repeats,
-                                                           args.peak_tflops)
+
+    def record(name: str, result: Any) -> None:
+        details[name] = result
         rows.append(result.row)
-        notes += report.throughput_details(result)
-    if "scaling" in p.cases:
-        _say(f"scaling: {p.scaling_repeats} rounds of fresh 1- and 2-process jobs")
-        rows.append(scaling.measure(p.spec, workdir, p.scaling_steps, 1, p.scaling_epochs, p.scaling_repeats))
+        notes.extend(report.comparison_details(name, result))
+
+    if "files" in p.cases:
+        for nproc in (int(n) for n in args.nproc.split(",")):
+            for work in files.workloads(args.cache_dir, args.quick):
+                _say(f"files: {work.describe()}, {nproc} process(es), {p.files_rounds} rounds")
+                record(f"files {work.label.split()[0]} {nproc}p", files.measure(work, nproc, p.files_rounds, workdir))
+    if "throughput" in p.cases:
+        work = throughput.workload(args.device, args.quick)
+        _say(f"throughput: {work.describe()}, {p.throughput_rounds} rounds")
+        record("throughput", throughput.measure(work, p.throughput_rounds, workdir))
+    if "scaling" in p.cases and args.device == "cpu":
+        work = throughput.workload("cpu", args.quick)
+        _say(f"scaling: {p.scaling_rounds} rounds of 1- and 2-process jobs")
+        record("scaling", scaling.measure(work, p.scaling_rounds, workdir))
     if "overhead" in p.cases:
-        _say(f"overhead: {p.tiny.describe()}, {p.tiny_repeats} rounds x {p.tiny_steps} steps")
-        details["overhead"] = tiny = overhead.measure(p.tiny, workdir, p.tiny_steps, 50, p.tiny_repeats)
-        rows.append(tiny.row)
-        notes += report.overhead_details(tiny)
+        work = replace(overhead.workload(args.quick), device=args.device)
+        _say(f"overhead: {work.describe()}, {p.overhead_rounds} rounds")
+        record("overhead", overhead.measure(work, p.overhead_rounds, workdir))
     if "startup" in p.cases:
         _say(f"startup: {p.startup_repeats} fresh processes per side")
-        details["startup"] = boot = startup.measure(replace(p.tiny, device="cpu"), workdir, p.startup_repeats)
+        details["startup"] = boot = startup.measure(workdir, p.startup_repeats)
         rows.append(boot.row)
         notes += report.startup_details(boot)
+    if "decode" in p.cases and args.device == "cpu":
+        _say("decode: images/s per loader worker, JPEG 224 px")
+        decode_plan = decode.Plan(images=8, repeats=2) if args.quick else decode.Plan()
+        details["decode"] = decoded = decode.measure(workdir, decode_plan)
+        rows += decoded.rows
+    if "scale" in p.cases and args.device == "cpu":
+        tree = scale.QUICK if args.quick else scale.FULL
+        _say(f"scale: {tree.classes * tree.per_class} images")
+        rows += scale.measure(args.cache_dir, tree, 2 if args.quick else 4)
     _say("done")
-    meta["torch_threads"] = torch.get_num_threads()
     meta["load_average_end"] = os.getloadavg()
     print(f"\nResults: Worker and baseline are medians; ratio = median over rounds of Worker / baseline "
-          f"(each round times both back to back), [min, max] over rounds; torch threads {meta['torch_threads']}; "
-          f"load average {meta['load_average_start'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end\n")
+          f"(each round runs both back to back), [min, max] over rounds; load average "
+          f"{meta['load_average_start'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end\n")
     print(report.table(rows))
     print("\n" + "\n".join(notes))
     if args.json:
@@ -143,8 +160,9 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
 
 
 def _say(message: str) -> None:
-    """Progress on stderr, with the seconds since the run started."""
-    print(f"... [{time.monotonic() - STARTED:5.0f} s] {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, with the seconds since the run started and the load average."""
+    print(f"... [{time.monotonic() - STARTED:5.0f} s, load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr,
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``python -m bench.gpu_suite [--quick] [--out DIR]``: every GPU check in one run, one table.
 
 1. the GPU tests (``pytest -m gpu``) and the fast CPU-safe tests of the training step and meters;
-2. throughput on synthetic tensors, the Worker vs the hand-written loop (ResNet-50, 224 px, bf16,
-   channels_last, batch 256), compile off and on: images/s, ratio, MFU, peak memory;
+2. throughput on tensors in memory, ``python -m trainer`` vs ``bench/plain_loop.py`` (ResNet-50,
+   224 px, bf16, channels_last, batch 256), compile off and on: images/s per epoch, ratio, MFU;
 3. real files: a generated ImageFolder of 224 px JPEGs through ``python -m trainer`` with 8 and 15
    loader workers (RandomResizedCrop + flip): images/s, data-wait fraction, per-worker decode rate;
 4. NCCL: two processes on one GPU (refused in one line, or run) and one process in a real group;
@@ -100,25 +100,21 @@ def check_tests(results: Results, sizes: Sizes, out: Path) -> None:
 # ----------------------------------------------------------------------------- 2. throughput
 def check_throughput(results: Results, sizes: Sizes, workdir: Path) -> None:
     from bench import throughput
-    from bench.common import Spec
+    from bench.versus import Workload
 
     for compiled in sizes.compile:
-        spec = Spec(sizes.model, sizes.image_size, sizes.batch, 10, "bf16", True, sizes.device, compile=compiled)
-        if sizes.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        per_class = max(1, sizes.batch * sizes.steps // 10)
+        work = Workload(f"memory {sizes.image_size} px, {sizes.model}", sizes.model, sizes.image_size, sizes.batch, 0,
+                        10, per_class, epochs=1 + sizes.repeats, device=sizes.device, bf16=True, channels_last=True,
+                        compile=compiled)
         started = time.monotonic()
-        result = throughput.measure(spec, workdir / f"throughput-{compiled}", sizes.steps, sizes.warmup,
-                                    sizes.repeats)
-        row = result.row
-        peak = torch.cuda.max_memory_reserved() / 2**30 if sizes.device == "cuda" else float("nan")
-        mfu = {side: result.mfu(side) for side in ("worker", "plain")}
-        results.add(f"throughput {spec.describe()}", f"ratio {row.ratio:.3f}",
+        result = throughput.measure(work, 1, workdir / f"throughput-{compiled}")
+        row, worker = result.row, result.runs["worker"][0]
+        mfu = [m for m in worker.extra["mfu"][1:] if m is not None]
+        results.add(f"throughput {work.describe()}", f"ratio {row.ratio:.3f}",
                     worker_img_s=round(row.worker), plain_img_s=round(row.baseline),
-                    ratio_range=f"{min(row.pair_ratios):.3f}-{max(row.pair_ratios):.3f}",
-                    mfu_worker=_pct(mfu["worker"]), mfu_plain=_pct(mfu["plain"]),
-                    gflop_per_image=round(result.gflop_per_image, 2), peak_reserved_gib=round(peak, 1),
-                    syncs_per_epoch=result.syncs_per_epoch, same_weights_max_diff=f"{result.param_max_abs_diff:.2e}",
-                    seconds=round(time.monotonic() - started))
+                    epochs_img_s=[round(r) for r in worker.images_per_s], mfu_worker=_pct(mfu[-1] if mfu else None),
+                    same_work=result.same_work, seconds=round(time.monotonic() - started))
 
 
 def _pct(value: float | None) -> str:

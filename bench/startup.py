@@ -14,14 +14,14 @@ own CPU time (``time.process_time``, DataLoader workers not included) at each ma
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import LABEL_SMOOTHING, LR, MOMENTUM, WEIGHT_DECAY, Row, Spec, interleave, median, paired_ratios
+from bench.common import Row, interleave, median, paired_ratios
+from bench.versus import user_environment
 from trainer import config, data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +36,19 @@ class Startup:
     marks: dict[str, dict[str, list[float]]]
 
 
-def measure(spec: Spec, workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) -> Startup:
-    """Spawn ``python -m trainer`` (probed) and the plain script alternately; median seconds to the first step."""
+def measure(workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) -> Startup:
+    """Spawn ``python -m trainer`` (probed) and the plain script alternately; median seconds to the first step.
+
+    Model ``linear`` on 16 px images, batch 16, 10 classes.
+    """
+    model, image_size, batch, classes = "linear", 16, 16, 10
     overrides = [  # spelled out where bench/startup_plain.py hard-codes the same values
-        f"model.name={spec.model}", f"data.image_size={spec.image_size}", f"data.batch_size={spec.batch}",
-        f"data.synthetic_classes={spec.classes}", "data.synthetic_train_per_class=100",
+        f"model.name={model}", f"data.image_size={image_size}", f"data.batch_size={batch}",
+        f"data.synthetic_classes={classes}", "data.synthetic_train_per_class=100",
         "data.synthetic_val_per_class=20", f"data.num_workers={workers}", "data.random_resized_crop=true",
         "data.crop_scale_min=0.35", "data.hflip=true", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
-        f"optim.lr={LR}", f"optim.momentum={MOMENTUM}", "optim.nesterov=true", f"optim.weight_decay={WEIGHT_DECAY}",
-        f"train.label_smoothing={LABEL_SMOOTHING}", f"data.cache_dir={workdir / 'cache'}",
+        "optim.lr=0.05", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.0005",
+        "train.label_smoothing=0.1", f"data.cache_dir={workdir / 'cache'}",
         f"log.output_dir={workdir / 'runs'}", "log.progress_bar=on", "dist.device=cpu", "train.precision=fp32"]
     root = _prepare_data(overrides)
     counter = iter(range(10 ** 6))
@@ -52,17 +56,17 @@ def measure(spec: Spec, workdir: Path, repeats: int, workers: int = 2, goal: flo
     commands = {
         "worker": lambda: [sys.executable, "-m", "bench.startup_worker", *overrides,
                            f"log.name=startup-{next(counter)}"],
-        "hand-written": lambda: [sys.executable, "-m", "bench.startup_plain", str(root), str(spec.image_size),
-                                 str(spec.batch), str(workers)],
+        "hand-written": lambda: [sys.executable, "-m", "bench.startup_plain", str(root), str(image_size),
+                                 str(batch), str(workers)],
     }
     runs = {side: (lambda side=side: _spawn(commands[side](), marks[side])) for side in commands}
     seconds = interleave(runs, repeats)
-    row = Row(f"start-up to first step: python -m trainer vs plain script ({spec.model}, {workers} loader workers)",
+    cpu = median(marks["worker"]["cpu_first_step"]) / median(marks["hand-written"]["cpu_first_step"])
+    row = Row(f"start-up to first step: python -m trainer vs plain script ({model}, {workers} loader workers)",
               "s", median(seconds["worker"]), median(seconds["hand-written"]), "plain script", goal, False,
               paired_ratios(seconds["worker"], seconds["hand-written"]),
-              median(marks["worker"]["cpu_first_step"]) / median(marks["hand-written"]["cpu_first_step"]),
-              note="start = the parent's time.time() just before subprocess.run; end = the child's time.time() "
-                   "printed right after its first optimizer.step() returned")
+              note=f"CPU-time ratio {cpu:.3f}; start = the parent's time.time() just before subprocess.run; "
+                   "end = the child's time.time() printed right after its first optimizer.step() returned")
     return Startup(row, marks)
 
 
@@ -75,7 +79,7 @@ def _prepare_data(overrides: list[str]) -> Path:
 
 def _spawn(cmd: list[str], marks: dict[str, list[float]]) -> float:
     """Run one child; record its marks relative to the spawn; return seconds to its first step."""
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = user_environment()
     spawned = time.time()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     found, cpu = {}, {}

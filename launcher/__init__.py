@@ -1,5 +1,6 @@
-"""``python -m launcher``: inspect the machine, pick how to start the Worker, print the plan, run it."""
+"""``python -m launcher``: inspect the machine, pick how to start the Worker, print the plan, run it.
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see trainer/__init__.py; inherited by the workers
+Each Worker process chooses its own ``OMP_WAIT_POLICY`` from the ``LOCAL_WORLD_SIZE`` and
+``OMP_NUM_THREADS`` it is started with (trainer/openmp.py); the launcher sets neither policy nor
+anything the Worker would mistake for the user's choice.
+"""

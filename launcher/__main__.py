@@ -9,7 +9,7 @@ import sys
 from launcher import nodes
 from launcher.plan import SHUTDOWN_TIMEOUT_S, STOP_SIGNALS, Machine, Plan, Request, make_plan
 from launcher.relay import StopRelay
-from trainer import slurm
+from trainer import openmp, slurm
 from trainer.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 
 RELAYED_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
@@ -72,6 +72,7 @@ def torchrun_options() -> frozenset[str]:
 def execute(plan: Plan, shutdown_timeout: int) -> int:
     """Run the plan: exec the single process or accelerate, or run torchrun's machinery in-process."""
     sys.stdout.flush()
+    openmp.restore_user_wait_policy()  # each Worker chooses its own, from the plan's env
     os.environ.update(plan.env)
     if plan.launcher == "python":
         os.execv(sys.executable, plan.argv)

@@ -237,3 +237,13 @@ def test_a_mid_epoch_resume_on_jpeg_files_with_loader_workers_is_bitwise_identic
     assert resumed.fit() == EXIT_OK and resumed.global_step == through.global_step
     for key, value in through.net.state_dict().items():
         assert torch.equal(resumed.net.state_dict()[key], value), key
+def test_seeding_a_sample_in_the_main_process_leaves_its_generator_as_it_was() -> None:
+    """With no loader workers the data set runs in the training process, whose generator draws
+    dropout masks: a sample's own seeding must not change that stream."""
+    dataset = data.SeededTransformDataset([(torch.zeros(3, 4, 4), 0)] * 4, lambda image: image + torch.rand(1), seed=0)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = dataset[(0, 1)][0]
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(dataset[(0, 1)][0], first) and not torch.equal(dataset[(0, 2)][0], first)

@@ -222,9 +222,10 @@ def _children(pid: int) -> list[int]:
 def test_sigterm_to_the_launcher_saves_and_exits_3(tmp_path: Path) -> None:
     """A real 2-process run stopped by SIGTERM through ``python -m launcher``: the workers get it,
     save one loadable checkpoint and exit 3, which the launcher passes on; each worker had
-    OMP_NUM_THREADS = cores / 2."""
+    OMP_NUM_THREADS = cores / 2 and no OMP_WAIT_POLICY from the launcher (each chooses its own)."""
     args = small_run(tmp_path, "train.epochs=50", "ckpt.every_steps=2", "model.name=linear")
-    env = {k: v for k, v in NO_SLURM.items() if k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in NO_SLURM.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env["LOCAL_WORLD_SIZE"] = str((os.cpu_count() or 1) + 1)  # the launcher's own import picks PASSIVE
     run = subprocess.Popen([sys.executable, "-m", "launcher", "--nproc", "2", "--shutdown-timeout", "60", "--",
                             *args], cwd=REPO, env={**env, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -244,5 +245,6 @@ def test_sigterm_to_the_launcher_saves_and_exits_3(tmp_path: Path) -> None:
     assert len(workers) == 2
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert [e["OMP_NUM_THREADS"] for e in environs] == [threads, threads]
+    assert not any("OMP_WAIT_POLICY" in e for e in environs)
     last = torch.load(checkpoints / "last.pt", weights_only=True, map_location="cpu")
     assert last["epoch"] >= 0 and any(key.endswith("weight") for key in last["model"])

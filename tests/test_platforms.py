@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tv_models
 
-from trainer import config, distributed, models, precision, resources, slurm
+from trainer import config, distributed, models, openmp, precision, resources, slurm
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.evaluate import main as evaluate_main
 from trainer.metrics import EvalMeter, TrainMeter
@@ -129,7 +129,7 @@ def test_peak_memory_units_on_linux_and_macos(monkeypatch: pytest.MonkeyPatch) -
 def test_cpu_threads_without_an_affinity_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have none
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert resources.usable_cores() == os.cpu_count()
+    assert openmp.usable_cores() == os.cpu_count()
     threads = torch.get_num_threads()
     try:
         env = distributed.setup("cpu")

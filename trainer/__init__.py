@@ -1,7 +1,8 @@
 """The Worker: one training process per device (see ``python -m trainer --help``)."""
 
-import os
+from trainer import openmp
 
-# OpenMP threads that spin while they wait slow CPU training several-fold as soon as anything else
-# (DataLoader workers, other ranks) shares the cores; let them sleep instead. Must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin while they wait slow CPU training several-fold when the ranks' threads
+# outnumber the cores, yet sleeping ones slow a single process next to its DataLoader workers:
+# choose per run (trainer/openmp.py). Must precede `import torch`.
+openmp.apply_wait_policy()

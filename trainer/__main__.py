@@ -11,11 +11,12 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, data, distributed, models, peers, runlock, slurm, user_code
+from trainer import checkpoint, config, data, distributed, models, openmp, peers, runlock, slurm, user_code
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
-from trainer.logs import add_rank_file, setup_console
+from trainer.logs import add_rank_file, log, setup_console
 from trainer.signals import StopRequest
 
 def parse_args(argv: list[str] | None) -> config.CommandLine:
@@ -61,6 +62,7 @@ def _run(argv: list[str] | None) -> int:
         data.check_source(cfg.data.source)
         models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir, lock = _agree_run_dir(env, cfg)
         try:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
 
 from trainer import decode, distributed, image_index, user_code
@@ -248,7 +248,10 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
         epoch, index = key
-        state = torch.get_rng_state()  # seeded before reading too: a user's data set may draw in __getitem__
+        # Seeded before reading too: a user's data set may draw in __getitem__. A loader worker's
+        # generator serves this data set alone, so only the main process (no workers) needs its
+        # state back; saving it costs about as much as the seeding.
+        state = torch.get_rng_state() if get_worker_info() is None else None
         torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         try:
             try:
@@ -260,7 +263,8 @@ class SeededTransformDataset(Dataset):
             except (OSError, SyntaxError) as exc:  # a lazily opened file's pixels decode here (truncated data)
                 return self._unreadable(index, exc)
         finally:
-            torch.set_rng_state(state)
+            if state is not None:
+                torch.set_rng_state(state)
 
     def _unreadable(self, index: int, exc: Exception) -> None:
         """``None`` in skip mode; else the error naming the sample."""

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 
 import torch
 
-
-def usable_cores() -> int:
-    """Cores this process may run on: its affinity mask where the OS has one (Linux), else all."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def max_rss_mb() -> float:
