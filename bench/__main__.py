@@ -54,7 +54,7 @@ def plan(device: str, quick: bool) -> Plan:
         return Plan(throughput_rounds=2 if quick else 3, overhead_rounds=2 if quick else 3,
                     cases=("throughput", "overhead"))
     if quick:
-        return Plan(1, 1, 1, 1, 2)
+        return Plan(1, 1, 1, 1, 1)
     return Plan()
 
 

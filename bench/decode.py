@@ -178,15 +178,15 @@ def measure(workdir: Path, plan: Plan, scale_min: float = 0.08) -> Decode:
         if name == BASELINE:
             continue
         chosen = name == TRAINER
-        note = ""
+        ours, tutorial = median(cpu_rates[name]), median(cpu_rates[BASELINE])
+        note = f"CPU-time ratio {ours / tutorial:.3f}"
         if chosen:  # a worker with a core of its own runs at its CPU-time rate
-            ours, tutorial = median(cpu_rates[name]), median(cpu_rates[BASELINE])
-            note = (f"{ours:.0f} img/s per core (CPU time; {median(rates[name]):.0f} wall), so "
-                    f"{math.ceil(TARGET_RATE / ours)} loader workers for {TARGET_RATE:.0f} img/s; "
-                    f"tutorial {tutorial:.0f} img/s per core, {math.ceil(TARGET_RATE / tutorial)} workers")
+            note += (f"; {ours:.0f} img/s per core (CPU time; {median(rates[name]):.0f} wall), so "
+                     f"{math.ceil(TARGET_RATE / ours)} loader workers for {TARGET_RATE:.0f} img/s; "
+                     f"tutorial {tutorial:.0f} img/s per core, {math.ceil(TARGET_RATE / tutorial)} workers")
         rows.append(Row(f"decode: {name}", "img/s per loader worker", median(rates[name]), median(rates[BASELINE]),
                         BASELINE, GOAL if chosen else None, True, paired_ratios(rates[name], rates[BASELINE]),
-                        median(cpu_rates[name]) / median(cpu_rates[BASELINE]), note))
+                        note))
     return Decode(rows, count, plan.image_size, scale_min, rates, cpu_rates,
                   {name: (str(dtype), list(shape)) for name, (dtype, shape) in shapes.items()})
 

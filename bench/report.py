@@ -81,8 +81,8 @@ def startup_details(result: Startup) -> list[str]:
     for side, marks in result.marks.items():
         cells = [f"{median(marks[p]):.2f}" if p in marks else "" for p in PHASES]
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
-    return ["- seconds after spawn (medians) at which each child reached each phase, and its own CPU seconds "
-            "(main process) at the first step:", "", *lines]
+    return ["- seconds after spawn (medians) at which each child's line for each phase reached the parent:",
+            "", *lines]
 
 
 def to_json(path: Path, meta: dict[str, Any], rows: list[Row], details: dict[str, Any]) -> None:

@@ -4,18 +4,21 @@ Both sides are fresh child processes, spawned alternately ``repeats`` times each
 synthetic image folder (generated beforehand) through a DataLoader with the same workers.
 
 * Start point: the parent's ``time.time()`` immediately before ``subprocess.Popen``.
-* End point: the child's ``time.time()`` printed right after its first ``optimizer.step()``
-  returns (``MARK first_step``; the Worker side via a probe around ``Worker._train_step``).
+* End point: the parent's ``time.time()`` when the child's line saying that its first
+  ``optimizer.step()`` returned arrives: ``python -m trainer``'s own log line ("first optimizer
+  step done ..."), the script's ``MARK first_step``. The Worker is then stopped.
 
-Children also mark ``python_up`` (interpreter running), ``imports`` and ``built`` (config, data
-sets, model and optimizer ready), so the report can say which phase costs what, and print their
-own CPU time (``time.process_time``, DataLoader workers not included) at each mark.
+Each side's earlier lines mark phases the same way (``built``: data sets, model and optimizer
+ready, the Worker's "run ..." line), so the report can say which phase costs what.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,9 @@ from bench.versus import user_environment
 from trainer import config, data
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("python_up", "imports", "built", "first_step", "cpu_first_step")
+PHASES = ("python_up", "imports", "built", "first_step")
+WORKER_MARKS = {"run ": "built", "first optimizer step done": "first_step"}
+"""Start of a ``python -m trainer`` console line -> the phase it marks."""
 
 
 @dataclass
@@ -54,19 +59,17 @@ def measure(workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) ->
     counter = iter(range(10 ** 6))
     marks: dict[str, dict[str, list[float]]] = {"worker": {}, "hand-written": {}}
     commands = {
-        "worker": lambda: [sys.executable, "-m", "bench.startup_worker", *overrides,
-                           f"log.name=startup-{next(counter)}"],
+        "worker": lambda: [sys.executable, "-m", "trainer", *overrides, f"log.name=startup-{next(counter)}"],
         "hand-written": lambda: [sys.executable, "-m", "bench.startup_plain", str(root), str(image_size),
                                  str(batch), str(workers)],
     }
     runs = {side: (lambda side=side: _spawn(commands[side](), marks[side])) for side in commands}
     seconds = interleave(runs, repeats)
-    cpu = median(marks["worker"]["cpu_first_step"]) / median(marks["hand-written"]["cpu_first_step"])
     row = Row(f"start-up to first step: python -m trainer vs plain script ({model}, {workers} loader workers)",
               "s", median(seconds["worker"]), median(seconds["hand-written"]), "plain script", goal, False,
               paired_ratios(seconds["worker"], seconds["hand-written"]),
-              note=f"CPU-time ratio {cpu:.3f}; start = the parent's time.time() just before subprocess.run; "
-                   "end = the child's time.time() printed right after its first optimizer.step() returned")
+              note="start = the parent's time.time() just before Popen; end = when the child's line saying its "
+                   "first optimizer.step() returned reaches the parent")
     return Startup(row, marks)
 
 
@@ -78,18 +81,36 @@ def _prepare_data(overrides: list[str]) -> Path:
 
 
 def _spawn(cmd: list[str], marks: dict[str, list[float]]) -> float:
-    """Run one child; record its marks relative to the spawn; return seconds to its first step."""
-    env = user_environment()
+    """Run one child until its first step; record its phases in seconds after the spawn; return the first step's."""
+    errors = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the child runs
     spawned = time.time()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    found, cpu = {}, {}
-    for line in done.stdout.splitlines():
-        if line.startswith("MARK "):
-            _, name, stamp, cpu_seconds = line.split()
-            found[name], cpu[name] = float(stamp) - spawned, float(cpu_seconds)
-    if done.returncode != 0 or "first_step" not in found:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    child = subprocess.Popen(cmd, cwd=REPO, env=user_environment(), stdout=subprocess.PIPE, stderr=errors,
+                             text=True, start_new_session=True)
+    found: dict[str, float] = {}
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            phase = _phase(line)
+            if phase is not None:
+                found.setdefault(phase, time.time() - spawned)
+            if "first_step" in found:
+                break
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)  # the Worker would train on; its loader workers go too
+        child.communicate(timeout=60)
+    if "first_step" not in found:
+        errors.seek(0)
+        raise RuntimeError(f"{' '.join(cmd[:3])} ended without a training step (exit {child.returncode}):\n"
+                           f"{errors.read()[-3000:]}")
+    errors.close()
     for name, value in found.items():
         marks.setdefault(name, []).append(value)
-    marks.setdefault("cpu_first_step", []).append(cpu["first_step"])
     return found["first_step"]
+
+
+def _phase(line: str) -> str | None:
+    """The phase a child's output line marks: the script's ``MARK <phase> ...``, the Worker's log lines."""
+    if line.startswith("MARK "):
+        return line.split()[1]
+    return next((phase for start, phase in WORKER_MARKS.items() if line.startswith(start)), None)

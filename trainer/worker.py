@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import checkpoint, data, distributed, flops, models, optim, precision, slurm
+from trainer import STARTED, checkpoint, data, distributed, flops, models, optim, precision, slurm
 from trainer.bad_batches import StandIn
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
@@ -55,6 +55,7 @@ class Worker:
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
         self.position = data.Position()
         self.global_step = 0
+        self.stepped = False  # an optimizer step has finished in this process
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.meter = TrainMeter(self.device, cfg.log.every_steps)
@@ -211,7 +212,17 @@ class Worker:
                               "(same global batch), or train.precision=bf16") from None
         if last:
             self.global_step += 1
+            if not self.stepped:
+                self._first_step_done()
         return loss
+
+    def _first_step_done(self) -> None:
+        """Log once per process how long start-up took, up to the end of the first optimizer step
+        (``bench/startup.py`` times ``python -m trainer`` by this line)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stepped = True
+        log.info("first optimizer step done %.2f s after start", time.monotonic() - STARTED)
 
     def _flush_meter(self) -> None:
         bad_step = self.meter.flush()
