@@ -39,34 +39,31 @@ def threads_per_process(environ: MutableMapping[str, str], cores: int, processes
     return int(value) if value.isdigit() and int(value) > 0 else max(1, cores // processes)
 
 
-def choose_wait_policy(environ: MutableMapping[str, str], cores: int, machine_cores: int,
-                       load: float) -> tuple[str | None, str]:
-    """The wait policy for this run and why: the user's if set; else PASSIVE when the threads would
-    outnumber the cores, that is when this machine's local processes x threads exceed the usable
-    cores, or exceed what the machine's other work (``load``, the 1-minute load average over
-    ``machine_cores``) leaves idle, with half a core of slack: a spinning thread then holds a core
-    that another rank or another job needs (docs/benchmarks.md measures both cases). Otherwise
-    None: OpenMP's default, which spins briefly before it sleeps, as a user's own script runs
-    (threads that sleep at once slow a single process next to its DataLoader workers).
+def choose_wait_policy(environ: MutableMapping[str, str], cores: int) -> tuple[str | None, str]:
+    """The wait policy for this run and why: the user's if set; else PASSIVE when this machine's
+    local processes x threads outnumber the usable cores, where a spinning thread holds a core that
+    another rank needs (docs/benchmarks.md measures both cases). Otherwise None: OpenMP's default,
+    which spins briefly before it sleeps, as a user's own script runs (threads that sleep at once
+    slow a single process next to its DataLoader workers).
+
+    The machine's load is left out on purpose: its average lags, so the run before (a restart, a
+    requeue, the other side of a benchmark) would decide for this one. On a machine shared with
+    other busy jobs, set ``OMP_WAIT_POLICY=PASSIVE`` yourself.
     """
     if environ.get("OMP_WAIT_POLICY"):
         return environ["OMP_WAIT_POLICY"], "from the environment"
     processes = local_processes(environ)
     threads = processes * threads_per_process(environ, cores, processes)
-    spare = machine_cores - load + 0.5
     ours = f"{processes} process(es) x {threads // processes} thread(s)"
     if threads > cores:
         return "PASSIVE", f"{ours} > {cores} usable core(s)"
-    if threads > spare:
-        return "PASSIVE", f"{ours} > {machine_cores} core(s) - load average {load:.1f}"
-    return None, f"OpenMP's default: {ours}, {cores} usable core(s), load average {load:.1f}"
+    return None, f"OpenMP's default: {ours} on {cores} usable core(s)"
 
 
 def apply_wait_policy(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set ``OMP_WAIT_POLICY`` in ``environ`` as :func:`choose_wait_policy` decides; note why."""
     global wait_policy_reason
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    policy, wait_policy_reason = choose_wait_policy(environ, usable_cores(), os.cpu_count() or 1, load)
+    policy, wait_policy_reason = choose_wait_policy(environ, usable_cores())
     if policy is not None:
         environ["OMP_WAIT_POLICY"] = policy
 
