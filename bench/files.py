@@ -3,7 +3,8 @@
 Two data sets, each run on 1 process and on 2 gloo processes (torchrun on both sides):
 
 * JPEG: a photo-like ImageFolder (a few hundred pixels per side, bench/photos.py) cropped to 224 px;
-* PNG: the built-in synthetic set of 64 px PNGs (what ``data.source=synthetic`` writes).
+* PNG: the built-in synthetic set of 64 px PNGs (what ``data.source=synthetic`` writes), 960 per
+  epoch: 15 steps, as epochs of a few steps time their edges more than their steps.
 
 Same data, RandomResizedCrop + flip + ToTensor + Normalize, DataLoader workers, batch, model, SGD
 and fp32 on both sides; each round runs one Worker job and one script job back to back (order
@@ -30,7 +31,7 @@ def workloads(cache_dir: Path, quick: bool) -> list[Workload]:
     photos = ensure(PhotoSet(train_per_class=32), cache_dir)
     return [Workload("jpeg 300-480 px -> 224 px, mobilenet_v3_small", "mobilenet_v3_small", 224, 32, 2,
                      10, 32, photos),
-            Workload("png 64 px, resnet18", "resnet18", 64, 64, 2, 10, 32, synthetic_png(cache_dir, 10, 32, 64))]
+            Workload("png 64 px, resnet18", "resnet18", 64, 64, 2, 10, 96, synthetic_png(cache_dir, 10, 96, 64))]
 
 
 def synthetic_png(cache_dir: Path, classes: int, per_class: int, size: int) -> Path:
