@@ -101,7 +101,7 @@ def test_eval_meter_empty_is_zero_not_nan() -> None:
 
 
 def train_meter(losses: list[float], sizes: list[int], steps: list[int], window: int = 8) -> TrainMeter:
-    meter = TrainMeter(CPU, window)
+    meter = TrainMeter(window)
     for loss, size, step in zip(losses, sizes, steps):
         meter.update(torch.tensor(loss), size, step)
     return meter
@@ -127,7 +127,7 @@ def test_train_meter_flushes_itself_when_the_window_is_full() -> None:
 def test_train_meter_state_round_trip() -> None:
     first = train_meter([1.0, 3.0], sizes=[2, 6], steps=[0, 1])
     first.flush()
-    resumed = TrainMeter(CPU, 8)
+    resumed = TrainMeter(8)
     resumed.load_state(first.state())
     resumed.update(torch.tensor(5.0), 2, 2)
     resumed.flush()
@@ -167,7 +167,7 @@ def reduce_shard(rank: int, port: int, out: str) -> None:
     try:
         logits, targets = shared_batch()
         shard = slice(0, 7) if rank == 0 else slice(7, 20)  # unequal shards
-        evals, train = EvalMeter(NUM_CLASSES, CPU), TrainMeter(CPU, 4)
+        evals, train = EvalMeter(NUM_CLASSES, CPU), TrainMeter(4)
         evals.update(logits[shard], targets[shard], torch.tensor(float(rank + 1)))
         train.update(torch.tensor(float(rank + 1)), shard.stop - shard.start, 0)
         train.flush()

@@ -70,7 +70,7 @@ def small_step(cfg: config.TrainConfig) -> TrainStep:
 # ----------------------------------------------------------------------------- MPS and macOS
 def test_the_step_and_the_meters_create_no_dtype_that_mps_lacks() -> None:
     step = small_step(train_cfg())
-    train_meter, eval_meter = TrainMeter(CPU, window=4), EvalMeter(4, CPU)
+    train_meter, eval_meter = TrainMeter(window=4), EvalMeter(4, CPU)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen),  # as loaders return them
                 torch.randint(0, 4, (8,), generator=gen)) for _ in range(6)]

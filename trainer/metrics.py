@@ -23,8 +23,7 @@ class TrainMeter:
     cuts one).
     """
 
-    def __init__(self, device: torch.device, window: int) -> None:
-        self.device = device
+    def __init__(self, window: int) -> None:
         self.loss_sum = 0.0
         self.count = 0
         self.window = window

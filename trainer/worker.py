@@ -58,7 +58,7 @@ class Worker:
         self.stepped = False  # an optimizer step has finished in this process
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
-        self.meter = TrainMeter(self.device, cfg.log.every_steps)
+        self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory = PeakMemory(self.device)
         self.agreement = LaggedAgreement(env)
         self.skipped_samples = 0
@@ -153,7 +153,7 @@ class Worker:
         self.train_sampler.set_position(position)
         global_batches = self.train_sampler.global_batches()
         if position.consumed == 0:
-            self.meter = TrainMeter(self.device, cfg.log.every_steps)
+            self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory.reset()
         bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
         started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
