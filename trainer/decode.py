@@ -15,7 +15,6 @@ cropped at full size.
 
 from __future__ import annotations
 
-
 import torch
 from PIL import Image
 from torchvision import transforms

@@ -124,7 +124,7 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0)
     topology = discover()
     dev = select_device(device, topology)
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, openmp.usable_cores() // topology.local_world_size))
+        torch.set_num_threads(openmp.threads_per_process(os.environ, openmp.usable_cores(), topology.local_world_size))
     launched = topology.source != Topology.source  # by torchrun, accelerate or srun
     if topology.world_size == 1 and not (launched and backend != "auto"):  # a named backend: a 1-rank group
         return DistEnv(topology, dev, None)

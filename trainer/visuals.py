@@ -77,9 +77,8 @@ class RunVisuals:
     """Makes and sends the pictures and tables (rank 0); a no-op elsewhere and with
     ``log.pictures=false`` (histograms and the graph have their own keys)."""
 
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str]) -> None:
-        self.log_cfg, self.env, self.classes = cfg.log, env, classes
-        self.normalize = Normalize(cfg.data.mean, cfg.data.std, env.device)
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str], normalize: Normalize) -> None:
+        self.log_cfg, self.env, self.classes, self.normalize = cfg.log, env, classes, normalize
         self.per_class_path = run_dir / "per_class.json"
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # training samples for gradient histograms
 

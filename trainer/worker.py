@@ -65,7 +65,7 @@ class Worker:
         self.last_save = time.monotonic()
         self.requeue = False
         self.sinks = MetricSinks(env, run_dir, cfg.log)
-        self.visuals = RunVisuals(cfg, env, run_dir, self.classes)
+        self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize)
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir)
         self.flops_per_image: float | None = None
 
