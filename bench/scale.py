@@ -186,10 +186,11 @@ def resident_val_workers(root: Path, cache: Path, workers: int = 2) -> Row:
     dataset = now.dataset
     before = data.build_loader(dataset, now.sampler, now.batch_size or 1, cfg.data, cpu, 0, drop_last=False)
     held = {}
+    others = {child.pid for child in psutil.Process().children()}  # e.g. a test runner's own children
     for name, loader in (("now", now), ("persistent", before)):
         for _ in loader:
             pass
-        children = psutil.Process().children()
+        children = [child for child in psutil.Process().children() if child.pid not in others]
         held[name] = sum(child.memory_full_info().uss for child in children) / 2**20, len(children)
         del loader
     return Row(f"scale: memory held by validation workers between validations ({workers} workers)", "MB",
