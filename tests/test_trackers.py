@@ -26,6 +26,7 @@ from trainer import config, flops
 from trainer.early_stop import early_stop_reason
 from trainer.errors import ConfigError
 from trainer.pictures import MAX_LABELLED_CLASSES, confusion_image
+from trainer.profiling import StepProfiler
 from trainer.trackers import BackgroundSink, Sink, markdown_table
 from trainer.visuals import top_confusions
 
@@ -328,6 +329,19 @@ def test_confusion_beyond_the_labelled_limit_is_a_heatmap_with_top_confusions_li
 def test_profile_steps_must_be_a_range_of_steps(value: str) -> None:
     with pytest.raises(ConfigError, match=r"log.profile_steps: .* must be FIRST-LAST"):
         config.load([], [f"log.profile_steps={value}"])
+
+
+def test_the_profiler_starts_and_stops_only_with_no_collective_in_flight(tmp_path: Path) -> None:
+    """A gloo collective running while torch.profiler starts or stops corrupts the heap, so the
+    profiler lets the loop finish its lagged poll (``quiesce``) just before each."""
+    profiling_when_quiesced: list[bool] = []
+    profiler = StepProfiler((2, 3), 0, torch.device("cpu"), tmp_path,
+                            quiesce=lambda: profiling_when_quiesced.append(torch.autograd._profiler_enabled()))
+    for steps_done in range(5):
+        profiler.update(steps_done)
+        torch.ones(4).add_(1)
+    assert profiling_when_quiesced == [False, True]  # before the start, before the stop
+    assert (tmp_path / "profile" / "rank_0_steps_2-3.json").exists()
 
 
 def test_unknown_tracker_names_the_valid_ones() -> None:

@@ -242,6 +242,16 @@ class LaggedAgreement:
         self._pending = (work, values)
         return outcome
 
+    def quiesce(self) -> None:
+        """Wait for the poll in flight, if any, and keep its outcome for the next poll or settle.
+
+        torch.profiler must not start or stop while a gloo collective runs on gloo's threads: the
+        profiler frees their event buffers under them, and the heap is corrupted (seen as a
+        ``malloc(): ... corrupted`` abort a few steps later).
+        """
+        if self._pending is not None:
+            self._pending[0].wait()
+
     def settle(self, count: int) -> list[bool]:
         """Wait for the poll in flight, if any, adopt its interval and return its flags (all false if none)."""
         if self._pending is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ class StepProfiler:
     after step LAST to ``run_dir/profile/rank_<r>_steps_<FIRST>-<LAST>.json``.
 
     :meth:`update` is the only call in the training loop: an integer comparison when idle.
+    ``quiesce`` runs before the profiler starts or stops: it must leave no collective in flight.
     """
 
-    def __init__(self, steps: tuple[int, int] | None, rank: int, device: torch.device, run_dir: Path) -> None:
-        self.steps, self.rank, self.device = steps, rank, device
+    def __init__(self, steps: tuple[int, int] | None, rank: int, device: torch.device, run_dir: Path,
+                 quiesce: Callable[[], None]) -> None:
+        self.steps, self.rank, self.device, self.quiesce = steps, rank, device, quiesce
         self.folder = run_dir / "profile"
         self.active: Any = None
         self.done = steps is None
@@ -39,6 +42,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.active = torch.profiler.profile(activities=activities)
+        self.quiesce()
         self.active.__enter__()
 
     def close(self) -> None:
@@ -46,6 +50,7 @@ class StepProfiler:
         if self.active is None:
             return
         first, last = self.steps  # type: ignore[misc]
+        self.quiesce()
         self.active.__exit__(None, None, None)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"rank_{self.rank}_steps_{first}-{last}.json"

@@ -66,7 +66,8 @@ class Worker:
         self.requeue = False
         self.sinks = MetricSinks(env, run_dir, cfg.log)
         self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize)
-        self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir)
+        self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
+                                     quiesce=self.agreement.quiesce)
         self.flops_per_image: float | None = None
 
     # ----------------------------------------------------------------------------- building
@@ -247,7 +248,8 @@ class Worker:
         log.warning("stopped by %s at epoch %d, %d of %d samples; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.position.epoch + 1,
                     self.position.consumed, self.train_sampler.size, EXIT_STOPPED)
-        warned = ckpt.warning_signal in self.stop.received
+        # Any rank's warning counts: the stop is agreed, so rank 0 may stop before its own copy arrives.
+        warned = distributed.any_rank(self.env, [ckpt.warning_signal in self.stop.received])[0]
         self.requeue = self.env.is_main and ckpt.requeue and warned and slurm.may_requeue(ckpt.max_requeues)
         return EXIT_STOPPED
 
