@@ -38,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from bench import report
 from bench.common import Row, Timing, clock, interleave, median, paired_ratios, since
-from trainer import config, data
+from trainer import config, data, sources
 from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
 BATCH = 32
@@ -126,7 +126,7 @@ def paths(train: Path, size: int, scale_min: float) -> dict[str, Dataset]:
     pil_uint8 = transforms.Compose([*crop_flip, transforms.PILToTensor()])
     plain_folder = datasets.ImageFolder(str(train))  # torchvision's loader: decodes the whole image
     files = datasets.ImageFolder(str(train), loader=str)
-    trainer_set = data.load_splits(cfg).train
+    trainer_set = sources.load_splits(cfg).train
     no_draft = config.load([], ["data.random_resized_crop=true", f"data.image_size={size}",
                                 f"data.crop_scale_min={scale_min}", "data.jpeg_draft=false"]).data
     return {

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import Row, median, paired_ratios
 from bench.photos import PhotoSet, ensure
 from bench.versus import Comparison, Workload, compare, rates, run_plain, run_worker, user_environment
-from trainer import config, data
+from trainer import config, sources
 
 
 def workloads(cache_dir: Path, quick: bool) -> list[Workload]:
@@ -38,8 +38,8 @@ def synthetic_png(cache_dir: Path, classes: int, per_class: int, size: int) -> P
     """The built-in synthetic ImageFolder (train/ and val/ of PNGs), generated once."""
     cfg = config.load([], [f"data.synthetic_classes={classes}", f"data.synthetic_train_per_class={per_class}",
                            "data.synthetic_val_per_class=2", f"data.image_size={size}", f"data.cache_dir={cache_dir}"])
-    data.prepare(cfg.data)
-    return Path(data.load_splits(cfg.data).train.root).parent  # type: ignore[attr-defined]
+    sources.prepare(cfg.data)
+    return Path(sources.load_splits(cfg.data).train.root).parent  # type: ignore[attr-defined]
 
 
 def measure(work: Workload, nproc: int, rounds: int, workdir: Path, goal: float = 0.99) -> Comparison:

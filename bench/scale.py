@@ -41,7 +41,7 @@ from torchvision import datasets
 
 from bench import report
 from bench.common import Row
-from trainer import config, data, image_index
+from trainer import config, data, image_index, sources
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_GOAL_MB = 50.0
@@ -180,7 +180,7 @@ def resident_val_workers(root: Path, cache: Path, workers: int = 2) -> Row:
     """Memory (USS) that validation workers hold after a validation pass, persistent (before) vs now."""
     cfg = config.load([], ["data.source=imagefolder", f"data.root={root}", f"data.cache_dir={cache}",
                            "data.image_size=16", f"data.num_workers={workers}", "data.persistent_workers=true"])
-    val = data.load_splits(cfg.data).val
+    val = sources.load_splits(cfg.data).val
     cpu = torch.device("cpu")
     now = data.build_val_loader(val, cfg.data, 1, 0, cpu, 0)
     dataset = now.dataset

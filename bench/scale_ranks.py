@@ -1,7 +1,7 @@
 """One rank of the scale benchmark's multi-process start (run under torchrun by :mod:`bench.scale`).
 
 After the process group is up and every rank has passed a barrier, each rank opens the data sets
-the way the Worker does (:func:`trainer.data.prepared_splits`); rank 0 prints, as one JSON line,
+the way the Worker does (:func:`trainer.sources.prepared_splits`); rank 0 prints, as one JSON line,
 the seconds from the barrier to the moment the last rank had its index, and how many splits
 each rank walked itself.
 """
@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-from trainer import config, data, distributed, image_index
+from trainer import config, distributed, image_index, sources
 
 
 class _ScanCounter(logging.Handler):
@@ -34,7 +34,7 @@ def main(overrides: list[str]) -> None:
     env = distributed.setup("cpu", "gloo", cfg.dist.timeout_s)
     distributed.barrier(env)
     started = time.time()
-    splits = data.prepared_splits(cfg.data, env)
+    splits = sources.prepared_splits(cfg.data, env)
     ready = time.time()
     results = distributed.all_gather_objects(env, (started, ready, counter.scans, len(splits.train)))
     if env.is_main:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.common import Row, interleave, median, paired_ratios
 from bench.versus import user_environment
-from trainer import config, data
+from trainer import config, sources
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("python_up", "imports", "built", "first_step")
@@ -76,8 +76,8 @@ def measure(workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) ->
 def _prepare_data(overrides: list[str]) -> Path:
     """Generate the synthetic image folder once, outside the timing; return its train/ folder."""
     cfg = config.load([], overrides)
-    data.prepare(cfg.data)
-    return Path(data.load_splits(cfg.data).train.root)  # type: ignore[attr-defined]
+    sources.prepare(cfg.data)
+    return Path(sources.load_splits(cfg.data).train.root)  # type: ignore[attr-defined]
 
 
 def _spawn(cmd: list[str], marks: dict[str, list[float]]) -> float:

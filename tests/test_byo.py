@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer import config, models, optim, user_code
+from trainer import config, models, optim, user_code, weights
 from trainer.errors import ConfigError
 from trainer.evaluate import main as evaluate_main
 from trainer.predict import main as predict_main
@@ -253,7 +253,7 @@ def test_weights_file_with_other_classes_replaces_the_head_and_reports_keys(tmp_
     model = models.build_for_training(cfg, num_classes=3)
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert model.fc.weight.shape == (3, 512)
-    line = models.load_weights(models.build_model("resnet18", 3, 32), models.read_weight_file(path), str(path))
+    line = weights.load_weights(models.build_model("resnet18", 3, 32), weights.read_weight_file(path), str(path))
     assert line == f"model.weights={path}: 120 tensors loaded, 2 replaced (shape differs: fc.bias, fc.weight), " \
                    "0 missing, 0 unused"
 
@@ -262,7 +262,7 @@ def test_weights_that_match_nothing_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save(nn.Linear(3, 3).state_dict(), path)
     with pytest.raises(ConfigError, match="no tensor of .* matches the model"):
-        models.load_weights(models.build_model("smallcnn", 3, 32), models.read_weight_file(path), str(path))
+        weights.load_weights(models.build_model("smallcnn", 3, 32), weights.read_weight_file(path), str(path))
 
 
 def test_torchvision_weights_imply_their_normalisation_unless_the_config_sets_it() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer import config
+from trainer import cli, config
 from trainer.__main__ import _run, parse_args
 from trainer.errors import ConfigError
 
@@ -68,14 +68,14 @@ def test_unknown_or_incomplete_options_are_one_line(argv: list[str], message: st
 def test_ambiguous_leaf_names_the_candidates() -> None:
     with pytest.raises(ConfigError, match="'--every_steps' is ambiguous; write one of --ckpt.every_steps, "
                                           "--log.every_steps"):
-        config.cli_key("every_steps")
+        cli.cli_key("every_steps")
 
 
 def test_help_lists_every_key_with_its_default_and_meaning(capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(["--epochs", "3", "--help"]) == 0  # prints, starts nothing
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
-    comments = config._yaml_comments(config.DEFAULT_YAML)
+    comments = cli._yaml_comments(cli.DEFAULT_YAML)
     for key, default in config.flatten(config.to_dict(config.Config())).items():
         shown, _, meaning = lines[f"--{key}"].split(f"--{key}", 1)[1].strip().partition("  ")
         assert yaml.safe_load(shown) == default, key

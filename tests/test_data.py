@@ -11,7 +11,7 @@ from torchvision import datasets, transforms
 
 from helpers import small_run
 from torchvision_files import trust_written_cifar_files, write_cifar10, write_mnist
-from trainer import config, data, decode, distributed
+from trainer import config, data, decode, distributed, sources
 from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError
 from trainer.normalize import Normalize
 from trainer.signals import StopRequest
@@ -24,7 +24,7 @@ def data_cfg(**overrides: object) -> config.DataConfig:
 
 
 def first_batch(cfg: config.DataConfig, split: str = "train", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     base = splits.train if split == "train" else splits.val
     dataset = data.SeededTransformDataset(base, data.build_transform(cfg, split == "train"), seed=0)
     batches = data.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
@@ -47,8 +47,8 @@ def write_image_folder(root: Path, classes: dict[str, list[str]], per_class: int
 def test_synthetic_source_loads_shapes(tmp_path: Path) -> None:
     cfg = data_cfg(cache_dir=tmp_path, synthetic_classes=4, synthetic_train_per_class=6,
                    synthetic_val_per_class=3, image_size=16)
-    data.prepare(cfg)
-    splits = data.load_splits(cfg)
+    sources.prepare(cfg)
+    splits = sources.load_splits(cfg)
     assert len(splits.train) == 24 and len(splits.val) == 12
     assert splits.classes == sorted(splits.classes) and len(splits.classes) == 4
     images, targets = first_batch(cfg)
@@ -58,7 +58,7 @@ def test_synthetic_source_loads_shapes(tmp_path: Path) -> None:
 def test_image_folder_source(tmp_path: Path) -> None:
     write_image_folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     assert splits.classes == ["cat", "dog"] and len(splits.train) == 8
     images, _ = first_batch(cfg, "val")
     assert images.shape == (8, 3, 16, 16)
@@ -69,20 +69,20 @@ def test_image_folder_missing_parts_are_named(tmp_path: Path, missing: str) -> N
     write_image_folder(tmp_path, {"train": ["cat"]})
     root = tmp_path / "nowhere" if missing == "root" else tmp_path
     with pytest.raises(DataError, match="does not exist" if missing == "root" else "no val/ folder"):
-        data.load_splits(data_cfg(source="imagefolder", root=root))
+        sources.load_splits(data_cfg(source="imagefolder", root=root))
 
 
 def test_image_folder_class_mismatch_lists_both_sides(tmp_path: Path) -> None:
     write_image_folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "eel"]})
     with pytest.raises(DataError, match=r"only in train: \['dog'\]; only in val: \['eel'\]"):
-        data.load_splits(data_cfg(source="imagefolder", root=tmp_path))
+        sources.load_splits(data_cfg(source="imagefolder", root=tmp_path))
 
 
 def test_cifar10_files_load_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifar10(tmp_path, train_size=40, test_size=10)
     trust_written_cifar_files(monkeypatch, tmp_path)
     cfg = data_cfg(source="cifar10", root=tmp_path, image_size=32)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     assert len(splits.train) == 40 and len(splits.val) == 10 and len(splits.classes) == 10
     images, targets = first_batch(cfg)
     assert images.shape == (8, 3, 32, 32)
@@ -91,7 +91,7 @@ def test_cifar10_files_load_through_torchvision(tmp_path: Path, monkeypatch: pyt
 def test_mnist_files_load_as_rgb(tmp_path: Path) -> None:
     write_mnist(tmp_path, train_size=30, test_size=10)
     cfg = data_cfg(source="mnist", root=tmp_path, image_size=28)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     assert len(splits.train) == 30 and len(splits.classes) == 10
     images, _ = first_batch(cfg)
     assert images.shape == (8, 3, 28, 28), "grayscale digits are converted to 3 channels"
@@ -100,13 +100,13 @@ def test_mnist_files_load_as_rgb(tmp_path: Path) -> None:
 @pytest.mark.parametrize("source", ["cifar10", "mnist"])
 def test_absent_torchvision_files_say_how_to_fix(tmp_path: Path, source: str) -> None:
     with pytest.raises(DataError, match="set data.download=true"):
-        data.load_splits(data_cfg(source=source, root=tmp_path))
+        sources.load_splits(data_cfg(source=source, root=tmp_path))
 
 
 def test_augmentation_is_the_same_with_any_number_of_workers(tmp_path: Path) -> None:
     cfg = data_cfg(cache_dir=tmp_path, synthetic_classes=3, synthetic_train_per_class=8,
                    synthetic_val_per_class=2, image_size=16)
-    data.prepare(cfg)
+    sources.prepare(cfg)
     in_process, _ = first_batch(cfg, workers=0)
     with_workers, _ = first_batch(cfg, workers=2)
     assert torch.equal(in_process, with_workers)
@@ -117,7 +117,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     bad = tmp_path / "train" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
     strict = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)
     with pytest.raises(DataError, match="broken.png.*on_bad_sample=skip"):
@@ -158,7 +158,7 @@ def test_uint8_loader_output_normalised_on_the_device_equals_the_float_pipeline(
         steps = [transforms.Resize(round(40 / 0.875), antialias=True), transforms.CenterCrop(40)]
     tutorial = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
     expected_set = data.SeededTransformDataset(datasets.ImageFolder(str(tmp_path / split)), tutorial, seed=3)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     ours = data.SeededTransformDataset(splits.train if train else splits.val, data.build_transform(cfg, train), seed=3)
     keys = [(epoch, index) for epoch in (0, 1) for index in range(len(ours))]
     loaded = torch.stack([ours[key][0] for key in keys])
@@ -198,7 +198,7 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path: Path) -> None:
     bad = tmp_path / "train" / "a" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:2000])
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
     with pytest.raises(DataError, match="0.jpg.*truncated.*on_bad_sample=skip"):
         data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)[(0, index)]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from trainer import export, models
+from trainer import export, models, weights
 from trainer.predict import Predictor
 from trainer.predict import main as predict_main
 
@@ -67,12 +67,12 @@ def test_safetensors_holds_the_weights_classes_and_config(trained: tuple[Path, l
     with safe_open(str(out), framework="pt") as handle:
         assert json.loads(handle.metadata()["classes"]) == state["classes"]
         assert json.loads(handle.metadata()["config"])["model"]["name"] == "smallcnn"
-    tensors = models.read_weight_file(out)
+    tensors = weights.read_weight_file(out)
     assert tensors.keys() == state["model"].keys()
     assert all(torch.equal(tensors[k], v) for k, v in state["model"].items())
     reference = Predictor(ckpt)
     rebuilt = models.build_model("smallcnn", len(state["classes"]), 24)
-    assert models.load_weights(rebuilt, tensors, str(out)).endswith("0 replaced, 0 missing, 0 unused")
+    assert weights.load_weights(rebuilt, tensors, str(out)).endswith("0 replaced, 0 missing, 0 unused")
     batch = torch.cat([reference.prepare(Image.open(p)) for p in images])
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt.eval()(batch), reference.model(batch), atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ from torchvision import datasets
 
 from test_data import data_cfg, write_image_folder
 from torchvision_files import write_mnist
-from trainer import data, image_index
+from trainer import data, image_index, sources
 from trainer.errors import DataError
 
 SCANNED = "indexed "
@@ -41,8 +41,8 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def open_folder(root: Path, cache: Path) -> data.Splits:
-    return data.load_splits(data_cfg(source="imagefolder", root=root, cache_dir=cache))
+def open_folder(root: Path, cache: Path) -> sources.Splits:
+    return sources.load_splits(data_cfg(source="imagefolder", root=root, cache_dir=cache))
 
 
 def test_same_samples_and_classes_as_torchvision_image_folder(tree: Path, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_class_without_images_keeps_image_folders_message(tree: Path, tmp_path: 
 
 def test_validation_workers_are_not_persistent(tree: Path, tmp_path: Path) -> None:
     cfg = data_cfg(source="imagefolder", root=tree, cache_dir=tmp_path, num_workers=1, persistent_workers=True)
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     val = data.build_val_loader(splits.val, cfg, 1, 0, torch.device("cpu"), seed=0)
     batches = data.TrainBatchSampler(len(splits.train), 1, 0, 2, 0)
     train = data.build_train_loader(data.SeededTransformDataset(splits.train, lambda x: x, 0), batches, cfg,
@@ -156,9 +156,9 @@ def mnist_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 def test_download_is_staged_then_renamed(mnist_mirror: Path, tmp_path: Path) -> None:
     root = tmp_path / "sets"
     cfg = data_cfg(source="mnist", root=root, download=True)
-    data.prepare(cfg)
+    sources.prepare(cfg)
     assert sorted(os.listdir(root)) == ["MNIST"]  # no staging folder left behind
-    splits = data.load_splits(cfg)
+    splits = sources.load_splits(cfg)
     assert (len(splits.train), len(splits.val)) == (4, 2)
 
 
@@ -167,11 +167,11 @@ def test_failed_download_leaves_no_half_set(mnist_mirror: Path, tmp_path: Path) 
     test_images.write_bytes(test_images.read_bytes()[:10])  # the last file arrives damaged (md5 differs)
     root = tmp_path / "sets"
     with pytest.raises(DataError, match=f"MNIST.*{re.escape(str(root))}'"):
-        data.prepare(data_cfg(source="mnist", root=root, download=True))
+        sources.prepare(data_cfg(source="mnist", root=root, download=True))
     assert os.listdir(root) == []  # the files that did arrive are not where MNIST looks
 
 
 def test_rank_without_the_downloaded_set_says_why(tmp_path: Path) -> None:
     """Another node's rank, after rank 0 downloaded into its own node-local data.root."""
     with pytest.raises(DataError, match="data.root must be a folder every node sees"):
-        data.load_splits(data_cfg(source="mnist", root=tmp_path, download=True))
+        sources.load_splits(data_cfg(source="mnist", root=tmp_path, download=True))

@@ -55,7 +55,7 @@ def recorded(tmp: Path, name: str, role: str, rank: int | None = None) -> list[d
 
 def math_history(state: dict) -> list[dict]:
     """The per-epoch metrics that must match exactly (timings naturally differ)."""
-    timing = ("images_per_s", "data_wait", "time_s", "peak_mem_mb")
+    timing = ("images_per_s", "data_wait", "time_s", "peak_mem_mb", "tflops", "mfu")
     return [{k: v for k, v in record.items() if not k.endswith(timing)} for record in state["history"]]
 
 

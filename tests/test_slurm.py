@@ -62,7 +62,7 @@ def metrics(work: Path, name: str) -> list[dict]:
 
 def math_history(state: dict) -> list[dict]:
     """The per-epoch records without the timings (which naturally differ between runs)."""
-    timing = ("images_per_s", "data_wait", "time_s", "peak_mem_mb")
+    timing = ("images_per_s", "data_wait", "time_s", "peak_mem_mb", "tflops", "mfu")
     return [{k: v for k, v in record.items() if not k.endswith(timing)} for record in state["history"]]
 
 

@@ -14,15 +14,15 @@ from typing import Callable
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, config, data, distributed, models, openmp, peers, runlock, slurm, user_code
+from trainer import checkpoint, cli, config, distributed, models, openmp, peers, runlock, slurm, sources, user_code
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
 from trainer.logs import add_rank_file, log, setup_console
 from trainer.signals import StopRequest
 
-def parse_args(argv: list[str] | None) -> config.CommandLine:
+def parse_args(argv: list[str] | None) -> cli.CommandLine:
     """``-c FILE``, ``--code DIR`` and config keys as ``key=value``, ``--key value`` or an alias
     (``--epochs 10 --model ResNet34``), in any order; with ``--help`` the run prints every key instead."""
-    return config.parse_command_line(sys.argv[1:] if argv is None else argv)
+    return cli.parse_command_line(sys.argv[1:] if argv is None else argv)
 
 
 @record
@@ -46,7 +46,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         if args.help:
-            print(config.help_text(), flush=True)
+            print(cli.help_text(), flush=True)
             return EXIT_OK
         debug = debug or any(o.strip() == "log.debug=true" for o in args.overrides)
         user_code.add_code_dirs(args.code)
@@ -59,7 +59,7 @@ def _run(argv: list[str] | None) -> int:
         debug = debug or cfg.log.debug
         setup_console(topology.rank, debug)
         models.resolve_name(cfg.model.name)
-        data.check_source(cfg.data.source)
+        sources.check_source(cfg.data.source)
         models.check_weights(cfg.model)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())

@@ -23,7 +23,7 @@ import torch
 from trainer import distributed
 from trainer.config import flatten
 from trainer.distributed import DistEnv
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, first_line
 
 log = logging.getLogger("trainer")
 
@@ -141,12 +141,12 @@ def load(path: Path) -> dict[str, Any]:
         if "Unsupported operand" in str(exc):  # bytes that are no pickle stream: cut or not a checkpoint
             raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint") from None
         text = str(exc).split("WeightsUnpickler error:")[-1]
-        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "") or _first_line(text)
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "") or first_line(text)
         raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
                               f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
-                              f"({_first_line(str(exc)) or type(exc).__name__})") from None
+                              f"({first_line(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
     return state
@@ -310,10 +310,6 @@ def _os_error(exc: BaseException | None) -> OSError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _fsync_dir(folder: Path) -> None:

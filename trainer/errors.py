@@ -35,3 +35,11 @@ class NonFiniteLoss(UserError):
 
 class OutOfMemory(UserError):
     """The device ran out of memory in a training step (the message names the batch size)."""
+
+
+def first_line(cause: BaseException | str) -> str:
+    """The first non-blank line of an exception's (or a text's) message, for a one-line error;
+    an exception with an empty message gives its type's name."""
+    text = str(cause)
+    found = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return found or (type(cause).__name__ if isinstance(cause, BaseException) else "")

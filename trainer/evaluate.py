@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint, config, data, distributed, models, precision, user_code
+from trainer import checkpoint, config, data, distributed, models, precision, sources, user_code
 from trainer.__main__ import _one_line
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from trainer.logs import setup_console
@@ -31,7 +31,7 @@ def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dic
 
     On a CPU it computes in fp32 whatever the training precision (CPU autocast has no fp16).
     """
-    splits = data.prepared_splits(cfg.data, env)
+    splits = sources.prepared_splits(cfg.data, env)
     checkpoint.check_classes(state, splits.classes, origin)
     _, chosen = checkpoint.select_weights(state, weights, origin)
     model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +14,8 @@ from torch import nn
 
 from trainer import user_code
 from trainer.config import Config, ModelConfig
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, first_line
+from trainer.weights import checkpoint_data_settings, is_file_spec, load_weights, read_weight_file, torchvision_file
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ def linear(num_classes: int, image_size: int) -> nn.Module:
 BUILTIN: dict[str, Callable[[int, int], nn.Module]] = {"smallcnn": small_cnn, "linear": linear}
 TIMM_PREFIX = "timm:"
 TIMM_MISSING = "timm is not installed; pip install 'torch-launchpad[timm]'"
-WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def available() -> list[str]:
@@ -110,7 +108,7 @@ def check_forward(model: nn.Module, name: str, image_size: int) -> None:
         out = torch.func.functional_call(model, meta, (torch.empty(2, 3, image_size, image_size, device="meta"),))
     except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
         raise ConfigError(f"model.name={name} cannot take data.image_size={image_size} images "
-                          f"({_first_line(exc)}); use a larger data.image_size") from None
+                          f"({first_line(exc)}); use a larger data.image_size") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
@@ -118,8 +116,6 @@ def check_forward(model: nn.Module, name: str, image_size: int) -> None:
         raise ConfigError(f"model.name={name} returns {kind} in training, not a (batch, classes) tensor of logits")
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 def build_for_training(config: Config, num_classes: int) -> nn.Module:
     """:func:`build_model`, then ``model.weights`` (the classifier head is replaced where the class
     count differs) and ``model.freeze``.
@@ -130,7 +126,7 @@ def build_for_training(config: Config, num_classes: int) -> nn.Module:
     """
     cfg, image_size = config.model, config.data.image_size
     key, weights = resolve_name(cfg.name), cfg.weights
-    if key.startswith(TIMM_PREFIX) and not _is_file_spec(weights) and weights.lower() != "none":
+    if key.startswith(TIMM_PREFIX) and not is_file_spec(weights) and weights.lower() != "none":
         model = _construct(key, num_classes, image_size, pretrained_tag=weights)  # timm replaces its head
         log.info("model.weights=%s: timm pretrained weights for %s", weights, key)
     else:
@@ -157,7 +153,7 @@ def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str 
         try:
             return timm.create_model(full, pretrained=True, num_classes=num_classes)
         except (OSError, RuntimeError, ValueError) as exc:  # no network, unknown tag, no cached file
-            raise ConfigError(f"model.weights: cannot get timm weights '{full}' ({_first_line(exc)}); "
+            raise ConfigError(f"model.weights: cannot get timm weights '{full}' ({first_line(exc)}); "
                               f"tags: {', '.join(_timm_tags(arch)) or 'none'}; offline, copy the Hugging "
                               "Face cache (HF_HOME) from a machine with network") from None
     if user_code.is_import_path(key):
@@ -168,7 +164,7 @@ def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str 
         return models.get_model(key, weights=None, num_classes=num_classes, **torchvision_options(key, image_size))
     except (ValueError, AssertionError) as exc:  # e.g. a ViT size that is no multiple of its patch size
         raise ConfigError(f"model.name={key} cannot be built for data.image_size={image_size} "
-                          f"({_first_line(exc)}); choose another image size") from None
+                          f"({first_line(exc)}); choose another image size") from None
 
 
 def _call_user_builder(spec: str, num_classes: int, image_size: int) -> nn.Module:
@@ -205,18 +201,12 @@ def _timm_tags(arch: str) -> list[str]:
     return [name.split(".", 1)[1] for name in timm.list_pretrained(f"{arch}.*")][:6]
 
 
-# ------------------------------------------------------------------------------------ weights
-def _is_file_spec(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.lower().endswith(WEIGHT_FILE_SUFFIXES) \
-        or Path(weights).expanduser().is_file()
-
-
 def _weight_tensors(key: str, weights: str) -> dict[str, torch.Tensor]:
     """The tensors ``model.weights`` names: a local file or a torchvision weights name."""
-    if _is_file_spec(weights):
+    if is_file_spec(weights):
         return read_weight_file(Path(weights).expanduser())
     enum = _torchvision_weights(key, weights)
-    return _cached_torchvision_file(enum)
+    return read_weight_file(torchvision_file(enum))
 
 
 def _torchvision_weights(key: str, weights: str) -> Any:
@@ -239,93 +229,14 @@ def check_weights(cfg: ModelConfig) -> None:
     """Before any work: the weights file ``model.weights`` names exists (torchvision's is
     downloaded into ``$TORCH_HOME`` now if it can be), else a ConfigError."""
     key, weights = resolve_name(cfg.name), cfg.weights
-    if weights.lower() == "none" or key.startswith(TIMM_PREFIX) and not _is_file_spec(weights):
+    if weights.lower() == "none" or key.startswith(TIMM_PREFIX) and not is_file_spec(weights):
         return
-    if _is_file_spec(weights):
+    if is_file_spec(weights):
         if not Path(weights).expanduser().is_file():
             raise ConfigError(f"model.weights: file '{weights}' not found; give a state dict or checkpoint path, "
                               "a torchvision weights name (DEFAULT...), or none")
         return
-    _torchvision_file(_torchvision_weights(key, weights))
-
-
-def _cached_torchvision_file(weights: Any) -> dict[str, torch.Tensor]:
-    return read_weight_file(_torchvision_file(weights))
-
-
-def _torchvision_file(weights: Any) -> Path:
-    """torchvision's weights file in ``$TORCH_HOME/hub/checkpoints``, downloaded if absent and possible."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if not path.is_file():
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
-        except (OSError, ValueError) as exc:  # URLError (no network, proxy), HTTP errors, disk full
-            raise ConfigError(f"model.weights: {path} is missing and could not be downloaded ({_first_line(exc)}); "
-                              f"download {weights.url} on a machine with network and put it at that path "
-                              "(it is $TORCH_HOME/hub/checkpoints/)") from None
-    return path
-
-
-def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``path``: safetensors, a plain state dict, or one of our checkpoints
-    (its ``model`` entry); loaded with ``weights_only=True``, wrapper prefixes removed."""
-    if not path.is_file():
-        raise ConfigError(f"model.weights: file '{path}' not found; give a state dict or checkpoint path, "
-                          "a torchvision weights name (DEFAULT...), or none")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream at all
-            raise ConfigError(f"model.weights: '{path}' is not a weights file (truncated, or another format); "
-                              "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
-        raise ConfigError(f"model.weights: refusing '{path}': it holds pickled Python objects, not only tensors; "
-                          "re-save it with torch.save(model.state_dict())") from None
-    except Exception as exc:  # truncated zips, headers that are not safetensors
-        raise ConfigError(f"model.weights: cannot read '{path}' as weights ({_first_line(exc)}); "
-                          "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    tensors = {_strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} \
-        if isinstance(state, dict) else {}
-    if not tensors:
-        raise ConfigError(f"model.weights: '{path}' holds no tensors; give a state dict or a checkpoint")
-    return tensors
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> str:
-    """Copy every tensor whose name and shape match; keep the model's own (fresh) tensors where
-    the shape differs (the classifier head, for another class count). Returns the report line."""
-    own = model.state_dict()
-    loaded = {k: v for k, v in tensors.items() if k in own and v.shape == own[k].shape}
-    replaced = sorted(k for k in tensors if k in own and k not in loaded)
-    missing = sorted(k for k in own if k not in tensors)
-    unused = sorted(k for k in tensors if k not in own)
-    if not loaded:
-        raise ConfigError(f"model.weights: no tensor of '{origin}' matches the model (theirs: "
-                          f"{', '.join(list(tensors)[:3])}...; ours: {', '.join(list(own)[:3])}...); "
-                          "check model.name")
-    model.load_state_dict(loaded, strict=False)
-
-    def listed(keys: list[str], why: str = "") -> str:
-        return f" ({why}{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
-
-    return (f"model.weights={origin}: {len(loaded)} tensors loaded, {len(replaced)} replaced"
-            f"{listed(replaced, 'shape differs: ')}, {len(missing)} missing{listed(missing)}, "
-            f"{len(unused)} unused{listed(unused)}")
+    torchvision_file(_torchvision_weights(key, weights))
 
 
 def implied_settings(cfg: Config) -> dict[str, Any]:
@@ -334,8 +245,8 @@ def implied_settings(cfg: Config) -> dict[str, Any]:
     weights, name = cfg.model.weights, cfg.model.name
     if weights.lower() == "none":
         return {}
-    if _is_file_spec(weights):
-        return _checkpoint_data_settings(Path(weights).expanduser())
+    if is_file_spec(weights):
+        return checkpoint_data_settings(Path(weights).expanduser())
     key = resolve_name(name)
     if key.startswith(TIMM_PREFIX):
         from timm.models import get_pretrained_cfg
@@ -352,19 +263,6 @@ def implied_settings(cfg: Config) -> dict[str, Any]:
     crop, resize = transform.crop_size[0], transform.resize_size[0]
     return {"data.mean": list(transform.mean), "data.std": list(transform.std), "data.image_size": crop,
             "data.val_crop_fraction": crop / resize}
-
-
-def _checkpoint_data_settings(path: Path) -> dict[str, Any]:
-    """One of our checkpoints knows the data settings its model was trained with."""
-    if not path.is_file() or path.suffix == ".safetensors":
-        return {}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # reported, with its cause, when the weights are loaded
-        return {}
-    saved = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
-    keys = ("mean", "std", "image_size", "val_crop_fraction")
-    return {f"data.{k}": saved[k] for k in keys if k in saved}
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import STARTED, checkpoint, data, distributed, flops, models, optim, precision, slurm
+from trainer import STARTED, checkpoint, data, distributed, flops, models, optim, precision, slurm, sources
 from trainer.bad_batches import StandIn
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.distributed import DistEnv, LaggedAgreement
@@ -73,7 +73,7 @@ class Worker:
     # ----------------------------------------------------------------------------- building
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
-        splits = data.prepared_splits(cfg.data, env)
+        splits = sources.prepared_splits(cfg.data, env)
         self.classes = splits.classes
         train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
                                                 cfg.train.seed, cfg.data.on_bad_sample == "skip")
@@ -286,6 +286,8 @@ class Worker:
         record["train/skipped_steps"] = self.step.skipped()
         record["train/global_batch"] = cfg.data.batch_size * self.env.world_size * cfg.train.grad_accum_steps
         record.update({f"train/{k}": v for k, v in self.peak_memory.read().items()})
+        peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
+        record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, self.env.world_size))
         skipped = sum(distributed.all_gather_objects(self.env, self.skipped_samples))
         if skipped:
             record["data/skipped_samples"] = skipped
@@ -301,9 +303,7 @@ class Worker:
                  "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
                  train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],
                  train["images_per_s"], 100 * train["data_wait"], record["train/peak_mem_mb"])
-        peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
-        perf = flops.throughput(self.flops_per_image, train["images_per_s"], peak, self.env.world_size)
-        self.sinks.epoch({**record, **perf}, self.global_step)
+        self.sinks.epoch(record, self.global_step)
         self.save_checkpoint(best=improved)
 
     def _early_stop(self) -> str | None:

@@ -1,0 +1,113 @@
+"""Weights files: where they are, what they hold, and copying their tensors into a model.
+
+Plain state dicts, safetensors and our checkpoints are read with ``weights_only=True``; a
+torchvision weights file is fetched into ``$TORCH_HOME/hub/checkpoints`` or named exactly when it
+cannot be.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import ConfigError, first_line
+
+SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_file_spec(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or weights.lower().endswith(SUFFIXES) \
+        or Path(weights).expanduser().is_file()
+
+
+def torchvision_file(weights: Any) -> Path:
+    """torchvision's weights file in ``$TORCH_HOME/hub/checkpoints``, downloaded if absent and possible."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not path.is_file():
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+        except (OSError, ValueError) as exc:  # URLError (no network, proxy), HTTP errors, disk full
+            raise ConfigError(f"model.weights: {path} is missing and could not be downloaded ({first_line(exc)}); "
+                              f"download {weights.url} on a machine with network and put it at that path "
+                              "(it is $TORCH_HOME/hub/checkpoints/)") from None
+    return path
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``: safetensors, a plain state dict, or one of our checkpoints
+    (its ``model`` entry); loaded with ``weights_only=True``, wrapper prefixes removed."""
+    if not path.is_file():
+        raise ConfigError(f"model.weights: file '{path}' not found; give a state dict or checkpoint path, "
+                          "a torchvision weights name (DEFAULT...), or none")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream at all
+            raise ConfigError(f"model.weights: '{path}' is not a weights file (truncated, or another format); "
+                              "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
+        raise ConfigError(f"model.weights: refusing '{path}': it holds pickled Python objects, not only tensors; "
+                          "re-save it with torch.save(model.state_dict())") from None
+    except Exception as exc:  # truncated zips, headers that are not safetensors
+        raise ConfigError(f"model.weights: cannot read '{path}' as weights ({first_line(exc)}); "
+                          "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    if not tensors:
+        raise ConfigError(f"model.weights: '{path}' holds no tensors; give a state dict or a checkpoint")
+    return tensors
+
+
+def strip_wrappers(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> str:
+    """Copy every tensor whose name and shape match; keep the model's own (fresh) tensors where
+    the shape differs (the classifier head, for another class count). Returns the report line."""
+    own = model.state_dict()
+    loaded = {k: v for k, v in tensors.items() if k in own and v.shape == own[k].shape}
+    replaced = sorted(k for k in tensors if k in own and k not in loaded)
+    missing = sorted(k for k in own if k not in tensors)
+    unused = sorted(k for k in tensors if k not in own)
+    if not loaded:
+        raise ConfigError(f"model.weights: no tensor of '{origin}' matches the model (theirs: "
+                          f"{', '.join(list(tensors)[:3])}...; ours: {', '.join(list(own)[:3])}...); "
+                          "check model.name")
+    model.load_state_dict(loaded, strict=False)
+
+    def listed(keys: list[str], why: str = "") -> str:
+        return f" ({why}{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
+
+    return (f"model.weights={origin}: {len(loaded)} tensors loaded, {len(replaced)} replaced"
+            f"{listed(replaced, 'shape differs: ')}, {len(missing)} missing{listed(missing)}, "
+            f"{len(unused)} unused{listed(unused)}")
+
+
+def checkpoint_data_settings(path: Path) -> dict[str, Any]:
+    """One of our checkpoints knows the data settings its model was trained with."""
+    if not path.is_file() or path.suffix == ".safetensors":
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # reported, with its cause, when the weights are loaded
+        return {}
+    saved = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
+    keys = ("mean", "std", "image_size", "val_crop_fraction")
+    return {f"data.{k}": saved[k] for k in keys if k in saved}
