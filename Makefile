@@ -18,7 +18,7 @@ demo: install
 
 # Two pytest workers: a module stays on one worker, the SLURM modules share one (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"

@@ -159,11 +159,11 @@ def test_a_warning_on_another_rank_still_makes_rank_0_requeue_the_job(tmp_path: 
     args = ["--code", str(tmp_path), f"log.output_dir={tmp_path}", "log.name=warned", "model.name=smallcnn",
             "data.source=warned:build", "data.image_size=16", "data.batch_size=4", "data.num_workers=0",
             "train.epochs=1", "log.progress_bar=off"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "65000001"}
     env.pop("SLURM_RESTART_COUNT", None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     output = result.stdout + result.stderr
     assert "stopped by a signal on another rank" in output, output  # rank 0 never got SIGUSR1 itself
-    # No SLURM job 4242 exists here: scontrol refuses it, or is not installed. Rank 0 tried.
-    assert re.search(r"(requeued|could not requeue) SLURM job 4242", output), output
+    # No SLURM job 65000001 exists here: scontrol refuses it, or is not installed. Rank 0 tried.
+    assert re.search(r"(requeued|could not requeue) SLURM job 65000001", output), output
