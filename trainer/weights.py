@@ -21,6 +21,8 @@ SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def is_file_spec(weights: str) -> bool:
+    """Whether ``model.weights`` names a file (a path, a weights-file suffix, an existing file)
+    rather than a torchvision or timm weights name."""
     return os.sep in weights or "/" in weights or weights.lower().endswith(SUFFIXES) \
         or Path(weights).expanduser().is_file()
 
