@@ -6,8 +6,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -296,6 +297,18 @@ def initialise(model: nn.Module, scheme: str) -> None:
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block; each submodule's own mode back after it."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -11,14 +11,15 @@ device, and the EMA counts its updates in Python.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import TrainConfig
+from trainer.models import evaluation_mode
 from trainer.normalize import Normalize
 from trainer.precision import Precision
 
@@ -66,18 +67,6 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode inside the block; each submodule's own mode back after it."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
-
-
 class TrainStep:
     """Owns what one optimizer step needs beyond the model and optimizer: autocast, the scaler,
     accumulation, clipping, non-finite handling and the EMA.
@@ -111,7 +100,7 @@ class TrainStep:
         targets = targets.to(self.device, non_blocking=True)
         syncing = last or not isinstance(self.model, DistributedDataParallel)
         with nullcontext() if syncing else self.model.no_sync():
-            with self.precision.autocast(self.device), _eval_mode(self.net) if stand_in else nullcontext():
+            with self.precision.autocast(self.device), evaluation_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
             if stand_in:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.logs import MetricSinks
 from trainer.metrics import per_class
+from trainer.models import evaluation_mode
 from trainer.normalize import Normalize
 from trainer.trackers import Histogram
 
@@ -117,7 +117,7 @@ class RunVisuals:
             captions = [self.classes[t] for t in targets.tolist()]
             sinks.image("train/augmented_samples", pictures.image_grid(self.normalize.to_pixels(images), captions), 0)
         if cfg.graph:
-            with _evaluation_mode(model):
+            with evaluation_mode(model):
                 sinks.graph(model, self.normalize(images[:1].to(device)))
 
     def at_epoch_end(self, sinks: MetricSinks, evidence: ValidationEvidence | None, model: nn.Module,
@@ -167,23 +167,12 @@ class RunVisuals:
             return
         device = named[0][1].device
         images, targets = (t.to(device) for t in self.probe)
-        with _evaluation_mode(model), torch.enable_grad():
+        with evaluation_mode(model), torch.enable_grad():
             loss = nn.functional.cross_entropy(model(self.normalize(images)).float(), targets)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         for (name, _), grad in zip(named, grads):
             if grad is not None and (histogram := Histogram.of(grad)) is not None:
                 sinks.histogram(f"grads/{name}", histogram, step)
-
-
-@contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration of a ``with`` block, then the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def top_confusions(confusion: np.ndarray, classes: Sequence[str], count: int = TOP_CONFUSIONS) -> list[list[Any]]:
