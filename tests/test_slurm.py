@@ -186,7 +186,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
     assert f"job {job} attempt 1" in log and f"job {job} attempt 2" in log
     assert log.count("stopped by SIGUSR1") == 2, log[-4000:]   # both ranks, in attempt 1
     assert "checkpoint saved, exit code 3" in log
-    by_trainer, by_shell = f"requeued SLURM job {job}" in log, f"=== requeueing job {job}" in log
+    by_trainer, by_shell = f"requeueing SLURM job {job}" in log, f"=== requeueing job {job}" in log
     assert (by_trainer, by_shell) == (requeued_by == "trainer", requeued_by == "batch-shell"), log[-4000:]
     assert "resumed from" in log.split(f"job {job} attempt 2")[1]
     assert_same_run(work, name, uninterrupted)
@@ -208,6 +208,6 @@ def test_sigterm_to_the_whole_step_still_checkpoints(slurm_cluster: SlurmCluster
     slurm_cluster.cancel(job, "--signal=TERM")   # every process of the job's steps, as slurmstepd does
     info = slurm_cluster.wait_for(job, ("COMPLETED",), timeout=JOB_TIMEOUT_S)
     log = job_log(work, "train", job)
-    assert info["Restarts"] == "0" and "requeued SLURM job" not in log and "=== requeueing" not in log
+    assert info["Restarts"] == "0" and "requeueing SLURM job" not in log and "=== requeueing" not in log
     assert log.count("stopped by SIGTERM") == 2, log[-4000:]
     assert "DataLoader worker" not in log

@@ -79,9 +79,11 @@ def _run(argv: list[str] | None) -> int:
         finally:
             if lock is not None:
                 lock.release()
-        distributed.teardown(env)
-        if requeue:  # after teardown: SLURM answers a requeue with SIGTERM to the whole step
+        # Before teardown's barrier, which holds the other ranks: on several nodes, the first node
+        # to exit makes srun (--kill-on-bad-exit) end the step, rank 0 included, within KillWait.
+        if requeue:
             slurm.requeue()
+        distributed.teardown(env)
         return code
     except UserError as exc:
         if debug:

@@ -89,12 +89,12 @@ def requeue() -> None:
     job = job_id()
     if job is None:
         return
+    # Said before asking: SLURM answers the requeue by ending the step, which may kill this process.
+    log.warning("requeueing SLURM job %s: the next attempt resumes from the checkpoint", job)
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:   # e.g. no scontrol inside a container
         log.error("could not requeue SLURM job %s: %s (the batch script may requeue it)", job, exc)
         return
-    if result.returncode == 0:
-        log.warning("requeued SLURM job %s: it will resume from the checkpoint", job)
-    else:
+    if result.returncode != 0:
         log.error("could not requeue SLURM job %s: %s", job, (result.stderr or result.stdout).strip())
