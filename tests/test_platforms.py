@@ -255,6 +255,35 @@ def test_compile_wraps_ddp_not_the_other_way_round(tmp_path: Path, monkeypatch: 
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["ddp", "compiled-ddp"])
+def test_accumulation_all_reduces_once_per_window_also_when_compiled(compiled: bool) -> None:
+    """``no_sync`` on every micro-batch but the window's last: one gradient all-reduce per optimizer
+    step, also when ``torch.compile`` wraps the DDP module (the eager backend: the wrapping is the point)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = models.build_model("linear", 3, 8)
+        ddp = DistributedDataParallel(net)
+        reductions: list[int] = []
+
+        def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations
+            reductions.append(bucket.index())  # one process: the bucket's sum is itself
+            future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, counting_allreduce)
+        model = torch.compile(ddp, backend="eager") if compiled else ddp
+        step = TrainStep(net, model, torch.optim.SGD(net.parameters(), lr=0.1), precision.resolve("fp32", CPU), CPU,
+                         train_cfg(ema_decay=0.0), Normalize([0.5] * 3, [0.25] * 3, CPU))
+        images, targets = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+        for index in range(6):  # two windows of three micro-batches
+            step.micro_batch(images, targets, window=3, last=index % 3 == 2)
+    finally:
+        dist.destroy_process_group()
+    assert len(reductions) == 2 * len(set(reductions)), reductions
+
+
 # ----------------------------------------------------------------------------- stopping and requeue
 def test_requeue_is_decided_on_every_signal_received() -> None:
     stop = StopRequest()

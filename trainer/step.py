@@ -87,7 +87,8 @@ class TrainStep:
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
         self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in
-        self.data_parallel = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)  # compiled too
+        unwrapped = getattr(model, "_orig_mod", model)  # compiled after DDP: the DDP module inside
+        self.ddp = unwrapped if isinstance(unwrapped, DistributedDataParallel) else None
 
     def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
                     stand_in: bool = False) -> torch.Tensor:
@@ -98,8 +99,7 @@ class TrainStep:
         """
         images = self.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         targets = targets.to(self.device, non_blocking=True)
-        syncing = last or not isinstance(self.model, DistributedDataParallel)
-        with nullcontext() if syncing else self.model.no_sync():
+        with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
             with self.precision.autocast(self.device), evaluation_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
@@ -108,7 +108,7 @@ class TrainStep:
             self.scaler.scale(loss / window if window > 1 else loss).backward()
         self.window_has_data |= not stand_in
         if last:
-            if self.window_has_data or self.data_parallel:  # all DDP ranks step: none knows the others' data
+            if self.window_has_data or self.ddp is not None:  # all DDP ranks step: none knows the others' data
                 self._optimizer_step()
             else:
                 self.skipped_steps += 1
