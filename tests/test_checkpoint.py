@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import checkpoint, runlock
+from trainer import atomic, checkpoint, runlock
 from trainer.distributed import DistEnv, Topology
 from trainer.errors import CheckpointError
 
@@ -98,6 +98,19 @@ def test_disk_error_half_way_leaves_previous_file_intact(tmp_path: Path, monkeyp
         checkpoint.save_atomic(sample_state(2), path)
     assert path.read_bytes() == before
     assert names(tmp_path) == ["last.pt"]
+
+
+def test_a_failed_rewrite_of_the_metrics_log_leaves_it_whole(tmp_path: Path) -> None:
+    """metrics.jsonl, per-class metrics and the image index are replaced the same way as checkpoints."""
+    path = tmp_path / "metrics.jsonl"
+    checkpoint.rewrite_lines(path, ['{"epoch": 1}'])
+    with pytest.raises(OSError, match="No space left"):
+        with atomic.replacing(path) as file:
+            file.write(b'{"epoch": 1}\n{"ep')
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == '{"epoch": 1}\n' and names(tmp_path) == ["metrics.jsonl"]
+    checkpoint.rewrite_lines(path, ['{"epoch": 1}', '{"epoch": 2}'])
+    assert path.read_text().splitlines() == ['{"epoch": 1}', '{"epoch": 2}'] and names(tmp_path) == ["metrics.jsonl"]
 
 
 @dataclasses.dataclass

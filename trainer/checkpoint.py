@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from trainer import distributed
+from trainer import atomic, distributed
 from trainer.config import flatten
 from trainer.distributed import DistEnv
 from trainer.errors import CheckpointError, first_line
@@ -40,36 +40,31 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` so that a crash at any moment leaves the old file intact.
 
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``.
+    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``
+    (see :func:`trainer.atomic.replacing`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic.replacing(path, durable=True) as file:
+            torch.save(state, file)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
         cause = _os_error(exc)
         if cause is not None:
             raise CheckpointError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
                                   "the previous checkpoint is untouched") from None
         raise
-    _fsync_dir(path.parent)
 
 
 def link_atomic(source: Path, alias: Path) -> None:
     """Make ``alias`` (e.g. ``last.pt``) name the same file as ``source``, atomically."""
-    tmp = alias.with_name(f".{alias.name}.tmp.{os.getpid()}")
+    tmp = atomic.temporary_name(alias)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
     except OSError:  # filesystems without hard links: fall back to a copy
         shutil.copyfile(source, tmp)
     os.replace(tmp, alias)
-    _fsync_dir(alias.parent)
+    atomic.fsync_folder(alias.parent)
 
 
 def step_files(folder: Path) -> list[Path]:
@@ -295,9 +290,8 @@ def describe_changes(changes: list[str], inexact: list[str]) -> str:
 # ----------------------------------------------------------------------------- history
 def rewrite_lines(path: Path, lines: list[str]) -> None:
     """Replace ``path`` with ``lines`` atomically (metrics.jsonl from the checkpoint's history)."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    with atomic.replacing(path) as file:
+        file.write("".join(line + "\n" for line in lines).encode())
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
@@ -310,14 +304,3 @@ def _os_error(exc: BaseException | None) -> OSError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,7 +32,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trainer import decode
+from trainer import atomic, decode
 
 log = logging.getLogger(__name__)
 
@@ -202,22 +202,16 @@ def _split(packed: np.ndarray) -> list[bytes]:
 
 def _write(path: Path, index: ImageIndex) -> None:
     """Write atomically (a temporary file in the same folder, then a rename); remove older versions."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as file:
+        with atomic.replacing(path, durable=True) as file:
             np.savez(file, classes=np.asarray(index.classes), paths=index.paths, offsets=index.offsets,
                      targets=index.targets, hidden=np.int64(index.hidden),
                      nested_names=np.frombuffer(b"\0".join(os.fsencode(n) for n in index.nested), dtype=np.uint8),
                      nested_mtimes=np.asarray(list(index.nested.values()), dtype=np.int64))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not cache the image index in %s (%s); the folder will be scanned again next time",
                     path.parent, exc)
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
         return
     prefix = path.name.split("-")[0] + "-"
     for old in path.parent.glob(f"{prefix}*.npz"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer import atomic
 from trainer.config import Config
 from trainer.distributed import DistEnv
 from trainer.logs import MetricSinks
@@ -193,6 +193,5 @@ def top_confusions(confusion: np.ndarray, classes: Sequence[str], count: int = T
 
 def _write_json_atomic(path: Path, value: Any) -> None:
     """Replace ``path`` as a whole: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as file:
+        file.write((json.dumps(value, indent=1) + "\n").encode())
