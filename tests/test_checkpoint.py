@@ -100,6 +100,16 @@ def test_disk_error_half_way_leaves_previous_file_intact(tmp_path: Path, monkeyp
     assert names(tmp_path) == ["last.pt"]
 
 
+def test_prune_removes_what_a_killed_writer_left_but_not_its_own_file_in_progress(tmp_path: Path) -> None:
+    checkpoint.save_atomic(sample_state(1), tmp_path / "step_1.pt")
+    killed = tmp_path / ".step_2.pt.tmp.999999999"   # no such process id
+    killed.write_bytes(b"half a checkpoint")
+    own = atomic.temporary_name(tmp_path / "step_3.pt")
+    own.write_bytes(b"being written")
+    assert checkpoint.prune(tmp_path, keep_last=2) == [killed]
+    assert names(tmp_path) == sorted([own.name, "step_1.pt"])
+
+
 def test_a_failed_rewrite_of_the_metrics_log_leaves_it_whole(tmp_path: Path) -> None:
     """metrics.jsonl, per-class metrics and the image index are replaced the same way as checkpoints."""
     path = tmp_path / "metrics.jsonl"

@@ -13,7 +13,16 @@ from typing import BinaryIO
 def temporary_name(path: Path) -> Path:
     """Where ``path``'s next version is written first: the same folder (so the rename is atomic),
     hidden, and named after this process (so a killed writer's leftovers can be told apart)."""
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    return path.with_name(f".{path.name}{_own_suffix()}")
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files in ``folder`` that other, killed writers left (never this process's own)."""
+    return [p for p in folder.glob(".*.tmp.*") if not p.name.endswith(_own_suffix())]
+
+
+def _own_suffix() -> str:
+    return f".tmp.{os.getpid()}"
 
 
 @contextmanager

@@ -78,7 +78,7 @@ def step_files(folder: Path) -> list[Path]:
 def prune(folder: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` step files, and temp files a killed writer left."""
     old = step_files(folder)[:-keep_last] if keep_last > 0 else []
-    old += [p for p in folder.glob(".*.tmp.*") if not p.name.endswith(f".tmp.{os.getpid()}")]
+    old += atomic.leftovers(folder)
     for path in old:
         path.unlink(missing_ok=True)
     return old
