@@ -2,14 +2,14 @@
 
 The work of a DataLoader worker, done in this process with one torch thread (as in a worker):
 read a 224 px training sample from a JPEG file (random resized crop + horizontal flip, seeded per
-sample as ``data.SeededTransformDataset`` does) and collate batches of 32. The paths, interleaved
+sample as ``loaders.SeededTransformDataset`` does) and collate batches of 32. The paths, interleaved
 round by round:
 
 * tutorial: ImageFolder's PIL loader, RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize
   (float32 out) -- the baseline;
 * the same with uint8 out (PILToTensor);
 * torchvision.io: ``decode_jpeg`` (libjpeg-turbo) into a tensor, then the tensor transforms;
-* the trainer's transform (``data.build_transform``, uint8 out) without and with reduced-size
+* the trainer's transform (``loaders.build_transform``, uint8 out) without and with reduced-size
   JPEG decoding (``data.jpeg_draft``).
 
 The JPEGs look like photos rather than flat colour (decode time depends on the content): the
@@ -38,8 +38,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from bench import report
 from bench.common import Row, Timing, clock, interleave, median, paired_ratios, since
-from trainer import config, data, sources
-from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from trainer import config
+from trainer.data import loaders, sources
+from trainer.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
 BATCH = 32
 TARGET_RATE = 3000.0
@@ -130,13 +131,13 @@ def paths(train: Path, size: int, scale_min: float) -> dict[str, Dataset]:
     no_draft = config.load([], ["data.random_resized_crop=true", f"data.image_size={size}",
                                 f"data.crop_scale_min={scale_min}", "data.jpeg_draft=false"]).data
     return {
-        BASELINE: data.SeededTransformDataset(plain_folder, tutorial, seed=0),
-        "PIL, uint8": data.SeededTransformDataset(plain_folder, pil_uint8, seed=0),
-        "torchvision.io decode_jpeg, uint8": data.SeededTransformDataset(files, _TensorDecode(size, (scale_min, 1.0)),
+        BASELINE: loaders.SeededTransformDataset(plain_folder, tutorial, seed=0),
+        "PIL, uint8": loaders.SeededTransformDataset(plain_folder, pil_uint8, seed=0),
+        "torchvision.io decode_jpeg, uint8": loaders.SeededTransformDataset(files, _TensorDecode(size, (scale_min, 1.0)),
                                                                         seed=0),
-        "trainer, jpeg_draft=false (uint8)": data.SeededTransformDataset(trainer_set, data.build_transform(no_draft, True),
+        "trainer, jpeg_draft=false (uint8)": loaders.SeededTransformDataset(trainer_set, loaders.build_transform(no_draft, True),
                                                                          seed=0),
-        TRAINER: data.SeededTransformDataset(trainer_set, data.build_transform(cfg, True), seed=0),
+        TRAINER: loaders.SeededTransformDataset(trainer_set, loaders.build_transform(cfg, True), seed=0),
     }
 
 
@@ -145,7 +146,7 @@ def worker_pass(dataset: Dataset, epoch: int, count: int) -> tuple[Timing, list[
     started, batches = clock(), []
     for first in range(0, count, BATCH):
         batch = [dataset[(epoch, index)] for index in range(first, min(first + BATCH, count))]
-        batches.append(data.collate_skipping_bad(batch)[0])
+        batches.append(loaders.collate_skipping_bad(batch)[0])
     return since(started), batches
 
 

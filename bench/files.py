@@ -19,7 +19,8 @@ from pathlib import Path
 from bench.common import Row, median, paired_ratios
 from bench.photos import PhotoSet, ensure
 from bench.versus import Comparison, Workload, compare, rates, run_plain, run_worker, user_environment
-from trainer import config, sources
+from trainer import config
+from trainer.data import sources
 
 
 def workloads(cache_dir: Path, quick: bool) -> list[Workload]:

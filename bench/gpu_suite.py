@@ -151,14 +151,15 @@ def decode_rate(root: Path, sizes: Sizes) -> float:
     """Training images/s that ONE loader worker delivers (decode, RandomResizedCrop, flip, collate)."""
     from torch.utils.data import DataLoader
 
-    from trainer import config, data, sources
+    from trainer import config
+    from trainer.data import loaders, sources
 
     cfg = config.load([], ["data.source=imagefolder", f"data.root={root}", f"data.image_size={sizes.image_size}",
                            "data.random_resized_crop=true"])
     splits = sources.load_splits(cfg.data)
-    dataset = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True), 0, False)
+    dataset = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg.data, True), 0, False)
     keys = [(0, i) for i in range(min(sizes.decode_samples, len(splits.train)))]
-    loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, collate_fn=data.collate_skipping_bad)
+    loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, collate_fn=loaders.collate_skipping_bad)
     iterator = iter(loader)
     next(iterator)  # the worker's start-up is not decoding
     started, seen = time.perf_counter(), 0

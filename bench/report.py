@@ -16,7 +16,7 @@ import torch
 from bench.common import Row, median
 from bench.startup import PHASES, Startup
 from bench.versus import Comparison
-from trainer import openmp
+from trainer.parallel import openmp
 
 REPO = Path(__file__).resolve().parents[1]
 

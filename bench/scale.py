@@ -41,7 +41,8 @@ from torchvision import datasets
 
 from bench import report
 from bench.common import Row
-from trainer import config, data, image_index, sources
+from trainer import config
+from trainer.data import image_index, loaders, sources
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_GOAL_MB = 50.0
@@ -182,9 +183,9 @@ def resident_val_workers(root: Path, cache: Path, workers: int = 2) -> Row:
                            "data.image_size=16", f"data.num_workers={workers}", "data.persistent_workers=true"])
     val = sources.load_splits(cfg.data).val
     cpu = torch.device("cpu")
-    now = data.build_val_loader(val, cfg.data, 1, 0, cpu, 0)
+    now = loaders.build_val_loader(val, cfg.data, 1, 0, cpu, 0)
     dataset = now.dataset
-    before = data.build_loader(dataset, now.sampler, now.batch_size or 1, cfg.data, cpu, 0, drop_last=False)
+    before = loaders.build_loader(dataset, now.sampler, now.batch_size or 1, cfg.data, cpu, 0, drop_last=False)
     held = {}
     others = {child.pid for child in psutil.Process().children()}  # e.g. a test runner's own children
     for name, loader in (("now", now), ("persistent", before)):

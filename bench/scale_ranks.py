@@ -1,7 +1,7 @@
 """One rank of the scale benchmark's multi-process start (run under torchrun by :mod:`bench.scale`).
 
 After the process group is up and every rank has passed a barrier, each rank opens the data sets
-the way the Worker does (:func:`trainer.sources.prepared_splits`); rank 0 prints, as one JSON line,
+the way the Worker does (:func:`trainer.data.sources.prepared_splits`); rank 0 prints, as one JSON line,
 the seconds from the barrier to the moment the last rank had its index, and how many splits
 each rank walked itself.
 """
@@ -13,7 +13,9 @@ import logging
 import sys
 import time
 
-from trainer import config, distributed, image_index, sources
+from trainer import config
+from trainer.data import image_index, sources
+from trainer.parallel import distributed
 
 
 class _ScanCounter(logging.Handler):

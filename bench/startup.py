@@ -25,7 +25,8 @@ from pathlib import Path
 
 from bench.common import Row, interleave, median, paired_ratios
 from bench.versus import user_environment
-from trainer import config, sources
+from trainer import config
+from trainer.data import sources
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("python_up", "imports", "built", "first_step")

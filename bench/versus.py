@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.common import Row, interleave, median
-from trainer import openmp
+from trainer.parallel import openmp
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_SCRIPT = Path(__file__).resolve().with_name("plain_loop.py")

@@ -9,8 +9,8 @@ import sys
 from launcher import nodes
 from launcher.plan import SHUTDOWN_TIMEOUT_S, STOP_SIGNALS, Machine, Plan, Request, make_plan
 from launcher.relay import StopRelay
-from trainer import openmp, slurm
 from trainer.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
+from trainer.parallel import openmp, slurm
 
 RELAYED_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
 """The trainer's stop signals (ckpt.warning_signal's default included): the launcher relays them

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from launcher.nodes import Nodes, nodes_from_flags
 from trainer.errors import EnvironmentProblem
-from trainer.slurm import Allocation
+from trainer.parallel.slurm import Allocation
 
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 """Signals torchrun's agent forwards to the workers (its default lacks SLURM's SIGUSR1)."""

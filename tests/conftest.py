@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import slurm_cluster as slurm_local
 
 SHARED_CLUSTER_MODULES = ("test_slurm.py", "test_multihost.py")

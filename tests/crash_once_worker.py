@@ -7,8 +7,8 @@ checkpoint and finish the run.
 import os
 import sys
 
-from trainer import worker
 from trainer.__main__ import main
+from trainer.train import worker
 
 CRASH_AT = int(os.environ.get("CRASH_AT_STEP", "6"))
 original_step = worker.Worker._train_step

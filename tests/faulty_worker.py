@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from trainer import worker  # noqa: E402
 from trainer.__main__ import main  # noqa: E402
+from trainer.train import worker  # noqa: E402
 
 MESSAGE = "injected failure on rank 1"
 FAIL_AFTER = int(os.environ.get("FAIL_AFTER_STEPS", "2"))

@@ -21,8 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from trainer import data, logs, optim  # noqa: E402
 from trainer.__main__ import main  # noqa: E402
+from trainer.data import loaders  # noqa: E402
+from trainer.observe import logs  # noqa: E402
+from trainer.train import optim  # noqa: E402
 
 RECORD = Path(os.environ["RECORD_DIR"])
 RANK = int(os.environ.get("RANK", "0"))
@@ -36,7 +38,7 @@ def record(role: str, entry: dict) -> None:
         fh.write(json.dumps(entry) + "\n")
 
 
-original_getitem = data.SeededTransformDataset.__getitem__
+original_getitem = loaders.SeededTransformDataset.__getitem__
 
 
 def recording_getitem(self, key):  # type: ignore[no-untyped-def]
@@ -72,7 +74,7 @@ def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-data.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]
+loaders.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]
 optim.Schedule.set_window = recording_set_window  # type: ignore[method-assign]
 logs.MetricSinks.epoch = epoch_then_kill  # type: ignore[method-assign]
 main()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-
-import helpers
 from test_data import data_cfg, write_image_folder
-from trainer import config, data, models, precision
-from trainer.bad_batches import StandIn
-from trainer.normalize import Normalize
-from trainer.step import TrainStep
+
+from trainer import config, models
+from trainer.data import loaders
+from trainer.data.stages import Normalize
+from trainer.train import precision
+from trainer.train.bad_batches import StandIn
+from trainer.train.step import TrainStep
 
 CPU = torch.device("cpu")
 
@@ -33,7 +35,7 @@ def state(step: TrainStep) -> dict[str, torch.Tensor]:
 def test_first_batch_stand_in_matches_the_transform_output(tmp_path: Path) -> None:
     write_image_folder(tmp_path, {"train": ["a"], "val": ["a"]}, per_class=1)
     cfg = data_cfg(image_size=16)
-    stand_in = StandIn(data.build_transform(cfg, True), cfg.image_size)
+    stand_in = StandIn(loaders.build_transform(cfg, True), cfg.image_size)
     images, targets, swapped = stand_in.swap(torch.empty(0), torch.empty(0, dtype=torch.long))
     assert swapped and images.shape == (2, 3, 16, 16) and targets.tolist() == [0, 0]
     real = torch.rand(4, 3, 16, 16).to(torch.uint8)
@@ -80,10 +82,10 @@ def test_all_bad_micro_batch_on_one_rank_does_not_hang_two_ranks(tmp_path: Path)
     bad = {0, 1, 4, 5}  # cat/0, cat/1, dog/0, dog/1 in the index's (sorted) order
     for index in bad:
         (root / "train" / ("cat" if index < 4 else "dog") / f"{index % 4}.png").write_bytes(b"\x89PNG broken")
-    sampler = data.TrainBatchSampler(8, 2, 0, 1, seed=0)
+    sampler = loaders.TrainBatchSampler(8, 2, 0, 1, seed=0)
     lone = 0
     for epoch in range(2):
-        sampler.set_position(data.Position(epoch, 0))
+        sampler.set_position(loaders.Position(epoch, 0))
         order = sampler.order().tolist()
         lone += sum((order[p] in bad) != (order[p + 1] in bad) for p in range(0, 8, 2))
     assert lone > 0  # the case under test occurs in this run

@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer import config, models, optim, user_code, weights
+from trainer import config, models
+from trainer.config import user_code
 from trainer.errors import ConfigError
-from trainer.evaluate import main as evaluate_main
-from trainer.predict import main as predict_main
+from trainer.models import weights
+from trainer.tools.evaluate import main as evaluate_main
+from trainer.tools.predict import main as predict_main
+from trainer.train import optim
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

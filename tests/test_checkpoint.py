@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import atomic, checkpoint, runlock
-from trainer.distributed import DistEnv, Topology
+from trainer import checkpoint
+from trainer.checkpoint import atomic, runlock
 from trainer.errors import CheckpointError
+from trainer.parallel.distributed import DistEnv, Topology
 
 
 def sample_state(step: int = 7) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer import cli, config
+from trainer import config
 from trainer.__main__ import _run, parse_args
+from trainer.config import cli
 from trainer.errors import ConfigError
 
 

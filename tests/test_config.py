@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 import pytest
 import yaml
+from helpers import REPO
 
 from trainer import config
 from trainer.errors import ConfigError
-from helpers import REPO
 
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
 

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_run
 from PIL import Image
 from torchvision import datasets, transforms
-
-from helpers import small_run
 from torchvision_files import trust_written_cifar_files, write_cifar10, write_mnist
-from trainer import config, data, decode, distributed, sources
+
+from trainer import config
+from trainer.data import decode, loaders, sources
+from trainer.data.stages import Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED, DataError
-from trainer.normalize import Normalize
-from trainer.signals import StopRequest
-from trainer.worker import Worker
+from trainer.parallel import distributed
+from trainer.parallel.signals import StopRequest
+from trainer.train.worker import Worker
 
 
 def data_cfg(**overrides: object) -> config.DataConfig:
@@ -26,10 +28,10 @@ def data_cfg(**overrides: object) -> config.DataConfig:
 def first_batch(cfg: config.DataConfig, split: str = "train", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     splits = sources.load_splits(cfg)
     base = splits.train if split == "train" else splits.val
-    dataset = data.SeededTransformDataset(base, data.build_transform(cfg, split == "train"), seed=0)
-    batches = data.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
+    dataset = loaders.SeededTransformDataset(base, loaders.build_transform(cfg, split == "train"), seed=0)
+    batches = loaders.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
     cfg.num_workers = workers
-    loader = data.build_train_loader(dataset, batches, cfg, torch.device("cpu"), seed=0)
+    loader = loaders.build_train_loader(dataset, batches, cfg, torch.device("cpu"), seed=0)
     images, targets, skipped = next(iter(loader))
     assert skipped == 0
     return images, targets
@@ -119,11 +121,11 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     cfg = data_cfg(source="imagefolder", root=tmp_path, image_size=16)
     splits = sources.load_splits(cfg)
     index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
-    strict = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)
+    strict = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), seed=0)
     with pytest.raises(DataError, match="broken.png.*on_bad_sample=skip"):
         strict[(0, index)]
-    lenient = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), 0, skip_bad=True)
-    images, targets, skipped = data.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
+    lenient = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), 0, skip_bad=True)
+    images, targets, skipped = loaders.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
     assert skipped == 1 and images.shape[0] == 1
 
 
@@ -157,9 +159,9 @@ def test_uint8_loader_output_normalised_on_the_device_equals_the_float_pipeline(
     if not train:
         steps = [transforms.Resize(round(40 / 0.875), antialias=True), transforms.CenterCrop(40)]
     tutorial = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
-    expected_set = data.SeededTransformDataset(datasets.ImageFolder(str(tmp_path / split)), tutorial, seed=3)
+    expected_set = loaders.SeededTransformDataset(datasets.ImageFolder(str(tmp_path / split)), tutorial, seed=3)
     splits = sources.load_splits(cfg)
-    ours = data.SeededTransformDataset(splits.train if train else splits.val, data.build_transform(cfg, train), seed=3)
+    ours = loaders.SeededTransformDataset(splits.train if train else splits.val, loaders.build_transform(cfg, train), seed=3)
     keys = [(epoch, index) for epoch in (0, 1) for index in range(len(ours))]
     loaded = torch.stack([ours[key][0] for key in keys])
     expected = torch.stack([expected_set[key][0] for key in keys])
@@ -201,8 +203,8 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path: Path) -> None:
     splits = sources.load_splits(cfg)
     index = [splits.train.sample_path(i) for i in range(len(splits.train))].index(str(bad))
     with pytest.raises(DataError, match="0.jpg.*truncated.*on_bad_sample=skip"):
-        data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), seed=0)[(0, index)]
-    lenient = data.SeededTransformDataset(splits.train, data.build_transform(cfg, True), 0, skip_bad=True)
+        loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), seed=0)[(0, index)]
+    lenient = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), 0, skip_bad=True)
     assert lenient[(0, index)] is None
 
 
@@ -240,7 +242,7 @@ def test_a_mid_epoch_resume_on_jpeg_files_with_loader_workers_is_bitwise_identic
 def test_seeding_a_sample_in_the_main_process_leaves_its_generator_as_it_was() -> None:
     """With no loader workers the data set runs in the training process, whose generator draws
     dropout masks: a sample's own seeding must not change that stream."""
-    dataset = data.SeededTransformDataset([(torch.zeros(3, 4, 4), 0)] * 4, lambda image: image + torch.rand(1), seed=0)
+    dataset = loaders.SeededTransformDataset([(torch.zeros(3, 4, 4), 0)] * 4, lambda image: image + torch.rand(1), seed=0)
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)

@@ -26,8 +26,19 @@ from typing import Any
 
 import pytest
 import torch
-from refusals import (Case, Outcome, check_refused, copy_run, error_line, make_existing_run, run_cases, run_trainer,
-                      snapshot, snapshot_diff, tmpfs)
+from refusals import (
+    Case,
+    Outcome,
+    check_refused,
+    copy_run,
+    error_line,
+    make_existing_run,
+    run_cases,
+    run_trainer,
+    snapshot,
+    snapshot_diff,
+    tmpfs,
+)
 
 FAST = ("data.synthetic_classes=3", "data.synthetic_train_per_class=16", "data.synthetic_val_per_class=4",
         "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
@@ -45,7 +56,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cache(work: Path) -> Path:
     """The synthetic data cache with the FAST set generated (as the Worker would)."""
-    from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from trainer.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
     cache = work / "cache"
     ensure_synthetic_dataset(cache, SyntheticSpec(num_classes=3, train_per_class=16, val_per_class=4,
@@ -379,7 +390,7 @@ def test_busy_master_port(env_outcomes: dict[str, Outcome]) -> None:
 
 
 def test_small_shared_memory_warning_names_the_fix(tmp_path: Path) -> None:
-    from trainer.data import shared_memory_warning
+    from trainer.data.loaders import shared_memory_warning
 
     batch_bytes = 64 * 3 * 64 * 64 * 4  # 3 MiB
     with tmpfs(tmp_path / "shm", "size=1m") as shm:

@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from trainer import export, models, weights
-from trainer.predict import Predictor
-from trainer.predict import main as predict_main
+from trainer import models
+from trainer.models import weights
+from trainer.tools import export
+from trainer.tools.predict import Predictor
+from trainer.tools.predict import main as predict_main
 
 REPO = Path(__file__).resolve().parents[1]
 

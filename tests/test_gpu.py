@@ -56,9 +56,10 @@ def test_out_of_memory_names_the_batch_size(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- in-process checks
 def in_process_worker(tmp: Path, *extra: str):  # type: ignore[no-untyped-def]
-    from trainer import config, distributed
-    from trainer.signals import StopRequest
-    from trainer.worker import Worker
+    from trainer import config
+    from trainer.parallel import distributed
+    from trainer.parallel.signals import StopRequest
+    from trainer.train.worker import Worker
 
     cfg = config.load([], small(tmp, "inproc", "data.num_workers=0", "dist.device=cuda", *extra))
     worker = Worker(cfg, distributed.setup("cuda"), cfg.run_dir, StopRequest())
@@ -114,7 +115,7 @@ def test_uint8_batches_normalised_on_cuda_equal_the_cpu_float_pipeline() -> None
     """The step's conversion on the GPU (channels_last kept) gives ToTensor + Normalize's values to 1e-6."""
     from torchvision import transforms
 
-    from trainer.normalize import Normalize
+    from trainer.data.stages import Normalize
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -17,11 +17,11 @@ from typing import Iterator
 import pytest
 import torch
 from PIL import Image
-from torchvision import datasets
-
 from test_data import data_cfg, write_image_folder
+from torchvision import datasets
 from torchvision_files import write_mnist
-from trainer import data, image_index, sources
+
+from trainer.data import image_index, loaders, sources
 from trainer.errors import DataError
 
 SCANNED = "indexed "
@@ -119,9 +119,9 @@ def test_class_without_images_keeps_image_folders_message(tree: Path, tmp_path: 
 def test_validation_workers_are_not_persistent(tree: Path, tmp_path: Path) -> None:
     cfg = data_cfg(source="imagefolder", root=tree, cache_dir=tmp_path, num_workers=1, persistent_workers=True)
     splits = sources.load_splits(cfg)
-    val = data.build_val_loader(splits.val, cfg, 1, 0, torch.device("cpu"), seed=0)
-    batches = data.TrainBatchSampler(len(splits.train), 1, 0, 2, 0)
-    train = data.build_train_loader(data.SeededTransformDataset(splits.train, lambda x: x, 0), batches, cfg,
+    val = loaders.build_val_loader(splits.val, cfg, 1, 0, torch.device("cpu"), seed=0)
+    batches = loaders.TrainBatchSampler(len(splits.train), 1, 0, 2, 0)
+    train = loaders.build_train_loader(loaders.SeededTransformDataset(splits.train, lambda x: x, 0), batches, cfg,
                                     torch.device("cpu"), seed=0)
     assert train.persistent_workers and not val.persistent_workers
 

@@ -11,16 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 import torch
+from helpers import REPO, small_run
 
 from launcher.__main__ import torchrun_options
 from launcher.nodes import pytorchjob
 from launcher.plan import Machine, Request, make_plan
 from launcher.relay import StopRelay
 from trainer.errors import EnvironmentProblem
-from trainer.slurm import Allocation, allocation, expand_hostlist
-from helpers import REPO, small_run
+from trainer.parallel.slurm import Allocation, allocation, expand_hostlist
 
 NO_SLURM = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 

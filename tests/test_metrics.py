@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.metrics import EvalMeter, TrainMeter
+from trainer.train.metrics import EvalMeter, TrainMeter
 
 CPU = torch.device("cpu")
 

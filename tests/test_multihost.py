@@ -16,10 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import netns
 import pytest
 import torch
-
-import netns
 from netns_slurm import two_node_cluster
 from slurm_cluster import ClusterUnavailable
 

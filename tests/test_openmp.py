@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import REPO
 
-from trainer import openmp
+from trainer.parallel import openmp
 
 
 @pytest.mark.parametrize("environ, cores, expected", [

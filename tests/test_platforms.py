@@ -21,14 +21,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tv_models
 
-from trainer import config, distributed, models, openmp, precision, resources, slurm
+from trainer import config, models
+from trainer.data.stages import Normalize
 from trainer.errors import ConfigError, OutOfMemory
-from trainer.evaluate import main as evaluate_main
-from trainer.metrics import EvalMeter, TrainMeter
-from trainer.normalize import Normalize
-from trainer.signals import StopRequest
-from trainer.step import ModelEma, TrainStep
-from trainer.worker import Worker
+from trainer.observe import memory
+from trainer.parallel import distributed, openmp, slurm
+from trainer.parallel.signals import StopRequest
+from trainer.tools.evaluate import main as evaluate_main
+from trainer.train import precision
+from trainer.train.metrics import EvalMeter, TrainMeter
+from trainer.train.step import ModelEma, TrainStep
+from trainer.train.worker import Worker
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -120,10 +123,10 @@ def test_fp16_on_an_accelerator_always_has_a_scaler_and_emulated_bf16_is_refused
 def test_peak_memory_units_on_linux_and_macos(monkeypatch: pytest.MonkeyPatch) -> None:
     status = Path("/proc/self/status").read_text()
     high_water_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-    linux = resources.max_rss_mb()
+    linux = memory.max_rss_mb()
     assert abs(linux - high_water_kib / 1024) < 64  # same quantity, read two ways
-    monkeypatch.setattr(resources.sys, "platform", "darwin")  # ru_maxrss is in bytes there
-    assert resources.max_rss_mb() == pytest.approx(linux / 1024, rel=0.05)
+    monkeypatch.setattr(memory.sys, "platform", "darwin")  # ru_maxrss is in bytes there
+    assert memory.max_rss_mb() == pytest.approx(linux / 1024, rel=0.05)
 
 
 def test_cpu_threads_without_an_affinity_call(monkeypatch: pytest.MonkeyPatch) -> None:

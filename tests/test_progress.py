@@ -10,23 +10,26 @@ import torch
 from helpers import small_run
 from torch.utils.data import DistributedSampler
 
-from trainer import config, data, distributed, optim
+from trainer import config
 from trainer.config import SchedConfig
-from trainer.signals import StopRequest
-from trainer.worker import Worker
+from trainer.data import loaders
+from trainer.parallel import distributed
+from trainer.parallel.signals import StopRequest
+from trainer.train import optim
+from trainer.train.worker import Worker
 
 
-def batches(size: int, world: int, batch: int, position: data.Position, seed: int = 7) -> list[list[list[int]]]:
+def batches(size: int, world: int, batch: int, position: loaders.Position, seed: int = 7) -> list[list[list[int]]]:
     """Each rank's micro-batches (as indices) from ``position`` to the end of the epoch."""
     out = []
     for rank in range(world):
-        sampler = data.TrainBatchSampler(size, world, rank, batch, seed)
+        sampler = loaders.TrainBatchSampler(size, world, rank, batch, seed)
         sampler.set_position(position)
         out.append([[index for _, index in keys] for keys in sampler])
     return out
 
 
-def global_batches(size: int, world: int, batch: int, position: data.Position) -> list[list[int]]:
+def global_batches(size: int, world: int, batch: int, position: loaders.Position) -> list[list[int]]:
     """The global micro-batches, each the union of the ranks' batches in rank-interleaved order."""
     per_rank = batches(size, world, batch, position)
     assert len({len(shard) for shard in per_rank}) == 1, "every rank must take the same number of steps"
@@ -36,11 +39,11 @@ def global_batches(size: int, world: int, batch: int, position: data.Position) -
 @pytest.mark.parametrize(("world", "batch"), [(1, 4), (2, 4), (3, 5)])
 def test_ranks_share_one_permutation_and_k_batches_consume_a_prefix_of_it(world: int, batch: int) -> None:
     size = 50
-    order = data.TrainBatchSampler(size, world, 0, batch, seed=7)
-    order.set_position(data.Position(epoch=3))
+    order = loaders.TrainBatchSampler(size, world, 0, batch, seed=7)
+    order.set_position(loaders.Position(epoch=3))
     permutation = order.order().tolist()
     consumed: list[int] = []
-    for global_batch in global_batches(size, world, batch, data.Position(epoch=3)):
+    for global_batch in global_batches(size, world, batch, loaders.Position(epoch=3)):
         consumed += global_batch
         assert sorted(consumed) == sorted(permutation[:len(consumed)])
     assert sorted(consumed) == list(range(size))  # the shorter last batch too: every sample once
@@ -48,7 +51,7 @@ def test_ranks_share_one_permutation_and_k_batches_consume_a_prefix_of_it(world:
 
 def test_the_order_is_distributed_samplers_permutation() -> None:
     size, world, batch = 48, 2, 4
-    shards = batches(size, world, batch, data.Position(epoch=5))
+    shards = batches(size, world, batch, loaders.Position(epoch=5))
     for rank in range(world):
         reference = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=7)
         reference.set_epoch(5)
@@ -59,23 +62,23 @@ def test_the_order_is_distributed_samplers_permutation() -> None:
 def test_a_resume_with_another_world_or_batch_sees_the_rest_of_the_epoch_once(
         before: tuple[int, int], after: tuple[int, int]) -> None:
     size = 100  # every tail here is at least the new world size (see the next test)
-    first = global_batches(size, *before, data.Position(epoch=1))[:3]
+    first = global_batches(size, *before, loaders.Position(epoch=1))[:3]
     consumed = sum(len(b) for b in first)
-    rest = global_batches(size, *after, data.Position(epoch=1, consumed=consumed))
+    rest = global_batches(size, *after, loaders.Position(epoch=1, consumed=consumed))
     seen = sum(first, []) + sum(rest, [])
     assert sorted(seen) == list(range(size))
 
 
 def test_the_rest_of_an_epoch_shares_the_last_full_batch_and_no_rank_goes_empty() -> None:
-    sampler = data.TrainBatchSampler(450, 1, 0, 32, seed=0)
+    sampler = loaders.TrainBatchSampler(450, 1, 0, 32, seed=0)
     assert sampler.global_batches() == [32] * 13 + [17, 17]  # not 14 x 32 and a last step of 2 samples
-    sampler = data.TrainBatchSampler(50, 2, 0, 8, seed=0)
+    sampler = loaders.TrainBatchSampler(50, 2, 0, 8, seed=0)
     assert sampler.global_batches() == [16, 16, 9, 9]
     assert [len(keys) for keys in sampler] == [8, 8, 5, 5]  # rank 0 of 2: 5 + rank 1's 4 = 9
-    assert data.TrainBatchSampler(7, 3, 0, 1, seed=0).global_batches() == [3, 3]  # 1 left for 3 ranks: left out
-    sampler = data.TrainBatchSampler(7, 3, 0, 2, seed=0)
+    assert loaders.TrainBatchSampler(7, 3, 0, 1, seed=0).global_batches() == [3, 3]  # 1 left for 3 ranks: left out
+    sampler = loaders.TrainBatchSampler(7, 3, 0, 2, seed=0)
     assert sampler.global_batches() == [4, 3]
-    sampler.set_position(data.Position(0, 3))
+    sampler.set_position(loaders.Position(0, 3))
     assert sampler.global_batches() == [4]  # less than a global batch left: one batch of 4, split 2/1/1
     assert [len(keys) for keys in sampler] == [2]
 
@@ -140,7 +143,7 @@ def test_the_epochs_shorter_last_window_is_scaled_by_its_real_size(tmp_path: Pat
     after = torch.load(folder / "last.pt", weights_only=True)
     assert after["global_step"] == 3
 
-    worker.train_sampler.set_position(data.Position(0, 0))
+    worker.train_sampler.set_position(loaders.Position(0, 0))
     last_batch = list(worker.train_sampler)[-1]
     samples = [worker.train_loader.dataset[key] for key in last_batch]
     x = worker.normalize(torch.stack([image for image, _ in samples])).flatten(1).double()  # as the step sees it

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO
 from slurm_cluster import SlurmCluster, clean_env
 

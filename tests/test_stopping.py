@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import distributed
+from trainer.parallel import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import synthetic
-from trainer.synthetic import SHAPES, SyntheticSpec, ensure_synthetic_dataset
+from trainer.data import synthetic
+from trainer.data.synthetic import SHAPES, SyntheticSpec, ensure_synthetic_dataset
 
 SMALL = SyntheticSpec(num_classes=3, train_per_class=4, val_per_class=2, image_size=16)
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST, VisionDataset
-
 from torchvision_files import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,

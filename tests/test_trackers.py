@@ -22,13 +22,14 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import config, flops
-from trainer.early_stop import early_stop_reason
+from trainer import config
 from trainer.errors import ConfigError
-from trainer.pictures import MAX_LABELLED_CLASSES, confusion_image
-from trainer.profiling import StepProfiler
-from trainer.trackers import BackgroundSink, Sink, markdown_table
-from trainer.visuals import top_confusions
+from trainer.models import flops
+from trainer.observe.pictures import MAX_LABELLED_CLASSES, confusion_image
+from trainer.observe.profiling import StepProfiler
+from trainer.observe.trackers import BackgroundSink, Sink, markdown_table
+from trainer.observe.visuals import top_confusions
+from trainer.train.early_stop import early_stop_reason
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

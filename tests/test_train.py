@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, small_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer import checkpoint, models
-from helpers import REPO, small_run
 
 EPOCHS = 5
 

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import last_checkpoint, run, small_run
 from omegaconf import OmegaConf
 
-from trainer import config, distributed
+from trainer import config
 from trainer.errors import NonFiniteLoss
-from trainer.signals import StopRequest
-from trainer.worker import Worker
-from helpers import last_checkpoint, run, small_run
+from trainer.parallel import distributed
+from trainer.parallel.signals import StopRequest
+from trainer.train.worker import Worker
 
 EXACT_LINEAR = ["model.name=linear", "train.label_smoothing=0", "optim.weight_decay=0", "optim.momentum=0",
                 "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0"]

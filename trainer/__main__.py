@@ -14,10 +14,15 @@ from typing import Callable
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer import checkpoint, cli, config, distributed, models, openmp, peers, runlock, slurm, sources, user_code
+from trainer import checkpoint, config, models
+from trainer.checkpoint import runlock
+from trainer.config import cli, user_code
+from trainer.data import sources
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
-from trainer.logs import add_rank_file, log, setup_console
-from trainer.signals import StopRequest
+from trainer.observe.logs import add_rank_file, log, setup_console
+from trainer.parallel import distributed, openmp, peers, slurm
+from trainer.parallel.signals import StopRequest
+
 
 def parse_args(argv: list[str] | None) -> cli.CommandLine:
     """``-c FILE``, ``--code DIR`` and config keys as ``key=value``, ``--key value`` or an alias
@@ -66,7 +71,7 @@ def _run(argv: list[str] | None) -> int:
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir, lock = _agree_run_dir(env, cfg)
         try:
-            from trainer.worker import Worker
+            from trainer.train.worker import Worker
 
             worker = Worker(cfg, env, run_dir, stop)
             if resume_from is not None:

@@ -1,79 +1,8 @@
-"""``python -m trainer.evaluate CHECKPOINT [key=value ...]``: validation metrics of a checkpoint.
+"""``python -m trainer.evaluate``: the command line of :mod:`trainer.tools.evaluate`."""
 
-The data, model and train settings start from those saved in the checkpoint, then ``-c`` files,
-then overrides (e.g. another ``data.root``). Only the validation split is read. Runs under any
-launcher like the trainer itself (every sample counted once across ranks) and prints one JSON
-line of metrics on rank 0.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
-from trainer import checkpoint, config, data, distributed, models, precision, sources, user_code
-from trainer.__main__ import _one_line
-from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from trainer.logs import setup_console
-from trainer.metrics import evaluate_model
-from trainer.normalize import Normalize
-
-MODEL_SECTIONS = ("data", "model", "train")
-"""The parts of a checkpoint's saved config that evaluation starts from (not dist, log or ckpt)."""
-
-
-def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dict[str, Any],
-                        origin: Path, weights: str = "auto") -> dict[str, float]:
-    """Metrics of the checkpoint's model (or EMA) weights on the validation split of ``cfg.data``.
-
-    On a CPU it computes in fp32 whatever the training precision (CPU autocast has no fp16).
-    """
-    splits = sources.prepared_splits(cfg.data, env)
-    checkpoint.check_classes(state, splits.classes, origin)
-    _, chosen = checkpoint.select_weights(state, weights, origin)
-    model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)
-    checkpoint.load_model_weights(model, chosen, origin)
-    memory_format = models.memory_format(cfg.model.channels_last)
-    model.to(env.device, memory_format=memory_format)
-    loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
-    autocast = precision.resolve("fp32" if env.device.type == "cpu" else cfg.train.precision, env.device)
-    metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device, autocast, memory_format,
-                                env.control, normalize=Normalize(cfg.data.mean, cfg.data.std, env.device))
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
-    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE.yaml")
-    parser.add_argument("--weights", choices=checkpoint.WEIGHTS, default="auto",
-                        help="the trained weights or their EMA (auto: the EMA when best.pt was chosen on val_ema/)")
-    parser.add_argument("--code", action="append", default=[], metavar="DIR",
-                        help="folder with the package of an import-path model.name or data.source")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)  # options after overrides too
-    topology = distributed.discover()
-    setup_console(topology.rank)
-    try:
-        user_code.add_code_dirs(args.code)
-        state = checkpoint.load(args.checkpoint)
-        saved = state.get("config") or {}  # what the model was trained on; not where or how it ran
-        base = {section: saved[section] for section in MODEL_SECTIONS if section in saved}
-        cfg = config.load(args.config, args.overrides, base=base)
-        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
-        metrics = evaluate_checkpoint(cfg, env, state, args.checkpoint, args.weights)
-        if env.is_main:
-            print(json.dumps(metrics), flush=True)
-        distributed.teardown(env)
-        return EXIT_OK
-    except UserError as exc:
-        if topology.rank == 0:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
+from trainer.tools.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainer import distributed
-from trainer.distributed import DistEnv
+from trainer.parallel import distributed
+from trainer.parallel.distributed import DistEnv
 
 
 def seed_everything(seed: int) -> None:

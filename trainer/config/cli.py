@@ -22,7 +22,7 @@ ALIASES: dict[str, str] = {
 BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
 """What may follow a boolean option as its value; anything else is the next argument."""
 
-DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_YAML = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 """Where each key's one-line meaning is written (as the comment on its line)."""
 
 

@@ -12,21 +12,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import STARTED, checkpoint, data, distributed, flops, models, optim, precision, slurm, sources
-from trainer.bad_batches import StandIn
+from trainer import STARTED, checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
-from trainer.distributed import DistEnv, LaggedAgreement
-from trainer.early_stop import early_stop_reason
+from trainer.data import loaders, sources
+from trainer.data.stages import Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED, CheckpointError, DataError, NonFiniteLoss, OutOfMemory
-from trainer.logs import MetricSinks, ProgressBar, log
-from trainer.metrics import EvalObserver, TrainMeter, evaluate_model
-from trainer.normalize import Normalize
-from trainer.profiling import StepProfiler
-from trainer.resources import PeakMemory
-from trainer.seeding import RankRng, rank_seed, seed_everything
-from trainer.signals import StopRequest
-from trainer.step import TrainStep
-from trainer.visuals import RunVisuals
+from trainer.models import flops
+from trainer.observe.logs import MetricSinks, ProgressBar, log
+from trainer.observe.memory import PeakMemory
+from trainer.observe.profiling import StepProfiler
+from trainer.observe.visuals import RunVisuals
+from trainer.parallel import distributed, slurm
+from trainer.parallel.distributed import DistEnv, LaggedAgreement
+from trainer.parallel.seeding import RankRng, rank_seed, seed_everything
+from trainer.parallel.signals import StopRequest
+from trainer.train import optim, precision
+from trainer.train.bad_batches import StandIn
+from trainer.train.early_stop import early_stop_reason
+from trainer.train.metrics import EvalObserver, TrainMeter, evaluate_model
+from trainer.train.step import TrainStep
 
 
 class Worker:
@@ -53,7 +57,7 @@ class Worker:
         self.step = TrainStep(self.net, self._training_model(), self.optimizer, self.precision, self.device,
                               cfg.train, self.normalize, self.memory_format)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
-        self.position = data.Position()
+        self.position = loaders.Position()
         self.global_step = 0
         self.stepped = False  # an optimizer step has finished in this process
         self.best: float | None = None
@@ -75,20 +79,20 @@ class Worker:
         cfg, env = self.cfg, self.env
         splits = sources.prepared_splits(cfg.data, env)
         self.classes = splits.classes
-        train_set = data.SeededTransformDataset(splits.train, data.build_transform(cfg.data, True),
+        train_set = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg.data, True),
                                                 cfg.train.seed, cfg.data.on_bad_sample == "skip")
         if len(train_set) < env.world_size:
             raise DataError(f"{len(train_set)} training samples for {env.world_size} processes: each process "
                             "needs at least one; use fewer processes or more data")
         batch = cfg.data.batch_size
-        self.train_sampler = data.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
+        self.train_sampler = loaders.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
         batch_bytes = batch * 3 * cfg.data.image_size ** 2  # uint8 pixels
-        if (shm := data.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
+        if (shm := loaders.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
             log.warning(shm)
         self.stand_in = StandIn(train_set.transform, cfg.data.image_size)
-        self.train_loader = data.build_train_loader(train_set, self.train_sampler, cfg.data, self.device,
+        self.train_loader = loaders.build_train_loader(train_set, self.train_sampler, cfg.data, self.device,
                                                     cfg.train.seed + env.rank)
-        self.val_loader = data.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
+        self.val_loader = loaders.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, self.device,
                                                 cfg.train.seed)
 
     def _training_model(self) -> nn.Module:
@@ -298,7 +302,7 @@ class Worker:
         if improved:
             self.best = value
         self.history.append(record)
-        self.position = data.Position(self.position.epoch + 1, 0)
+        self.position = loaders.Position(self.position.epoch + 1, 0)
         log.info("epoch %d/%d  train loss %.4f | val loss %.4f top1 %.4f top5 %.4f f1 %.4f | lr %.3g | "
                  "%.0f img/s | data wait %.0f%% | peak mem %.0f MB", record["epoch"], cfg.train.epochs,
                  train["loss"], val["loss"], val["top1"], val["top5"], val["f1"], record["train/lr"],

@@ -1,7 +1,7 @@
 """From an image file to the uint8 (3, H, W) tensor a loader worker returns.
 
 Workers return uint8, not float: a quarter of the bytes through shared memory and pinning. The
-conversion to float and the normalisation happen on the device (:mod:`trainer.normalize`).
+conversion to float and the normalisation happen on the device (:mod:`trainer.data.stages`).
 
 Training crops decode JPEGs at a reduced size where the crop allows it: libjpeg scales by 1/2,
 1/4 or 1/8 inside its inverse DCT (PIL's ``Image.draft``), far cheaper than decoding every pixel

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer import atomic
+from trainer.checkpoint import atomic
 from trainer.config import Config
-from trainer.distributed import DistEnv
-from trainer.logs import MetricSinks
-from trainer.metrics import per_class
+from trainer.data.stages import Normalize
 from trainer.models import evaluation_mode
-from trainer.normalize import Normalize
-from trainer.trackers import Histogram
+from trainer.observe.logs import MetricSinks
+from trainer.observe.trackers import Histogram
+from trainer.parallel.distributed import DistEnv
+from trainer.train.metrics import per_class
 
 GRID_IMAGES = 16
 """Training samples in the start grid, and worst mistakes per epoch."""
@@ -112,7 +112,7 @@ class RunVisuals:
         if step > 0:
             return
         if cfg.pictures:
-            from trainer import pictures  # PIL's drawing modules: imported when first needed
+            from trainer.observe import pictures  # PIL's drawing modules: imported when first needed
 
             captions = [self.classes[t] for t in targets.tolist()]
             sinks.image("train/augmented_samples", pictures.image_grid(self.normalize.to_pixels(images), captions), 0)
@@ -133,7 +133,7 @@ class RunVisuals:
 
     def _validation_pictures(self, sinks: MetricSinks, evidence: ValidationEvidence, epoch: int,
                              step: int) -> None:
-        from trainer import pictures
+        from trainer.observe import pictures
 
         confusion = evidence.confusion.double()  # type: ignore[union-attr]
         precision, recall, f1 = per_class(confusion)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer import openmp, slurm
 from trainer.errors import EnvironmentProblem
+from trainer.parallel import openmp, slurm
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """uint8 batches to normalised floats, on the device: the one place that applies data.mean/std.
 
-Loader workers return uint8 images (see :mod:`trainer.decode`); every consumer of the loaders
+Loader workers return uint8 images (see :mod:`trainer.data.decode`); every consumer of the loaders
 (the training step, evaluation, prediction, the pictures of a run) calls :class:`Normalize` once
 the batch is on its device. A user's data set that yields float tensors is taken as already
 normalised and passes unchanged.

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer.normalize import Normalize
-from trainer.precision import Precision
+from trainer.data.stages import Normalize
+from trainer.train.precision import Precision
 
 
 class TrainMeter:
@@ -117,7 +117,7 @@ class EvalMeter:
 
 
 class EvalObserver(Protocol):
-    """Sees each validation batch, then the reduced confusion matrix (see trainer.visuals)."""
+    """Sees each validation batch, then the reduced confusion matrix (see trainer.observe.visuals)."""
 
     def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from trainer.distributed import DistEnv
+from trainer.parallel.distributed import DistEnv
 
 CENSUS_WAIT_S = 5.0
 

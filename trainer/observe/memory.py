@@ -8,7 +8,6 @@ import sys
 import torch
 
 
-
 def max_rss_mb() -> float:
     """Peak resident memory of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

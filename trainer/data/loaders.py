@@ -1,4 +1,4 @@
-"""Transforms, samplers and loaders over the sets :mod:`trainer.sources` opens.
+"""Transforms, samplers and loaders over the sets :mod:`trainer.data.sources` opens.
 
 Augmentation randomness is a pure function of (seed, epoch, sample index): each sample seeds its
 own transform. The batches a rank sees therefore do not depend on the number of DataLoader
@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchvision import transforms
 
-from trainer import decode
 from trainer.config import DataConfig
+from trainer.data import decode
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
     """Train: random resized crop and flip (each optional); val: resize and centre crop.
 
-    The result is a uint8 (3, H, W) tensor: :class:`trainer.normalize.Normalize` makes it float
+    The result is a uint8 (3, H, W) tensor: :class:`trainer.data.stages.Normalize` makes it float
     and normalises it on the device.
     """
     size = cfg.image_size

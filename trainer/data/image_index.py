@@ -32,7 +32,8 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trainer import atomic, decode
+from trainer.checkpoint import atomic
+from trainer.data import decode
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import TrainConfig
+from trainer.data.stages import Normalize
 from trainer.models import evaluation_mode
-from trainer.normalize import Normalize
-from trainer.precision import Precision
+from trainer.train.precision import Precision
 
 
 class ModelEma:
@@ -95,7 +95,7 @@ class TrainStep:
         """Forward and backward one micro-batch of a ``window``-micro-batch accumulation window; on the
         ``last`` one, step the optimizer. Returns the micro-batch's mean loss (a device tensor).
 
-        A ``stand_in`` batch (see :mod:`trainer.bad_batches`) runs in eval mode with zero weight.
+        A ``stand_in`` batch (see :mod:`trainer.train.bad_batches`) runs in eval mode with zero weight.
         """
         images = self.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         targets = targets.to(self.device, non_blocking=True)

@@ -1,4 +1,4 @@
-"""Rank-aware console logging, the progress bar, and the rank-0 metric sinks (see trainer.trackers)."""
+"""Rank-aware console logging, the progress bar, and the rank-0 metric sinks (see trainer.observe.trackers)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from trainer.config import LogConfig
-from trainer.distributed import DistEnv
-from trainer.trackers import Histogram, Sink, build_sinks
+from trainer.observe.trackers import Histogram, Sink, build_sinks
+from trainer.parallel.distributed import DistEnv
 
 if TYPE_CHECKING:
     from PIL import Image

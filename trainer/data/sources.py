@@ -17,10 +17,11 @@ from pathlib import Path
 from torch.utils.data import Dataset, IterableDataset
 from torchvision import datasets
 
-from trainer import distributed, image_index, user_code
-from trainer.config import DataConfig
-from trainer.distributed import DistEnv
+from trainer.config import DataConfig, user_code
+from trainer.data import image_index
 from trainer.errors import DataError
+from trainer.parallel import distributed
+from trainer.parallel.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _user_splits(cfg: DataConfig) -> Splits:
 
 
 def _synthetic_root(cfg: DataConfig, create: bool) -> Path:
-    from trainer.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from trainer.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
     spec = SyntheticSpec(num_classes=cfg.synthetic_classes, train_per_class=cfg.synthetic_train_per_class,
                          val_per_class=cfg.synthetic_val_per_class, image_size=cfg.image_size,

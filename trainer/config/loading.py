@@ -1,8 +1,7 @@
-"""The configuration schema and its loader: defaults < YAML files < ``key=value`` overrides.
+"""The config loader: defaults < YAML files < ``key=value`` overrides, checked against the schema.
 
-The dataclasses below are the single source of truth for every key; ``configs/default.yaml``
-mirrors them with comments (a test keeps the two in sync). Unknown keys, wrong types and invalid
-values raise :class:`ConfigError` with one line that names the key and the closest valid ones.
+Unknown keys, wrong types and invalid values raise :class:`ConfigError` with one line that names
+the key and the closest valid ones.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -18,171 +16,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.config.schema import CHOICES, DATA_SOURCES, NON_NEGATIVE, POSITIVE, TRACKERS, Config
 from trainer.errors import ConfigError
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"
-    root: str = ""
-    download: bool = False
-    cache_dir: str = "~/.cache/launchpad"
-    synthetic_classes: int = 6
-    synthetic_train_per_class: int = 500
-    synthetic_val_per_class: int = 100
-    synthetic_seed: int = 0
-    image_size: int = 32
-    val_crop_fraction: float = 1.0
-    random_resized_crop: bool = False
-    crop_scale_min: float = 0.35
-    hflip: bool = True
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
-    batch_size: int = 64
-    val_batch_size: int = 0
-    num_workers: int = 2
-    persistent_workers: bool = True
-    pin_memory: bool = True
-    on_bad_sample: str = "error"
-    jpeg_draft: bool = True
-
-
-@dataclass
-class ModelConfig:
-    name: str = "smallcnn"
-    init: str = "default"
-    channels_last: bool = False
-    compile: bool = False
-    weights: str = "none"
-    freeze: str = "none"
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    decay_norm_and_bias: bool = False
-    head_lr_mult: float = 1.0
-
-
-@dataclass
-class SchedConfig:
-    name: str = "cosine"
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0
-    step_epochs: float = 10.0
-    gamma: float = 0.1
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 8
-    seed: int = 0
-    precision: str = "auto"
-    label_smoothing: float = 0.1
-    grad_accum_steps: int = 1
-    clip_grad_norm: float = 0.0
-    on_nonfinite_loss: str = "stop"
-    ema_decay: float = 0.0
-    cudnn_benchmark: bool = True
-    tf32: bool = True
-    deterministic: bool = False
-    freeze_epochs: int = 0
-    early_stop_patience: int = 0
-    early_stop_min_delta: float = 0.0
-
-
-@dataclass
-class CheckpointConfig:
-    resume: str = "auto"
-    keep_last: int = 2
-    metric: str = "val/top1"
-    mode: str = "max"
-    every_steps: int = 0
-    every_minutes: float = 0.0
-    warning_signal: str = "SIGUSR1"
-    requeue: bool = True
-    max_requeues: int = 20
-
-
-@dataclass
-class DistConfig:
-    device: str = "auto"
-    backend: str = "auto"
-    timeout_s: float = 300.0
-    find_unused_parameters: bool = False
-
-
-@dataclass
-class LogConfig:
-    output_dir: str = "runs"
-    name: str = "default"
-    every_steps: int = 50
-    progress_bar: str = "auto"
-    debug: bool = False
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
-    project: str = "launchpad"
-    wandb_mode: str = "offline"
-    mlflow_uri: str = ""
-    pictures: bool = True
-    histogram_every_epochs: int = 0
-    graph: bool = False
-    profile_steps: str = ""
-    peak_tflops: float = 0.0
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        """The run directory: every file of this run (logs, checkpoints, config) lives here."""
-        return Path(os.path.expanduser(self.log.output_dir)) / self.log.name
-
-
-DATA_SOURCES = ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
-"""The built-in data sources; ``data.source`` may also be an import path (``my_pkg.data:build``)."""
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.on_bad_sample": ("error", "skip"),
-    "model.init": ("default", "kaiming", "xavier"),
-    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
-    "sched.name": ("cosine", "step", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.on_nonfinite_loss": ("stop", "skip"),
-    "ckpt.mode": ("max", "min"),
-    "ckpt.warning_signal": ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"),
-    "dist.device": ("auto", "cpu", "cuda", "mps"),
-    "dist.backend": ("auto", "gloo", "nccl"),
-    "log.progress_bar": ("auto", "on", "off"),
-    "model.freeze": ("none", "backbone"),
-    "log.wandb_mode": ("offline", "online"),
-}
-"""Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
-
-POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
-            "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
-NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
-                "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
-                "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
-                "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
-                "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
-                "log.histogram_every_epochs", "log.peak_tflops")
-TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
-"""The values ``log.trackers`` may list."""
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -240,7 +75,7 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
 def _validate_source(cfg: Config) -> None:
     source = cfg.data.source
     if ":" in source:
-        return  # an import path, checked when imported (trainer.sources.check_source)
+        return  # an import path, checked when imported (trainer.data.sources.check_source)
     canonical = {choice.lower(): choice for choice in DATA_SOURCES}
     if source.lower() not in canonical:
         raise ConfigError(f"data.source: '{source}' is not one of {', '.join(DATA_SOURCES)} nor an import path "

@@ -1,0 +1,160 @@
+"""Checkpoint files on disk: atomic writes, safe loads, retention, and what to resume from.
+
+Layout under ``run_dir/checkpoints``: ``step_<global step>.pt`` files (the newest ``keep_last``
+are kept), ``last.pt`` (the newest) and ``best.pt`` (the best by the configured metric). The
+last two are hard links to a step file where the filesystem allows, so they cost no space.
+A checkpoint holds only tensors and plain Python values: ``torch.load(weights_only=True)`` loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import atomic
+from trainer.errors import CheckpointError, first_line
+
+log = logging.getLogger("trainer")
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` so that a crash at any moment leaves the old file intact.
+
+    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``
+    (see :func:`trainer.checkpoint.atomic.replacing`).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic.replacing(path, durable=True) as file:
+            torch.save(state, file)
+    except BaseException as exc:
+        cause = _os_error(exc)
+        if cause is not None:
+            raise CheckpointError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
+                                  "the previous checkpoint is untouched") from None
+        raise
+
+
+def link_atomic(source: Path, alias: Path) -> None:
+    """Make ``alias`` (e.g. ``last.pt``) name the same file as ``source``, atomically."""
+    tmp = atomic.temporary_name(alias)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # filesystems without hard links: fall back to a copy
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, alias)
+    atomic.fsync_folder(alias.parent)
+
+
+def step_files(folder: Path) -> list[Path]:
+    """The ``step_*.pt`` files in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(folder: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step files, and temp files a killed writer left."""
+    old = step_files(folder)[:-keep_last] if keep_last > 0 else []
+    old += atomic.leftovers(folder)
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint a ``resume: auto`` run continues from, if any."""
+    last = checkpoint_dir(run_dir) / "last.pt"
+    if last.is_file():
+        return last
+    steps = step_files(checkpoint_dir(run_dir))
+    return steps[-1] if steps else None
+
+
+def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[str, Any], Path]:
+    """Load ``path``; if it cannot be read and ``fall_back``, the newest older step file that can.
+
+    One warning line (when ``announce``) names the unreadable files and the one used instead.
+    Without a readable one: :class:`CheckpointError`, never a silent fresh start.
+    """
+    try:
+        return load(path), path
+    except CheckpointError as exc:
+        if not fall_back:
+            raise
+        problem = str(exc)
+    failed = path.stat().st_ino if path.exists() else None
+    unreadable: list[str] = []
+    for older in reversed(step_files(path.parent)):
+        if older.stat().st_ino == failed:  # last.pt is a hard link to the newest step file
+            continue
+        try:
+            state = load(older)
+        except CheckpointError:
+            unreadable.append(older.name)
+            continue
+        if announce:
+            log.warning("%s%s; falling back to %s", problem, _also(unreadable), older)
+        return state, older
+    raise CheckpointError(f"{problem}; no older readable checkpoint in {path.parent}{_also(unreadable)}: "
+                          "move the folder away to start afresh, or point ckpt.resume at a good checkpoint")
+
+
+def _also(names: list[str]) -> str:
+    return f" ({', '.join(names)} unreadable too)" if names else ""
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, refusing anything but tensors and plain values."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # bytes that are no pickle stream: cut or not a checkpoint
+            raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint") from None
+        text = str(exc).split("WeightsUnpickler error:")[-1]
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "") or first_line(text)
+        raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
+                              f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
+                              f"({first_line(exc)})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
+    return state
+
+
+# ----------------------------------------------------------------------------- history
+def rewrite_lines(path: Path, lines: list[str]) -> None:
+    """Replace ``path`` with ``lines`` atomically (metrics.jsonl from the checkpoint's history)."""
+    with atomic.replacing(path) as file:
+        file.write("".join(line + "\n" for line in lines).encode())
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` or the OSError behind it: torch.save reports a failed write (ENOSPC, EIO...) as the
+    RuntimeError of closing its zip writer ("unexpected pos ..."), with the OSError as its context."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,1 @@
+"""Commands around a finished run: evaluate, predict, export and report (``python -m trainer.<tool>``)."""
