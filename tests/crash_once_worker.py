@@ -17,8 +17,8 @@ original_step = worker.Worker._train_step
 def crashing_step(self, *args):  # type: ignore[no-untyped-def]
     result = original_step(self, *args)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if first_attempt and os.environ.get("RANK") == "1" and self.global_step >= CRASH_AT:
-        print(f"crash_once_worker: rank 1 dies at step {self.global_step}", file=sys.stderr, flush=True)
+    if first_attempt and os.environ.get("RANK") == "1" and self.record.global_step >= CRASH_AT:
+        print(f"crash_once_worker: rank 1 dies at step {self.record.global_step}", file=sys.stderr, flush=True)
         os._exit(17)
     return result
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from trainer.__main__ import main  # noqa: E402
 from trainer.data import loaders  # noqa: E402
-from trainer.observe import logs  # noqa: E402
+from trainer.observe import sinks  # noqa: E402
 from trainer.train import optim  # noqa: E402
 
 RECORD = Path(os.environ["RECORD_DIR"])
@@ -62,7 +62,7 @@ def recording_set_window(self, start, end):  # type: ignore[no-untyped-def]
         os.kill(os.getppid(), signal.SIGTERM)
 
 
-original_epoch = logs.MetricSinks.epoch
+original_epoch = sinks.MetricSinks.epoch
 
 
 def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-untyped-def]
@@ -76,5 +76,5 @@ def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-
 
 loaders.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]
 optim.Schedule.set_window = recording_set_window  # type: ignore[method-assign]
-logs.MetricSinks.epoch = epoch_then_kill  # type: ignore[method-assign]
+sinks.MetricSinks.epoch = epoch_then_kill  # type: ignore[method-assign]
 main()

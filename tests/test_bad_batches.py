@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import helpers
 import pytest
@@ -12,20 +13,37 @@ from test_data import data_cfg, write_image_folder
 
 from trainer import config, models
 from trainer.data import loaders
-from trainer.data.stages import Normalize
+from trainer.data.stages import Batch, Normalize
+from trainer.parallel.distributed import DistEnv, Topology
+from trainer.parallel.strategy import Parallel
+from trainer.tasks.classification import Classification
 from trainer.train import precision
 from trainer.train.bad_batches import StandIn
 from trainer.train.step import TrainStep
 
 CPU = torch.device("cpu")
+SINGLE = DistEnv(Topology(), CPU, None)
+NORMALIZE = Normalize([0.5] * 3, [0.25] * 3, CPU)
 
 
 def small_step() -> TrainStep:
     torch.manual_seed(0)
     net = models.build_model("smallcnn", 3, 16)  # has BatchNorm
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, config.TrainConfig(),
-                     Normalize([0.5] * 3, [0.25] * 3, CPU))
+    return TrainStep(net, net, optimizer, Parallel(SINGLE), Classification(), precision.resolve("fp32", CPU), CPU,
+                     config.TrainConfig())
+
+
+def stand_in_for(transform: Callable[[Any], torch.Tensor], size: int) -> StandIn:
+    return StandIn(transform, size, lambda count: torch.zeros(count, dtype=torch.long))
+
+
+def unreadable() -> Batch:
+    return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), 4, torch.empty(0, dtype=torch.long))
+
+
+def on_device(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return NORMALIZE(batch.images), batch.targets
 
 
 def state(step: TrainStep) -> dict[str, torch.Tensor]:
@@ -35,22 +53,21 @@ def state(step: TrainStep) -> dict[str, torch.Tensor]:
 def test_first_batch_stand_in_matches_the_transform_output(tmp_path: Path) -> None:
     write_image_folder(tmp_path, {"train": ["a"], "val": ["a"]}, per_class=1)
     cfg = data_cfg(image_size=16)
-    stand_in = StandIn(loaders.build_transform(cfg, True), cfg.image_size)
-    images, targets, swapped = stand_in.swap(torch.empty(0), torch.empty(0, dtype=torch.long))
-    assert swapped and images.shape == (2, 3, 16, 16) and targets.tolist() == [0, 0]
-    real = torch.rand(4, 3, 16, 16).to(torch.uint8)
-    assert stand_in.swap(real, torch.ones(4, dtype=torch.long))[2] is False
+    stand_in = stand_in_for(loaders.build_transform(cfg, True), cfg.image_size)
+    batch, swapped = stand_in.swap(unreadable())
+    assert swapped and batch.images.shape == (2, 3, 16, 16) and batch.targets.tolist() == [0, 0]
+    real = Batch(torch.rand(4, 3, 16, 16).to(torch.uint8), torch.ones(4, dtype=torch.long), 0, torch.arange(4))
+    assert stand_in.swap(real)[1] is False
     stand_in.like = None
-    stand_in.swap(real, torch.ones(4, dtype=torch.long))
-    assert stand_in.swap(torch.empty(0), torch.empty(0, dtype=torch.long))[0].dtype == torch.uint8  # as the loader
+    stand_in.swap(real)
+    assert stand_in.swap(unreadable())[0].images.dtype == torch.uint8  # as the loader
 
 
 def test_single_process_skips_a_window_of_stand_ins_without_touching_the_model() -> None:
     step = small_step()
     before = state(step)
-    stand_in = StandIn(lambda image: torch.zeros(3, 16, 16), 16)
-    images, targets, swapped = stand_in.swap(torch.empty(0), torch.empty(0, dtype=torch.long))
-    step.micro_batch(images, targets, window=1, last=True, stand_in=swapped)
+    batch, swapped = stand_in_for(lambda image: torch.zeros(3, 16, 16), 16).swap(unreadable())
+    step.micro_batch(*on_device(batch), window=1, last=True, stand_in=swapped)
     after = state(step)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
     assert step.skipped() == 1 and step.net.training
@@ -62,9 +79,8 @@ def test_a_stand_in_adds_nothing_to_its_accumulation_window() -> None:
     images, targets = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
     with_stand_in, alone = small_step(), small_step()
     alone.micro_batch(images, targets, window=2, last=True)
-    blank, blank_targets, _ = StandIn(lambda image: torch.zeros(3, 16, 16), 16).swap(
-        torch.empty(0), torch.empty(0, dtype=torch.long))
-    with_stand_in.micro_batch(blank, blank_targets, window=2, last=False, stand_in=True)
+    blank, _ = stand_in_for(lambda image: torch.zeros(3, 16, 16), 16).swap(unreadable())
+    with_stand_in.micro_batch(*on_device(blank), window=2, last=False, stand_in=True)
     with_stand_in.micro_batch(images, targets, window=2, last=True)
     mine, theirs = state(with_stand_in), state(alone)
     assert all(torch.equal(mine[k], theirs[k]) for k in mine) and with_stand_in.skipped() == 0

@@ -152,7 +152,7 @@ def test_out_of_range_values_are_rejected(override: str, expected: str) -> None:
 def test_unknown_choice_lists_choices_and_suggests(override: str, key: str, suggestion: str) -> None:
     message = load_error([override])
     assert message.startswith(f"{key}: ")
-    assert ", ".join(config.CHOICES[key]) in message
+    assert ", ".join({**config.CHOICES, **config.OPEN_CHOICES}[key]) in message
     assert f"did you mean '{suggestion}'" in message
 
 

@@ -32,7 +32,7 @@ def first_batch(cfg: config.DataConfig, split: str = "train", workers: int = 0) 
     batches = loaders.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
     cfg.num_workers = workers
     loader = loaders.build_train_loader(dataset, batches, cfg, torch.device("cpu"), seed=0)
-    images, targets, skipped = next(iter(loader))
+    images, targets, skipped, _ = next(iter(loader))
     assert skipped == 0
     return images, targets
 
@@ -125,7 +125,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="broken.png.*on_bad_sample=skip"):
         strict[(0, index)]
     lenient = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), 0, skip_bad=True)
-    images, targets, skipped = loaders.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
+    images, targets, skipped, _ = loaders.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
     assert skipped == 1 and images.shape[0] == 1
 
 
@@ -224,7 +224,7 @@ def test_a_mid_epoch_resume_on_jpeg_files_with_loader_workers_is_bitwise_identic
     through = worker("through", 1)
     assert through.fit() == EXIT_OK
     stopped = worker("stopped", 0)
-    criterion, calls = stopped.step.criterion, []
+    criterion, calls = stopped.task.loss, []
 
     def stop_at_the_second_step(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls.append(1)
@@ -232,11 +232,11 @@ def test_a_mid_epoch_resume_on_jpeg_files_with_loader_workers_is_bitwise_identic
             stopped.stop.received.append("SIGTERM")
         return criterion(logits, targets)
 
-    stopped.step.criterion = stop_at_the_second_step  # type: ignore[assignment]
-    assert stopped.fit() == EXIT_STOPPED and 0 < stopped.position.consumed < len(stopped.train_sampler.order())
+    stopped.task.loss = stop_at_the_second_step  # type: ignore[method-assign]
+    assert stopped.fit() == EXIT_STOPPED and 0 < stopped.position.consumed < len(stopped.inputs.sampler.order())
     resumed = worker("stopped", 2)
     resumed.resume(resumed.run_dir / "checkpoints" / "last.pt")
-    assert resumed.fit() == EXIT_OK and resumed.global_step == through.global_step
+    assert resumed.fit() == EXIT_OK and resumed.record.global_step == through.record.global_step
     for key, value in through.net.state_dict().items():
         assert torch.equal(resumed.net.state_dict()[key], value), key
 def test_seeding_a_sample_in_the_main_process_leaves_its_generator_as_it_was() -> None:

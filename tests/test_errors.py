@@ -26,19 +26,8 @@ from typing import Any
 
 import pytest
 import torch
-from refusals import (
-    Case,
-    Outcome,
-    check_refused,
-    copy_run,
-    error_line,
-    make_existing_run,
-    run_cases,
-    run_trainer,
-    snapshot,
-    snapshot_diff,
-    tmpfs,
-)
+from refusals import (Case, Outcome, check_refused, copy_run, error_line, make_existing_run, run_cases, run_trainer,
+                      snapshot, snapshot_diff, tmpfs)
 
 FAST = ("data.synthetic_classes=3", "data.synthetic_train_per_class=16", "data.synthetic_val_per_class=4",
         "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",

@@ -1,4 +1,4 @@
-"""EvalMeter / TrainMeter against metrics computed by hand with plain Python loops."""
+"""ConfusionMeter / TrainMeter against metrics computed by hand with plain Python loops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.train.metrics import EvalMeter, TrainMeter
+from trainer.tasks.confusion import ConfusionMeter
+from trainer.train.meter import TrainMeter
 
 CPU = torch.device("cpu")
 
@@ -48,13 +49,12 @@ def reference(logits: list[list[float]], targets: list[int], num_classes: int) -
             "f1": sum(f1) / len(labels), "samples": n}
 
 
-def eval_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                 loss_sums: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
-    """EvalMeter fed in two batches."""
-    meter = EvalMeter(num_classes, CPU)
+def eval_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """ConfusionMeter fed in two batches."""
+    meter = ConfusionMeter(num_classes, CPU)
     half = len(targets) // 2
-    meter.update(logits[:half], targets[:half], torch.tensor(loss_sums[0]))
-    meter.update(logits[half:], targets[half:], torch.tensor(loss_sums[1]))
+    meter.update(logits[:half], targets[:half])
+    meter.update(logits[half:], targets[half:])
     return meter.reduce()
 
 
@@ -72,9 +72,9 @@ def test_eval_meter_matches_hand_computation() -> None:
     expected = reference(logits.tolist(), targets, num_classes=6)
     assert expected["top1"] == 7 / 12 and expected["top5"] == 11 / 12
 
-    got = eval_metrics(logits, torch.tensor(targets), num_classes=6, loss_sums=(3.0, 9.0))
+    got = eval_metrics(logits, torch.tensor(targets), num_classes=6)
     assert_matches(got, expected)
-    assert got["loss"] == pytest.approx(12.0 / 12)
+    assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(targets)).item())
 
 
 def test_eval_meter_with_fewer_than_five_classes_has_full_top5() -> None:
@@ -95,7 +95,7 @@ def test_eval_meter_counts_predicted_class_absent_from_targets() -> None:
 
 
 def test_eval_meter_empty_is_zero_not_nan() -> None:
-    got = EvalMeter(4, CPU).reduce()
+    got = ConfusionMeter(4, CPU).reduce()
     assert got == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                    "samples": 0}
 
@@ -167,8 +167,8 @@ def reduce_shard(rank: int, port: int, out: str) -> None:
     try:
         logits, targets = shared_batch()
         shard = slice(0, 7) if rank == 0 else slice(7, 20)  # unequal shards
-        evals, train = EvalMeter(NUM_CLASSES, CPU), TrainMeter(4)
-        evals.update(logits[shard], targets[shard], torch.tensor(float(rank + 1)))
+        evals, train = ConfusionMeter(NUM_CLASSES, CPU), TrainMeter(4)
+        evals.update(logits[shard], targets[shard])
         train.update(torch.tensor(float(rank + 1)), shard.stop - shard.start, 0)
         train.flush()
         Path(out, f"{rank}.json").write_text(json.dumps({"eval": evals.reduce(), "train": train.reduce()}))
@@ -192,8 +192,8 @@ def test_reduce_over_two_gloo_processes_equals_one_meter(tmp_path: Path) -> None
             pytest.fail("the two ranks did not finish within 60 s")
 
     logits, targets = shared_batch()
-    whole = EvalMeter(NUM_CLASSES, CPU)
-    whole.update(logits, targets, torch.tensor(3.0))
+    whole = ConfusionMeter(NUM_CLASSES, CPU)
+    whole.update(logits, targets)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["eval"] == pytest.approx(whole.reduce())

@@ -25,15 +25,21 @@ from trainer import config, models
 from trainer.data.stages import Normalize
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.observe import memory
-from trainer.parallel import distributed, openmp, slurm
+from trainer.parallel import distributed, openmp, slurm, strategy
 from trainer.parallel.signals import StopRequest
+from trainer.parallel.strategy import Parallel
 from trainer.tools.evaluate import main as evaluate_main
 from trainer.train import precision
-from trainer.train.metrics import EvalMeter, TrainMeter
-from trainer.train.step import ModelEma, TrainStep
+from trainer.tasks.classification import Classification
+from trainer.tasks.confusion import ConfusionMeter
+from trainer.train.meter import TrainMeter
+from trainer.train.ema import ModelEma
+from trainer.train.step import TrainStep
 from trainer.train.worker import Worker
 
 CPU = torch.device("cpu")
+SINGLE = distributed.DistEnv(distributed.Topology(), CPU, None)
+NORMALIZE = Normalize([0.5] * 3, [0.25] * 3, CPU)
 REPO = Path(__file__).resolve().parents[1]
 MPS_LACKS = (torch.float64, torch.complex128)
 
@@ -67,25 +73,26 @@ def small_step(cfg: config.TrainConfig) -> TrainStep:
     torch.manual_seed(0)
     net = models.build_model("smallcnn", 4, 16)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    return TrainStep(net, net, optimizer, precision.resolve("fp32", CPU), CPU, cfg, Normalize([0.5] * 3, [0.25] * 3, CPU))
+    return TrainStep(net, net, optimizer, Parallel(SINGLE), Classification(cfg.label_smoothing),
+                     precision.resolve("fp32", CPU), CPU, cfg)
 
 
 # ----------------------------------------------------------------------------- MPS and macOS
 def test_the_step_and_the_meters_create_no_dtype_that_mps_lacks() -> None:
     step = small_step(train_cfg())
-    train_meter, eval_meter = TrainMeter(window=4), EvalMeter(4, CPU)
+    train_meter, eval_meter = TrainMeter(window=4), ConfusionMeter(4, CPU)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen),  # as loaders return them
                 torch.randint(0, 4, (8,), generator=gen)) for _ in range(6)]
     recorder = DtypeRecorder()
     with recorder:  # everything the device sees in a training epoch and a validation pass
         for i, (images, targets) in enumerate(batches):
-            loss = step.micro_batch(images, targets, window=2, last=i % 2 == 1)
+            loss = step.micro_batch(NORMALIZE(images), targets, window=2, last=i % 2 == 1)
             train_meter.update(loss, 8, i)
         assert train_meter.flush() is None
         with torch.no_grad():
-            logits = step.net.eval()(step.normalize(batches[0][0]))
-            eval_meter.update(logits, batches[0][1], nn.functional.cross_entropy(logits, batches[0][1], reduction="sum"))
+            logits = step.net.eval()(NORMALIZE(batches[0][0]))
+            eval_meter.update(logits, batches[0][1])
     assert len(recorder.made) > 100, "the recorder saw the work"
     assert recorder.lacking() == []
     assert train_meter.reduce()["samples"] == 48 and eval_meter.reduce()["samples"] == 8
@@ -177,9 +184,10 @@ def test_ema_matches_torch_averaged_model_and_counts_on_the_host() -> None:
     for key, value in ours.module.state_dict().items():
         if value.is_floating_point():  # AveragedModel freezes integer buffers; ours follow the model's
             torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
-    restored = ModelEma(models.build_model("smallcnn", 3, 16), decay=0.8)
-    restored.load_state_dict(ours.state_dict())
-    assert restored.updates == 5
+    saved, restored = small_step(train_cfg()), small_step(train_cfg())  # the step keeps the EMA's state
+    saved.ema.update()
+    restored.load_state_dict(saved.state_dict())
+    assert restored.ema.updates == 1
 
 
 def test_the_shorter_last_window_is_scaled_by_its_real_size() -> None:
@@ -266,7 +274,8 @@ def test_accumulation_all_reduces_once_per_window_also_when_compiled(compiled: b
     try:
         torch.manual_seed(0)
         net = models.build_model("linear", 3, 8)
-        ddp = DistributedDataParallel(net)
+        parallel = strategy.DataParallel(distributed.DistEnv(distributed.Topology(), CPU, "gloo"))
+        ddp = parallel.wrap(net)
         reductions: list[int] = []
 
         def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations
@@ -277,9 +286,9 @@ def test_accumulation_all_reduces_once_per_window_also_when_compiled(compiled: b
 
         ddp.register_comm_hook(None, counting_allreduce)
         model = torch.compile(ddp, backend="eager") if compiled else ddp
-        step = TrainStep(net, model, torch.optim.SGD(net.parameters(), lr=0.1), precision.resolve("fp32", CPU), CPU,
-                         train_cfg(ema_decay=0.0), Normalize([0.5] * 3, [0.25] * 3, CPU))
-        images, targets = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+        step = TrainStep(net, model, torch.optim.SGD(net.parameters(), lr=0.1), parallel, Classification(),
+                         precision.resolve("fp32", CPU), CPU, train_cfg(ema_decay=0.0))
+        images, targets = NORMALIZE(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)), torch.tensor([0, 1, 2, 0])
         for index in range(6):  # two windows of three micro-batches
             step.micro_batch(images, targets, window=3, last=index % 3 == 2)
     finally:

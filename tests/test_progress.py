@@ -14,7 +14,9 @@ from trainer import config
 from trainer.config import SchedConfig
 from trainer.data import loaders
 from trainer.parallel import distributed
+from trainer.parallel.distributed import DistEnv, Topology
 from trainer.parallel.signals import StopRequest
+from trainer.parallel.strategy import Parallel
 from trainer.train import optim
 from trainer.train.worker import Worker
 
@@ -113,7 +115,8 @@ def test_overrides_given_at_a_resume_apply_from_the_resume_point() -> None:
     saved_schedule.set_window(1.5, 1.6)
 
     after = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    optim.OptimizerState(after).load_state_dict(optim.OptimizerState(before).state_dict())
+    parallel = Parallel(DistEnv(Topology(), torch.device("cpu"), None))  # what the checkpoint pieces go through
+    parallel.load_optimizer_state(model, after, parallel.optimizer_state(model, before))
     schedule = optim.Schedule(after, SchedConfig(warmup_epochs=0), epochs=8)
     schedule.load_state_dict(saved_schedule.state_dict())
     assert after.param_groups[0]["momentum"] == 0.5  # the override, not the checkpoint's 0.9
@@ -136,18 +139,18 @@ def test_the_epochs_shorter_last_window_is_scaled_by_its_real_size(tmp_path: Pat
                                     "train.grad_accum_steps=2", "train.epochs=1", "ckpt.every_steps=2",
                                     "data.synthetic_train_per_class=10", batch_size=6))
     worker = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
-    assert len(worker.train_sampler) == 5
+    assert len(worker.inputs.sampler) == 5
     assert worker.fit() == 0
     folder = cfg.run_dir / "checkpoints"
     before = torch.load(folder / "step_000000002.pt", weights_only=True)["model"]
     after = torch.load(folder / "last.pt", weights_only=True)
     assert after["global_step"] == 3
 
-    worker.train_sampler.set_position(loaders.Position(0, 0))
-    last_batch = list(worker.train_sampler)[-1]
-    samples = [worker.train_loader.dataset[key] for key in last_batch]
-    x = worker.normalize(torch.stack([image for image, _ in samples])).flatten(1).double()  # as the step sees it
-    y = torch.tensor([target for _, target in samples])
+    worker.inputs.sampler.set_position(loaders.Position(0, 0))
+    last_batch = list(worker.inputs.sampler)[-1]
+    samples = [worker.inputs.train_set[key] for key in last_batch]
+    x = worker.normalize(torch.stack([image for image, _, _ in samples])).flatten(1).double()  # as the step sees it
+    y = torch.tensor([target for _, target, _ in samples])
     weight, bias = before["1.weight"].double(), before["1.bias"].double()
     residual = (torch.softmax(x @ weight.T + bias, dim=1) - torch.nn.functional.one_hot(y, 3)) / len(y)
     expected_weight = weight - LR * residual.T @ x
@@ -164,21 +167,21 @@ def test_skip_counters_survive_a_resume(tmp_path: Path) -> None:
     overrides = ["log.name=counters", "model.name=linear", "train.on_nonfinite_loss=skip", "train.epochs=1"]
     cfg = config.load([], small_run(tmp_path, *overrides, "data.synthetic_train_per_class=16"))
     worker = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
-    criterion, calls = worker.step.criterion, []
+    criterion, calls = worker.task.loss, []
 
     def nan_on_third_batch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         return criterion(logits, targets) * (float("nan") if len(calls) == 3 else 1.0)
 
-    worker.step.criterion = nan_on_third_batch  # type: ignore[assignment]
+    worker.task.loss = nan_on_third_batch  # type: ignore[method-assign]
     worker.skipped_samples = 5  # as if 5 unreadable samples had been dropped
     assert worker.fit() == 0 and worker.step.skipped_steps == 1
 
     cfg = config.load([], small_run(tmp_path, *overrides, "data.synthetic_train_per_class=16", "train.epochs=2"))
     resumed = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
     resumed.resume(cfg.run_dir / "checkpoints" / "last.pt")
-    assert (resumed.step.skipped_steps, resumed.skipped_samples, resumed.global_step) == (1, 5, worker.global_step)
+    assert (resumed.step.skipped_steps, resumed.skipped_samples, resumed.record.global_step) == (1, 5, worker.record.global_step)
     assert resumed.fit() == 0
-    epochs = resumed.history
+    epochs = resumed.record.history
     assert [e["train/skipped_steps"] for e in epochs] == [1, 1]
     assert [e["data/skipped_samples"] for e in epochs] == [5, 5]

@@ -19,19 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import (
-    REPO,
-    TESTS,
-    child_env,
-    last_checkpoint,
-    metrics_lines,
-    run,
-    run_dir,
-    small_run,
-    start,
-    torchrun,
-    wait_for,
-)
+from helpers import (REPO, TESTS, child_env, last_checkpoint, metrics_lines, run, run_dir, small_run, start,
+                     torchrun, wait_for)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow

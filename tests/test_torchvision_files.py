@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST, VisionDataset
-from torchvision_files import (
-    CIFAR10_CLASSES,
-    CIFAR100_CLASSES,
-    trust_written_cifar_files,
-    write_cifar10,
-    write_cifar100,
-    write_fashion_mnist,
-    write_mnist,
-)
+from torchvision_files import (CIFAR10_CLASSES, CIFAR100_CLASSES, trust_written_cifar_files, write_cifar10,
+                               write_cifar100, write_fashion_mnist, write_mnist)
 
 Writer = Callable[..., None]
 

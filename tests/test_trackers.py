@@ -28,7 +28,7 @@ from trainer.models import flops
 from trainer.observe.pictures import MAX_LABELLED_CLASSES, confusion_image
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.trackers import BackgroundSink, Sink, markdown_table
-from trainer.observe.visuals import top_confusions
+from trainer.tasks.confusion import top_confusions
 from trainer.train.early_stop import early_stop_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ def test_the_profiler_starts_and_stops_only_with_no_collective_in_flight(tmp_pat
 
 def test_unknown_tracker_names_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"log.trackers: 'wandbb' is not one of tensorboard, jsonl, wandb, "
-                                          r"mlflow; did you mean 'wandb'"):
+                                          r"mlflow nor an import path like my_pkg.sinks:build; did you mean 'wandb'"):
         config.load([], ["log.trackers=[tensorboard,wandbb]"])
     assert config.load([], ["log.trackers=[WandB,jsonl,wandb]"]).log.trackers == ["wandb", "jsonl"]
 

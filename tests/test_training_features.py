@@ -74,14 +74,14 @@ def test_bf16_autocast_on_cpu_trains(tmp_path: Path) -> None:
 
 def inject_nan_loss(worker: Worker, on_batch: int) -> None:
     """Make the worker's loss NaN on its ``on_batch``-th training batch (1-based)."""
-    criterion, calls = worker.step.criterion, []
+    criterion, calls = worker.task.loss, []
 
     def nan_once(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         loss = criterion(logits, targets)
         return loss * float("nan") if len(calls) == on_batch else loss
 
-    worker.step.criterion = nan_once  # type: ignore[assignment]
+    worker.task.loss = nan_once  # type: ignore[method-assign]
 
 
 def test_an_injected_nan_loss_stops_with_its_step_number(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from trainer import checkpoint, config, models
 from trainer.checkpoint import runlock
 from trainer.config import cli, user_code
 from trainer.data import sources
-from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError
-from trainer.observe.logs import add_rank_file, log, setup_console
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError, one_line
+from trainer.observe.console import add_rank_file, log, setup_console
 from trainer.parallel import distributed, openmp, peers, slurm
 from trainer.parallel.signals import StopRequest
 
@@ -95,7 +95,7 @@ def _run(argv: list[str] | None) -> int:
             traceback.print_exc()
         if topology.rank == 0 or not isinstance(exc, ConfigError):
             prefix = "error" if topology.rank == 0 else f"error [rank {topology.rank}]"
-            print(f"{prefix}: {_one_line(exc)}", file=sys.stderr)
+            print(f"{prefix}: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
         if env is None or not env.is_distributed or not peers.is_peer_failure(exc) or debug:
@@ -158,14 +158,6 @@ def _resume_source(resume: str, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"ckpt.resume: checkpoint '{path}' not found (use auto, never or a file path)")
     return path
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(exc).__name__
-    qualified = f"{type(exc).__module__}.{type(exc).__name__}: "
-    return last[len(qualified):] if last.startswith(qualified) else last
 
 
 def main(argv: list[str] | None = None) -> None:

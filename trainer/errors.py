@@ -43,3 +43,11 @@ def first_line(cause: BaseException | str) -> str:
     text = str(cause)
     found = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return found or (type(cause).__name__ if isinstance(cause, BaseException) else "")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    qualified = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(qualified):] if last.startswith(qualified) else last

@@ -10,13 +10,14 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config.schema import CHOICES, DATA_SOURCES, NON_NEGATIVE, POSITIVE, TRACKERS, Config
+from trainer.config.schema import CHOICES, DATA_SOURCES, NON_NEGATIVE, OPEN_CHOICES, POSITIVE, TRACKERS, Config
+from trainer.tasks.names import METRICS as TASK_METRICS
 from trainer.errors import ConfigError
 
 
@@ -62,7 +63,7 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
                     f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
                     f"(in {origin})") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _validate_source(cfg)
+    _validate_open_choices(cfg)
     if implied is not None:
         given = {key for _, layer in layers for key in _leaf_keys(layer)}
         for key, value in implied(cfg).items():
@@ -72,19 +73,28 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
     return cfg
 
 
-def _validate_source(cfg: Config) -> None:
-    source = cfg.data.source
-    if ":" in source:
-        return  # an import path, checked when imported (trainer.data.sources.check_source)
-    canonical = {choice.lower(): choice for choice in DATA_SOURCES}
-    if source.lower() not in canonical:
-        raise ConfigError(f"data.source: '{source}' is not one of {', '.join(DATA_SOURCES)} nor an import path "
-                          f"like my_pkg.data:build{_suggest(source.lower(), canonical, 'value')}")
-    cfg.data.source = canonical[source.lower()]
+EXAMPLES = {"data.source": "my_pkg.data:build", "task.name": "my_pkg.tasks:build",
+            "optim.name": "my_pkg.optim:build", "sched.name": "my_pkg.schedules:factor"}
+"""An import path to show for each key of :data:`OPEN_CHOICES`."""
+
+
+def _validate_open_choices(cfg: Config) -> None:
+    """Each key of :data:`OPEN_CHOICES`: a built-in name (stored as spelled there) or an import
+    path, which is checked when it is imported."""
+    for key, builtin in OPEN_CHOICES.items():
+        value = str(get(cfg, key))
+        if ":" in value:
+            continue
+        canonical = {choice.lower(): choice for choice in builtin}
+        if value.lower() not in canonical:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(builtin)} nor an import path "
+                              f"like {EXAMPLES[key]}{_suggest(value.lower(), canonical, 'value')}")
+        _set(cfg, key, canonical[value.lower()])
 
 
 def validate(cfg: Config) -> None:
-    """Check values against :data:`CHOICES`, :data:`POSITIVE` and :data:`NON_NEGATIVE`."""
+    """Check values against :data:`CHOICES`, :data:`POSITIVE` and :data:`NON_NEGATIVE`, and
+    ``ckpt.metric`` against a built-in task's metrics."""
     for key, allowed in CHOICES.items():
         value = str(get(cfg, key)).lower()
         if "on" in allowed:  # YAML reads a bare on/off as a boolean
@@ -100,8 +110,8 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
-    if cfg.ckpt.metric not in (metrics := epoch_metrics(cfg)):
-        raise ConfigError(f"ckpt.metric: '{cfg.ckpt.metric}' is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
+    if cfg.task.name in TASK_METRICS:  # a user's task names its metrics when it is built
+        check_metric(cfg, TASK_METRICS[cfg.task.name])
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
@@ -117,13 +127,13 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_trackers(names: list[str]) -> list[str]:
-    """Lower-cased, without repeats, each one of :data:`TRACKERS`."""
+    """Without repeats, each one of :data:`TRACKERS` (lower-cased) or an import path."""
     chosen: list[str] = []
     for name in names:
-        key = str(name).lower()
-        if key not in TRACKERS:
-            raise ConfigError(f"log.trackers: '{name}' is not one of {', '.join(TRACKERS)}"
-                              f"{_suggest(key, TRACKERS, 'value')}")
+        key = str(name) if ":" in str(name) else str(name).lower()
+        if key not in TRACKERS and ":" not in key:
+            raise ConfigError(f"log.trackers: '{name}' is not one of {', '.join(TRACKERS)} nor an import path "
+                              f"like my_pkg.sinks:build{_suggest(key, TRACKERS, 'value')}")
         if key not in chosen:
             chosen.append(key)
     return chosen
@@ -140,14 +150,19 @@ def profile_range(text: str) -> tuple[int, int] | None:
     return int(first), int(last)
 
 
-VAL_METRICS = ("loss", "top1", "top5", "precision", "recall", "f1")
-"""What each validation logs, as ``val/<name>`` (and ``val_ema/<name>`` with an EMA)."""
-
-
-def epoch_metrics(cfg: Config) -> list[str]:
-    """The metrics an epoch logs that ``ckpt.metric`` may choose from."""
+def epoch_metrics(cfg: Config, task_metrics: Sequence[str]) -> list[str]:
+    """The metrics an epoch logs that ``ckpt.metric`` may choose from, given the task's."""
     prefixes = ["val/", "val_ema/"] if cfg.train.ema_decay > 0 else ["val/"]
-    return [f"{prefix}{name}" for prefix in prefixes for name in VAL_METRICS] + ["train/loss"]
+    return [f"{prefix}{name}" for prefix in prefixes for name in task_metrics] + ["train/loss"]
+
+
+def check_metric(cfg: Config, task_metrics: Sequence[str]) -> None:
+    """``ckpt.metric``: ``auto`` becomes the task's first metric (``val/top1`` for classification);
+    any other must be logged."""
+    if cfg.ckpt.metric == "auto":
+        cfg.ckpt.metric = f"val/{task_metrics[0]}"
+    if cfg.ckpt.metric not in (metrics := epoch_metrics(cfg, task_metrics)):
+        raise ConfigError(f"ckpt.metric: '{cfg.ckpt.metric}' is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -70,6 +70,12 @@ class SchedConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "classification"
+    threshold: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 8
     seed: int = 0
@@ -91,7 +97,7 @@ class TrainConfig:
 class CheckpointConfig:
     resume: str = "auto"
     keep_last: int = 2
-    metric: str = "val/top1"
+    metric: str = "auto"
     mode: str = "max"
     every_steps: int = 0
     every_minutes: float = 0.0
@@ -129,6 +135,7 @@ class LogConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -143,14 +150,9 @@ class Config:
         return Path(os.path.expanduser(self.log.output_dir)) / self.log.name
 
 
-DATA_SOURCES = ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
-"""The built-in data sources; ``data.source`` may also be an import path (``my_pkg.data:build``)."""
-
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_sample": ("error", "skip"),
     "model.init": ("default", "kaiming", "xavier"),
-    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
-    "sched.name": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "ckpt.mode": ("max", "min"),
@@ -163,6 +165,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
 
+OPEN_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
+    "task.name": ("classification", "multilabel"),
+    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
+    "sched.name": ("cosine", "step", "constant"),
+}
+"""Keys that take a built-in name (matched case-insensitively) or the import path of the user's
+builder (``my_pkg.module:build``), checked when it is imported."""
+
 POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
             "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
@@ -170,6 +181,8 @@ NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
-                "log.histogram_every_epochs", "log.peak_tflops")
+                "log.histogram_every_epochs", "log.peak_tflops", "task.threshold")
+DATA_SOURCES = OPEN_CHOICES["data.source"]
+"""The built-in data sources."""
 TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
-"""The values ``log.trackers`` may list."""
+"""The built-in values ``log.trackers`` may list, beside import paths of the user's sinks."""

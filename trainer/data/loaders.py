@@ -22,9 +22,11 @@ from torchvision import transforms
 
 from trainer.config import DataConfig
 from trainer.data import decode
+from trainer.data.stages import Batch
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
+
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
     """Train: random resized crop and flip (each optional); val: resize and centre crop.
@@ -75,7 +77,8 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, Any, int] | None:
+        """(image, target, index), or None for an unreadable sample in skip mode."""
         epoch, index = key
         # Seeded before reading too: a user's data set may draw in __getitem__. A loader worker's
         # generator serves this data set alone, so only the main process (no workers) needs its
@@ -88,7 +91,7 @@ class SeededTransformDataset(Dataset):
             except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
                 return self._unreadable(index, exc)
             try:
-                return self.transform(image), target
+                return self.transform(image), target, index
             except (OSError, SyntaxError) as exc:  # a lazily opened file's pixels decode here (truncated data)
                 return self._unreadable(index, exc)
         finally:
@@ -109,13 +112,13 @@ class SeededTransformDataset(Dataset):
         return f"'{samples[index][0]}'" if samples else f"#{index}"
 
 
-def collate_skipping_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the readable samples; also return how many were dropped as unreadable."""
+def collate_skipping_bad(batch: list[Any]) -> Batch:
+    """Stack the readable samples; also count those dropped as unreadable."""
     good = [sample for sample in batch if sample is not None]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
-    images, targets = default_collate(good)
-    return images, targets, len(batch) - len(good)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), len(batch), torch.empty(0, dtype=torch.long))
+    images, targets, indices = default_collate(good)
+    return Batch(images, targets, len(batch) - len(good), indices)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision import datasets
 
 from trainer.config import DataConfig, user_code
-from trainer.data import image_index
+from trainer.data import image_index, labels
 from trainer.errors import DataError
 from trainer.parallel import distributed
 from trainer.parallel.distributed import DistEnv
@@ -61,14 +61,30 @@ def prepare(cfg: DataConfig, node: bool = True, once: bool = True) -> Splits | N
     return None
 
 
-def prepared_splits(cfg: DataConfig, env: DistEnv) -> Splits:
+def prepared_splits(cfg: DataConfig, env: DistEnv, multi_hot: bool = False) -> Splits:
     """:func:`prepare` (per node, and once per job on global rank 0), a barrier, then
-    :func:`load_splits` on every process that has no splits yet: it reads the index rank 0 left."""
+    :func:`load_splits` on every process that has no splits yet: it reads the index rank 0 left.
+
+    ``multi_hot`` (a multi-label task): an image folder's labels come from its label files.
+    """
+    if multi_hot and not user_code.is_import_path(cfg.source):
+        return _labelled_splits(cfg)
     splits = None
     if env.topology.local_rank == 0 or env.rank == 0:
         splits = prepare(cfg, node=env.topology.local_rank == 0, once=env.rank == 0)
     distributed.barrier(env)
     return splits if splits is not None else load_splits(cfg)
+
+
+def _labelled_splits(cfg: DataConfig) -> Splits:
+    """``data.root/train.csv`` and ``val.csv`` (or ``.json``): several labels per image."""
+    if cfg.source != "imagefolder":
+        raise DataError(f"data.source={cfg.source} has one label per image; a multi-label task needs "
+                        "data.source=imagefolder with train.csv and val.csv in data.root, or your own data.source")
+    root = Path(os.path.expanduser(cfg.root))
+    found = labels.read_label_files(root)
+    return Splits(labels.MultiLabelImages(root, found.train, len(found.classes)),
+                  labels.MultiLabelImages(root, found.val, len(found.classes)), found.classes)
 
 
 def load_splits(cfg: DataConfig) -> Splits:

@@ -1,17 +1,87 @@
-"""uint8 batches to normalised floats, on the device: the one place that applies data.mean/std.
+"""The device batch stages: what happens to a batch on the device, after the copy and before the step.
 
-Loader workers return uint8 images (see :mod:`trainer.data.decode`); every consumer of the loaders
-(the training step, evaluation, prediction, the pictures of a run) calls :class:`Normalize` once
-the batch is on its device. A user's data set that yields float tensors is taken as already
-normalised and passes unchanged.
+Loader workers return uint8 images (see :mod:`trainer.data.decode`) and stay cheap; a batch is
+copied to the device once and passes through an ordered list of stages there. Normalisation is
+the first stage and the only one every consumer (training, evaluation, prediction, the pictures
+of a run) applies; random stages (erasing, mixup, GPU decoding) plug in after it in training.
+
+A random stage draws through :class:`BatchDraw`: per sample from (seed, epoch, sample index),
+per batch from (seed, epoch, global offset of the micro-batch, rank). Neither depends on the
+world size, the batch split or the loader workers, so a resume stays exact, and ranks never draw
+alike. A user's data set that yields float tensors is taken as already normalised.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
+
+_MASK32 = 0xFFFF_FFFF
+
+
+class Batch(NamedTuple):
+    """What a loader yields: stacked images and targets as loaded, how many samples were dropped
+    as unreadable, and the data-set index of each sample kept (for per-sample draws)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: int
+    indices: torch.Tensor
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply), computed in int64 without overflow."""
+    for multiplier in (0x7FEB352D, 0x46F0D5EB):  # both < 2**31: products stay below 2**63
+        x = (x ^ (x >> 16)) & _MASK32
+        x = (x * multiplier) & _MASK32
+    return (x ^ (x >> 16)) & _MASK32
+
+
+def _key(*words: int) -> int:
+    """One 32-bit hash of several integers (on the host: no device work)."""
+    x = torch.zeros((), dtype=torch.int64)
+    for word in words:
+        x = _mix32(x ^ (word & _MASK32))
+    return int(x)
+
+
+@dataclass(frozen=True)
+class BatchDraw:
+    """The random numbers a stage may use for one micro-batch, as pure functions of where it is."""
+
+    seed: int
+    epoch: int
+    offset: int
+    """Samples of the epoch's global order before this micro-batch (the same on every rank)."""
+    rank: int
+    indices: torch.Tensor
+    """The data-set index of each sample, on the batch's device."""
+
+    def per_sample(self, stream: int) -> torch.Tensor:
+        """One uniform number in [0, 1) per sample, from (seed, epoch, index, stream): a sample
+        draws the same whichever batch, rank or resume it falls in. ``stream`` tells a stage's
+        independent draws apart."""
+        x = _mix32(_mix32(self.indices.to(torch.int64) & _MASK32) ^ _key(self.seed, self.epoch, stream))
+        return x.to(torch.float64).div_(2.0 ** 32).to(torch.float32)
+
+    def per_batch(self, stream: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, epoch, offset, rank, stream), for draws shared by the
+        whole micro-batch (a mixup ratio); move what it draws to the device yourself."""
+        return torch.Generator().manual_seed(_key(self.seed, self.epoch, self.offset, self.rank, stream))
+
+
+class BatchStage(Protocol):
+    """One step of the device pipeline: ``(images, targets) -> (images, targets)`` on the device.
+
+    A stage may change the target form (mixup turns class indices into soft vectors): the Task
+    it trains with must accept what comes out.
+    """
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor,
+                 draw: BatchDraw) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Normalize:
@@ -28,6 +98,10 @@ class Normalize:
             return images
         return images.float().div_(255).sub_(self.mean).div_(self.std)
 
+    def as_stage(self, images: torch.Tensor, targets: torch.Tensor,
+                 draw: BatchDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(images), targets
+
     def to_pixels(self, images: torch.Tensor) -> np.ndarray:
         """(N, C, H, W) images, uint8 or normalised floats, as displayable (N, H, W, C) uint8."""
         images = images.cpu()
@@ -35,3 +109,28 @@ class Normalize:
             pixels = (images.float() * self.std.cpu() + self.mean.cpu()).clamp(0, 1) * 255
             images = pixels.round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).numpy()
+
+
+class DeviceStages:
+    """Copies a loader's batch to the device (in the model's memory format) and runs the stages
+    in order: normalisation first, then ``extra`` (training's random stages)."""
+
+    def __init__(self, normalize: Normalize, device: torch.device, seed: int,
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 extra: Sequence[BatchStage] = ()) -> None:
+        self.normalize, self.device, self.seed, self.memory_format = normalize, device, seed, memory_format
+        self.stages: list[BatchStage] = [normalize.as_stage, *extra]
+
+    def copy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images (as loaded) and targets on the device."""
+        images = batch.images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return images, batch.targets.to(self.device, non_blocking=True)
+
+    def __call__(self, batch: Batch, epoch: int = 0, offset: int = 0,
+                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input and the targets of a training micro-batch at ``offset`` of ``epoch``."""
+        images, targets = self.copy(batch)
+        draw = BatchDraw(self.seed, epoch, offset, rank, batch.indices.to(self.device, non_blocking=True))
+        for stage in self.stages:
+            images, targets = stage(images, targets, draw)
+        return images, targets

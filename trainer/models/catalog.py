@@ -15,13 +15,8 @@ from torch import nn
 from trainer.config import Config, ModelConfig, user_code
 from trainer.errors import ConfigError, first_line
 from trainer.models.modules import head_parameter_names, initialise
-from trainer.models.weights import (
-    checkpoint_data_settings,
-    is_file_spec,
-    load_weights,
-    read_weight_file,
-    torchvision_file,
-)
+from trainer.models.weights import (checkpoint_data_settings, is_file_spec, load_weights, read_weight_file,
+                                    torchvision_file)
 
 log = logging.getLogger(__name__)
 

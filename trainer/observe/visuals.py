@@ -1,9 +1,8 @@
-"""What a run shows besides numbers: sample grids, the confusion matrix, per-class metrics, the
-worst validation mistakes, weight and gradient histograms, the model graph.
+"""What a run shows besides numbers: the grid of augmented samples, the task's validation pictures
+and per-class table (``per_class.json``), weight and gradient histograms, the model graph.
 
 All of it happens once at the start or once per epoch, on rank 0, outside the training loop.
-The only per-batch work is in validation (:class:`ValidationEvidence`): a top-k of the
-misclassified samples per rank, on the device, gathered to rank 0 once at the end.
+What a validation shows is the task's (see trainer.tasks.base.Evidence).
 """
 
 from __future__ import annotations
@@ -11,80 +10,61 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainer.checkpoint import atomic
 from trainer.config import Config
 from trainer.data.stages import Normalize
 from trainer.models import evaluation_mode
-from trainer.observe.logs import MetricSinks
+from trainer.observe.sinks import MetricSinks
 from trainer.observe.trackers import Histogram
 from trainer.parallel.distributed import DistEnv
-from trainer.train.metrics import per_class
 
 GRID_IMAGES = 16
-"""Training samples in the start grid, and worst mistakes per epoch."""
-TOP_CONFUSIONS = 20
-"""Rows of the top-confusions table."""
+"""Training samples in the start grid."""
 
 
-class ValidationEvidence:
-    """An evaluation observer (see ``metrics.evaluate_model``): keeps this rank's ``k`` highest-loss
-    misclassified samples on the device, then, given the reduced confusion matrix, gathers them
-    to rank 0 as uint8 pixels (a collective: every rank takes part)."""
+class Evidence(Protocol):
+    """Sees each validation batch on every rank, then, after the meter's reduction, gathers what
+    the pictures need to rank 0 (a collective) and sends the pictures and tables there."""
 
-    def __init__(self, env: DistEnv, to_pixels: Callable[[torch.Tensor], np.ndarray], k: int = GRID_IMAGES) -> None:
-        self.env, self.to_pixels, self.k = env, to_pixels, k
-        self.kept: tuple[torch.Tensor, ...] | None = None  # losses, images, targets, predictions
-        self.confusion: torch.Tensor | None = None
-        self.mistakes: list[tuple[float, np.ndarray, int, int]] = []  # rank 0: the worst, worst first
+    def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
 
-    def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        predictions = logits.argmax(dim=1)
-        losses = nn.functional.cross_entropy(logits, targets, reduction="none")
-        losses = losses.masked_fill(predictions == targets, float("-inf"))  # right answers never rank
-        worst, index = losses.topk(min(self.k, losses.numel()))
-        batch = (worst, images[index], targets[index], predictions[index])
-        if self.kept is not None:
-            merged = [torch.cat([old, new]) for old, new in zip(self.kept, batch)]
-            _, index = merged[0].topk(min(self.k, merged[0].numel()))
-            batch = tuple(part[index] for part in merged)
-        self.kept = batch
+    def finish(self, meter: Any) -> None: ...
 
-    def finish(self, confusion: torch.Tensor) -> None:
-        self.confusion = confusion
-        mine: list[tuple[float, np.ndarray, int, int]] = []
-        if self.kept is not None:
-            losses, images, targets, predictions = (part.cpu() for part in self.kept)
-            mine = [(loss, pixels, target, prediction) for loss, pixels, target, prediction
-                    in zip(losses.tolist(), self.to_pixels(images), targets.tolist(), predictions.tolist())
-                    if loss != float("-inf")]
-        everyone = [mine]
-        if self.env.is_distributed:
-            everyone = [None] * self.env.world_size if self.env.is_main else None  # type: ignore[list-item]
-            dist.gather_object(mine, everyone, dst=0, group=self.env.control)
-        if self.env.is_main:
-            pooled = [item for items in everyone for item in items]  # type: ignore[union-attr]
-            self.mistakes = sorted(pooled, key=lambda item: -item[0])[:self.k]
+    def publish(self, sinks: MetricSinks, step: int) -> list[dict[str, Any]]:
+        """Send the pictures (rank 0); return the per-class rows for ``per_class.json``."""
+        ...
+
+
+class Pictured(Protocol):
+    """What the pictures need of the task (see trainer.tasks.base.Task)."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def caption(self, target: torch.Tensor, classes: list[str]) -> str: ...
+
+    def evidence(self, env: DistEnv, to_pixels: Callable[[torch.Tensor], np.ndarray],
+                 classes: list[str]) -> Evidence | None: ...
 
 
 class RunVisuals:
     """Makes and sends the pictures and tables (rank 0); a no-op elsewhere and with
     ``log.pictures=false`` (histograms and the graph have their own keys)."""
 
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str], normalize: Normalize) -> None:
-        self.log_cfg, self.env, self.classes, self.normalize = cfg.log, env, classes, normalize
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str], normalize: Normalize,
+                 task: Pictured) -> None:
+        self.log_cfg, self.env, self.classes, self.normalize, self.task = cfg.log, env, classes, normalize, task
         self.per_class_path = run_dir / "per_class.json"
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # training samples for gradient histograms
 
-    def evidence(self) -> ValidationEvidence | None:
-        """An observer for the next evaluation, when pictures are on (same answer on every rank)."""
-        return ValidationEvidence(self.env, self.normalize.to_pixels) if self.log_cfg.pictures else None
+    def evidence(self) -> Evidence | None:
+        """The task's observer for the next evaluation, when pictures are on (same answer on every rank)."""
+        return self.task.evidence(self.env, self.normalize.to_pixels, self.classes) if self.log_cfg.pictures else None
 
     def at_start(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                  device: torch.device, step: int) -> None:
@@ -106,52 +86,30 @@ class RunVisuals:
         samples = [sample for sample in samples if sample is not None]
         if not samples:
             return
-        images = torch.stack([image for image, _ in samples])
-        targets = torch.tensor([target for _, target in samples])
+        images = torch.stack([image for image, _, _ in samples])
+        targets = torch.stack([torch.as_tensor(target) for _, target, _ in samples])
         self.probe = (images, targets)
         if step > 0:
             return
         if cfg.pictures:
             from trainer.observe import pictures  # PIL's drawing modules: imported when first needed
 
-            captions = [self.classes[t] for t in targets.tolist()]
+            captions = [self.task.caption(target, self.classes) for target in targets]
             sinks.image("train/augmented_samples", pictures.image_grid(self.normalize.to_pixels(images), captions), 0)
         if cfg.graph:
             with evaluation_mode(model):
                 sinks.graph(model, self.normalize(images[:1].to(device)))
 
-    def at_epoch_end(self, sinks: MetricSinks, evidence: ValidationEvidence | None, model: nn.Module,
+    def at_epoch_end(self, sinks: MetricSinks, evidence: Evidence | None, model: nn.Module,
                      epoch: int, step: int) -> None:
-        """Per-class table (and ``per_class.json``), confusion matrix, worst mistakes, histograms."""
+        """The task's validation pictures and per-class table (also ``per_class.json``), histograms."""
         if not self.env.is_main:
             return
-        if evidence is not None and evidence.confusion is not None:
-            self._validation_pictures(sinks, evidence, epoch, step)
+        if evidence is not None and (rows := evidence.publish(sinks, step)):
+            _write_json_atomic(self.per_class_path, {"epoch": epoch, "step": step, "classes": rows})
         every = self.log_cfg.histogram_every_epochs
         if every > 0 and epoch % every == 0:
             self._histograms(sinks, model, step)
-
-    def _validation_pictures(self, sinks: MetricSinks, evidence: ValidationEvidence, epoch: int,
-                             step: int) -> None:
-        from trainer.observe import pictures
-
-        confusion = evidence.confusion.double()  # type: ignore[union-attr]
-        precision, recall, f1 = per_class(confusion)
-        support = confusion.sum(dim=1)
-        columns = ["class", "precision", "recall", "f1", "support"]
-        rows = [[name, p, r, f, int(n)] for name, p, r, f, n in
-                zip(self.classes, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist())]
-        sinks.table("val/per_class", columns, rows, step)
-        _write_json_atomic(self.per_class_path, {"epoch": epoch, "step": step,
-                                                 "classes": [dict(zip(columns, row)) for row in rows]})
-        counts = confusion.numpy()
-        sinks.image("val/confusion_matrix", pictures.confusion_image(counts, self.classes), step)
-        sinks.table("val/top_confusions", ["true", "predicted", "count", "share of true class"],
-                    top_confusions(counts, self.classes), step)
-        if evidence.mistakes:
-            pixels = np.stack([image for _, image, _, _ in evidence.mistakes])
-            captions = [f"true: {self.classes[t]}\npred: {self.classes[p]}" for _, _, t, p in evidence.mistakes]
-            sinks.image("val/worst_mistakes", pictures.image_grid(pixels, captions), step)
 
     def _histograms(self, sinks: MetricSinks, model: nn.Module, step: int) -> None:
         """Weights, and the gradients of the loss on the start grid's samples at these weights.
@@ -168,27 +126,11 @@ class RunVisuals:
         device = named[0][1].device
         images, targets = (t.to(device) for t in self.probe)
         with evaluation_mode(model), torch.enable_grad():
-            loss = nn.functional.cross_entropy(model(self.normalize(images)).float(), targets)
+            loss = self.task.loss(model(self.normalize(images)).float(), targets)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         for (name, _), grad in zip(named, grads):
             if grad is not None and (histogram := Histogram.of(grad)) is not None:
                 sinks.histogram(f"grads/{name}", histogram, step)
-
-
-def top_confusions(confusion: np.ndarray, classes: Sequence[str], count: int = TOP_CONFUSIONS) -> list[list[Any]]:
-    """The most frequent (true, predicted) pairs off the diagonal: the errors worth a look first."""
-    off = confusion.astype(np.float64).copy()
-    np.fill_diagonal(off, 0)
-    totals = confusion.sum(axis=1)
-    order = np.argsort(off, axis=None)[::-1][:count]
-    rows = []
-    for flat in order:
-        true, predicted = divmod(int(flat), len(classes))
-        if off[true, predicted] <= 0:
-            break
-        rows.append([classes[true], classes[predicted], int(off[true, predicted]),
-                     float(off[true, predicted] / totals[true])])
-    return rows
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:

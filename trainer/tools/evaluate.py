@@ -14,28 +14,44 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer import checkpoint, config, models
-from trainer.__main__ import _one_line
 from trainer.config import user_code
 from trainer.data import loaders, sources
-from trainer.data.stages import Normalize
-from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from trainer.observe.logs import setup_console
+from trainer.data.stages import DeviceStages, Normalize
+from trainer.errors import EXIT_OK, EXIT_USER_ERROR, UserError, one_line
+from trainer.observe.console import setup_console
 from trainer.parallel import distributed
 from trainer.train import precision
-from trainer.train.metrics import evaluate_model
+from trainer.tasks.registry import build_task
+from trainer.train.evaluation import evaluate_model
 
-MODEL_SECTIONS = ("data", "model", "train")
+MODEL_SECTIONS = ("data", "task", "model", "train")
 """The parts of a checkpoint's saved config that evaluation starts from (not dist, log or ckpt)."""
 
 
+class _KeepMeter:
+    """An evaluation observer that keeps the reduced meter, for the per-class rows."""
+
+    meter: Any = None
+
+    def update(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+    def finish(self, meter: Any) -> None:
+        self.meter = meter
+
+
 def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dict[str, Any],
-                        origin: Path, weights: str = "auto") -> dict[str, float]:
-    """Metrics of the checkpoint's model (or EMA) weights on the validation split of ``cfg.data``.
+                        origin: Path, weights: str = "auto") -> dict[str, Any]:
+    """Metrics of the checkpoint's model (or EMA) weights on the validation split of ``cfg.data``,
+    with the task's per-class rows under ``per_class``.
 
     On a CPU it computes in fp32 whatever the training precision (CPU autocast has no fp16).
     """
-    splits = sources.prepared_splits(cfg.data, env)
+    task = build_task(cfg)
+    splits = sources.prepared_splits(cfg.data, env, multi_hot=task.target_form == "multi_hot")
     checkpoint.check_classes(state, splits.classes, origin)
     _, chosen = checkpoint.select_weights(state, weights, origin)
     model = models.build_model(cfg.model.name, len(splits.classes), cfg.data.image_size)
@@ -44,9 +60,11 @@ def evaluate_checkpoint(cfg: config.Config, env: distributed.DistEnv, state: dic
     model.to(env.device, memory_format=memory_format)
     loader = loaders.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
     autocast = precision.resolve("fp32" if env.device.type == "cpu" else cfg.train.precision, env.device)
-    metrics, _ = evaluate_model(model, loader, len(splits.classes), env.device, autocast, memory_format,
-                                env.control, normalize=Normalize(cfg.data.mean, cfg.data.std, env.device))
-    return metrics
+    stages = DeviceStages(Normalize(cfg.data.mean, cfg.data.std, env.device), env.device, cfg.train.seed, memory_format)
+    kept = _KeepMeter()
+    metrics, _ = evaluate_model(model, loader, task, len(splits.classes), stages, autocast, env.control,
+                                observer=kept)
+    return {**metrics, "per_class": kept.meter.rows(splits.classes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,5 +93,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except UserError as exc:
         if topology.rank == 0:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR

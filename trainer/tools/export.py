@@ -43,7 +43,8 @@ def export_program(state: dict[str, Any], origin: Path, out: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     extra = {PROGRAM_METADATA: json.dumps({"classes": state["classes"], "data": state["config"]["data"],
-                                           "model": state["config"]["model"]["name"]})}
+                                           "model": state["config"]["model"]["name"],
+                                           "task": state["config"].get("task", {})})}
     torch.export.save(program, str(out), extra_files=extra)
 
 

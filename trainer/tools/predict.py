@@ -15,11 +15,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trainer import checkpoint
+from trainer import checkpoint, config
 from trainer.config import DataConfig, user_code
 from trainer.data import loaders
 from trainer.data.stages import Normalize
 from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+from trainer.tasks.registry import build_task
 from trainer.tools import export
 
 
@@ -29,12 +30,15 @@ class Predictor:
     def __init__(self, checkpoint_path: Path, weights: str = "auto") -> None:
         if checkpoint_path.suffix == ".pt2":
             self.model, saved = export.load_program(checkpoint_path)
-            saved_data = saved["data"]
+            saved_data, saved_config = saved["data"], {"task": saved.get("task", {})}
         else:
             state = checkpoint.load(checkpoint_path)
-            saved, saved_data = state, state["config"]["data"]
-            self.model = export.rebuild_model(state, checkpoint_path, weights)
+            saved, saved_data, saved_config = state, state["config"]["data"], state["config"]
         self.classes: list[str] = saved["classes"]
+        self.task = build_task(config.load(base={key: saved_config[key] for key in ("task", "train")
+                                                 if key in saved_config}))
+        if checkpoint_path.suffix != ".pt2":
+            self.model = export.rebuild_model(state, checkpoint_path, weights)
         data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
                                                                    saved_data))  # type: ignore[assignment]
         self.transform = loaders.build_transform(data_cfg, train=False)
@@ -46,9 +50,8 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, image: Image.Image) -> torch.Tensor:
-        """Class probabilities for one image."""
-        logits = self.model(self.prepare(image))
-        return logits.float().softmax(dim=1)[0]
+        """Class probabilities for one image (the task's: softmax, or a sigmoid per label)."""
+        return self.task.probabilities(self.model(self.prepare(image)))[0]
 
     def top(self, image: Image.Image, k: int) -> list[tuple[str, float]]:
         probs = self.probabilities(image)

@@ -16,24 +16,29 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from trainer.data.stages import Batch
+
 STAND_IN_SIZE = 2
 """Samples in a stand-in batch: two, so that BatchNorm layers over (N, C) accept it."""
 
 
 class StandIn:
-    """Swaps an empty (all-unreadable) batch for a zero batch shaped like the real ones."""
+    """Swaps an empty (all-unreadable) batch for a zero batch shaped like the real ones, with the
+    task's targets for it (``targets(count)``)."""
 
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], image_size: int) -> None:
-        self.transform, self.image_size = transform, image_size
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
+                 targets: Callable[[int], torch.Tensor]) -> None:
+        self.transform, self.image_size, self.targets = transform, image_size, targets
         self.like: torch.Tensor | None = None  # one sample of the last readable batch (its shape and dtype)
 
-    def swap(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(images, targets, False)`` for a readable batch; a stand-in ``(zeros, zeros, True)`` for an empty one."""
-        if targets.numel() > 0:
+    def swap(self, batch: Batch) -> tuple[Batch, bool]:
+        """``(batch, False)`` for a readable batch; a stand-in ``(zeros, True)`` for an empty one."""
+        if batch.targets.numel() > 0:
             if self.like is None:
-                self.like = torch.zeros_like(images[0])
-            return images, targets, False
+                self.like = torch.zeros_like(batch.images[0])
+            return batch, False
         if self.like is None:  # the first batch: what the transform makes of a blank image
             self.like = torch.zeros_like(self.transform(Image.new("RGB", (self.image_size, self.image_size))))
         images = self.like.unsqueeze(0).expand(STAND_IN_SIZE, *self.like.shape).contiguous()
-        return images, torch.zeros(STAND_IN_SIZE, dtype=torch.long), True
+        indices = torch.zeros(STAND_IN_SIZE, dtype=torch.long)
+        return Batch(images, self.targets(STAND_IN_SIZE), batch.skipped, indices), True

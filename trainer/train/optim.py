@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Collection
+from typing import Collection
 
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig, SchedConfig
+from trainer.config import OPEN_CHOICES, OptimConfig, SchedConfig, user_code
+
+BUILTIN_OPTIMIZERS = OPEN_CHOICES["optim.name"]
+BUILTIN_SCHEDULES = OPEN_CHOICES["sched.name"]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                     head: Collection[str] = ()) -> torch.optim.Optimizer:
-    """SGD, Adam, AdamW or Adagrad; norm and bias parameters skip weight decay unless configured.
+    """SGD, Adam, AdamW, Adagrad or the user's (``optim.name=my_pkg.optim:build``, called with the
+    parameter groups and the optim config); norm and bias parameters skip weight decay unless configured.
 
     The parameters named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group
     records whether it is the head, so that the schedule can hold a frozen backbone still.
@@ -27,6 +31,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                 "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "head": is_head,
                 "lr": cfg.lr * (cfg.head_lr_mult if is_head else 1.0)})["params"].append(param)
     groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
+    if cfg.name not in BUILTIN_OPTIMIZERS:  # the user's: build(param_groups, cfg) -> Optimizer
+        return user_code.load_callable(cfg.name, "optim.name")(groups, cfg)
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -37,24 +43,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, foreach=True)
 
 
-class OptimizerState:
-    """The optimizer as a checkpoint piece: its buffers (momentum, Adam moments) come from the
-    checkpoint, its hyper-parameters (momentum, weight decay, betas...) from the current config,
-    so that overrides given at a resume take effect."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state)
-        for group, own in zip(self.optimizer.param_groups, configured):
-            group.update(own)
-
-
 def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
     """The multiplier of the base learning rate for an optimizer step over progress [start, end).
 
@@ -63,6 +51,8 @@ def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
     Warmup rises linearly to 1 at ``warmup_epochs`` (by the step's end, so the first step moves);
     the decay is read at the step's start (so the last step still moves).
     """
+    if cfg.name not in BUILTIN_SCHEDULES:  # the user's: factor(start, end, cfg, epochs) -> float
+        return float(user_code.load_callable(cfg.name, "sched.name")(start, end, cfg, epochs))
     warmup = min(cfg.warmup_epochs, epochs)
     if start < warmup:
         return min(1.0, end / warmup)

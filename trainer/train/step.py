@@ -10,85 +10,38 @@ device, and the EMA counts its updates in Python.
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import TrainConfig
-from trainer.data.stages import Normalize
 from trainer.models import evaluation_mode
+from trainer.parallel.strategy import Parallel
+from trainer.tasks.base import Task
+from trainer.train.ema import ModelEma
 from trainer.train.precision import Precision
-
-
-class ModelEma:
-    """An exponential moving average of a model's weights and floating-point buffers.
-
-    ``torch.optim.swa_utils.AveragedModel`` keeps its update count in a device tensor and reads it
-    on every update (a host sync per step); here the count is a Python int and the blend is one
-    foreach lerp over all tensors.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-        self._source = model
-
-    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """(ema floats, model floats, ema others, model others), parameters and buffers alike."""
-        mine = [*self.module.parameters(), *self.module.buffers()]
-        theirs = [*self._source.parameters(), *self._source.buffers()]
-        floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
-        others = [i for i, t in enumerate(mine) if not t.is_floating_point()]
-        return ([mine[i] for i in floats], [theirs[i].detach() for i in floats],
-                [mine[i] for i in others], [theirs[i] for i in others])
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Blend the model's current weights in (the first update copies them)."""
-        ema_floats, floats, ema_others, others = self._tensors()
-        if self.updates == 0:
-            torch._foreach_copy_(ema_floats, floats)
-        else:
-            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.decay)
-        for mine, theirs in zip(ema_others, others):  # e.g. BatchNorm's num_batches_tracked
-            mine.copy_(theirs)
-        self.updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
 
 
 class TrainStep:
     """Owns what one optimizer step needs beyond the model and optimizer: autocast, the scaler,
     accumulation, clipping, non-finite handling and the EMA.
 
-    ``model`` is what runs the forward pass (DDP- and/or compile-wrapped); ``net`` is the plain
-    module underneath, whose parameters are clipped and averaged. ``normalize`` turns the loader's
-    uint8 images into the model's floats once they are on the device.
+    ``model`` is what runs the forward pass (wrapped by ``parallel``: DDP and/or compiled);
+    ``net`` is the plain module underneath, whose parameters are clipped and averaged. The loss
+    is the ``task``'s; the batch arrives on the device, through the device stages.
     """
 
-    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 device: torch.device, cfg: TrainConfig, normalize: Normalize,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
-        self.net, self.model, self.optimizer, self.normalize = net, model, optimizer, normalize
-        self.precision, self.device, self.cfg, self.memory_format = precision, device, cfg, memory_format
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, parallel: Parallel,
+                 task: Task, precision: Precision, device: torch.device, cfg: TrainConfig) -> None:
+        self.net, self.model, self.optimizer, self.parallel, self.task = net, model, optimizer, parallel, task
+        self.precision, self.device, self.cfg = precision, device, cfg
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
         self.ema = ModelEma(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
         self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in
-        unwrapped = getattr(model, "_orig_mod", model)  # compiled after DDP: the DDP module inside
-        self.ddp = unwrapped if isinstance(unwrapped, DistributedDataParallel) else None
 
     def micro_batch(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
                     stand_in: bool = False) -> torch.Tensor:
@@ -97,18 +50,16 @@ class TrainStep:
 
         A ``stand_in`` batch (see :mod:`trainer.train.bad_batches`) runs in eval mode with zero weight.
         """
-        images = self.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
-        targets = targets.to(self.device, non_blocking=True)
-        with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+        with self.parallel.no_sync(boundary=last):
             with self.precision.autocast(self.device), evaluation_mode(self.net) if stand_in else nullcontext():
                 logits = self.model(images)
-            loss = self.criterion(logits.float(), targets)
+            loss = self.task.loss(logits.float(), targets)
             if stand_in:
                 loss = loss * 0.0
             self.scaler.scale(loss / window if window > 1 else loss).backward()
         self.window_has_data |= not stand_in
         if last:
-            if self.window_has_data or self.ddp is not None:  # all DDP ranks step: none knows the others' data
+            if self.window_has_data or self.parallel.lockstep:  # all ranks step: none knows the others' data
                 self._optimizer_step()
             else:
                 self.skipped_steps += 1
@@ -144,7 +95,8 @@ class TrainStep:
         return self.skipped_steps + int(self.scaler_skips)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+        ema = {"model": self.parallel.model_state(self.ema.module), "updates": self.ema.updates} if self.ema else None
+        return {"scaler": self.scaler.state_dict(), "ema": ema,
                 "skipped_steps": self.skipped_steps, "scaler_skips": int(self.scaler_skips)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,6 +105,7 @@ class TrainStep:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.parallel.load_model_state(self.ema.module, state["ema"]["model"])
+            self.ema.updates = int(state["ema"]["updates"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.scaler_skips.fill_(int(state.get("scaler_skips", 0)))

@@ -1,10 +1,7 @@
-"""Rank-aware console logging, the progress bar, and the rank-0 metric sinks (see trainer.observe.trackers)."""
+"""The rank-0 metric sinks (``log.trackers``), fanned out; the sinks themselves are in trainer.observe.trackers."""
 
 from __future__ import annotations
 
-import logging
-import socket
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -12,68 +9,14 @@ import torch
 from torch import nn
 
 from trainer.config import LogConfig
-from trainer.observe.trackers import Histogram, Sink, build_sinks
+from trainer.errors import ConfigError
+from trainer.config import user_code
+from trainer.observe.hosted import MlflowSink, WandbSink
+from trainer.observe.trackers import BackgroundSink, Histogram, JsonlSink, Sink, TensorBoardSink
 from trainer.parallel.distributed import DistEnv
 
 if TYPE_CHECKING:
     from PIL import Image
-
-log = logging.getLogger("trainer")
-
-
-def setup_console(rank: int, debug: bool = False) -> None:
-    """Rank 0 prints INFO to stdout and warnings to stderr; other ranks print only warnings and
-    errors, prefixed ``host:rank``."""
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    if rank == 0:
-        info = logging.StreamHandler(sys.stdout)
-        info.addFilter(lambda record: record.levelno < logging.WARNING)
-        info.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(info)
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setLevel(logging.WARNING)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setLevel(logging.WARNING)
-        handler.setFormatter(logging.Formatter(f"[{socket.gethostname()}:{rank}] %(levelname)s %(message)s"))
-    log.addHandler(handler)
-
-
-def add_rank_file(run_dir: Path, rank: int) -> Path:
-    """Also keep this rank's full log (INFO and up, timestamped) in ``run_dir/logs/rank_<r>.log``."""
-    path = run_dir / "logs" / f"rank_{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return path
-
-
-class ProgressBar:
-    """A tqdm bar on rank 0 (``auto``: only when stderr is a terminal); a no-op elsewhere."""
-
-    def __init__(self, env: DistEnv, mode: str, total: int, desc: str) -> None:
-        enabled = env.is_main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix(self, **values: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(values, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class MetricSinks:
@@ -85,7 +28,7 @@ class MetricSinks:
 
     def __init__(self, env: DistEnv, run_dir: Path, cfg: LogConfig) -> None:
         names = cfg.trackers if env.is_main else []
-        self.sinks: list[Sink] = build_sinks(names, run_dir, cfg.project, cfg.wandb_mode, cfg.mlflow_uri)
+        self.sinks: list[Sink] = build_sinks(names, run_dir, cfg)
         self.tensorboard_dir = run_dir / "tensorboard" if "tensorboard" in names else None
         self.jsonl_path = run_dir / "metrics.jsonl" if "jsonl" in names else None
         self.resume_ids: dict[str, str] = {}
@@ -161,3 +104,23 @@ class MetricSinks:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def build_sinks(names: list[str], run_dir: Path, cfg: LogConfig) -> list[Sink]:
+    """The sinks ``log.trackers`` names, in that order; wandb, MLflow and the user's own
+    (``my_pkg.sinks:build``, called with the run directory and the log config) behind a thread."""
+    makers = {
+        "tensorboard": lambda: TensorBoardSink(run_dir / "tensorboard"),
+        "jsonl": lambda: JsonlSink(run_dir / "metrics.jsonl"),
+        "wandb": lambda: BackgroundSink(WandbSink(run_dir, cfg.project, run_dir.name, cfg.wandb_mode)),
+        "mlflow": lambda: BackgroundSink(MlflowSink(run_dir, cfg.mlflow_uri, cfg.project, run_dir.name)),
+    }
+    return [makers[name]() if name in makers else _user_sink(name, run_dir, cfg) for name in names]
+
+
+def _user_sink(spec: str, run_dir: Path, cfg: LogConfig) -> Sink:
+    sink = user_code.load_callable(spec, "log.trackers")(run_dir, cfg)
+    if not isinstance(sink, Sink):
+        raise ConfigError(f"log.trackers: {spec} returned a {type(sink).__name__}; return a subclass of "
+                          "trainer.observe.trackers.Sink")
+    return BackgroundSink(sink)

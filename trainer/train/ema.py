@@ -1,0 +1,44 @@
+"""An exponential moving average of a model's weights, updated without a host sync."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModelEma:
+    """An exponential moving average of a model's weights and floating-point buffers.
+
+    ``torch.optim.swa_utils.AveragedModel`` keeps its update count in a device tensor and reads it
+    on every update (a host sync per step); here the count is a Python int and the blend is one
+    foreach lerp over all tensors.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+        self._source = model
+
+    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(ema floats, model floats, ema others, model others), parameters and buffers alike."""
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*self._source.parameters(), *self._source.buffers()]
+        floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
+        others = [i for i, t in enumerate(mine) if not t.is_floating_point()]
+        return ([mine[i] for i in floats], [theirs[i].detach() for i in floats],
+                [mine[i] for i in others], [theirs[i] for i in others])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Blend the model's current weights in (the first update copies them)."""
+        ema_floats, floats, ema_others, others = self._tensors()
+        if self.updates == 0:
+            torch._foreach_copy_(ema_floats, floats)
+        else:
+            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.decay)
+        for mine, theirs in zip(ema_others, others):  # e.g. BatchNorm's num_batches_tracked
+            mine.copy_(theirs)
+        self.updates += 1

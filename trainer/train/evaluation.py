@@ -1,0 +1,76 @@
+"""Validation: a model's metrics over the whole validation set, every sample counted once across
+ranks, reduced once at the end by the task's meter."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.data.stages import DeviceStages
+from trainer.errors import OutOfMemory
+from trainer.parallel.strategy import Parallel
+from trainer.tasks.base import Task
+from trainer.train.precision import Precision
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: DataLoader, task: Task, num_classes: int, stages: DeviceStages,
+                   precision: Precision, group: dist.ProcessGroup | None = None,
+                   stop: Callable[[], bool] = lambda: False, observer: Any = None) -> tuple[dict[str, float], int]:
+    """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
+
+    ``stop()`` is checked before each batch: a rank told to stop leaves early, so the metrics are
+    then partial (the caller discards them). It needs no agreement between ranks: the only
+    collective is the reduction at the end, which every rank reaches either way.
+    ``observer`` (the task's evidence, on every rank or none) sees each batch as loaded (uint8
+    from our transforms), then the reduced meter.
+    """
+    model.eval()
+    meter, skipped = task.meter(num_classes, stages.device), 0
+    for batch in loader:
+        if stop():
+            break
+        skipped += batch.skipped
+        if not len(batch.targets):  # every sample unreadable; the only collective is after the loop
+            continue
+        images, targets = stages.copy(batch)
+        with precision.autocast(stages.device):
+            logits = model(stages.normalize(images)).float()
+        meter.update(logits, targets)
+        if observer is not None:
+            observer.update(images, logits, targets)
+    metrics = meter.reduce(group)
+    if observer is not None:
+        observer.finish(meter)
+    return metrics, skipped
+
+
+class Validation:
+    """The Worker's validation: the same loader, task and stages each epoch, for the model or its EMA."""
+
+    def __init__(self, loader: DataLoader, task: Task, num_classes: int, stages: DeviceStages,
+                 precision: Precision, parallel: Parallel, group: dist.ProcessGroup | None,
+                 stop: Callable[[], bool]) -> None:
+        self.loader, self.task, self.num_classes, self.stages = loader, task, num_classes, stages
+        self.precision, self.parallel, self.group, self.stop = precision, parallel, group, stop
+
+    def __call__(self, model: nn.Module, observer: Any = None) -> tuple[dict[str, float], int]:
+        """Metrics of ``model`` and the unreadable samples skipped on this rank.
+
+        Every rank first takes rank 0's buffers (BatchNorm statistics, EMA-averaged buffers): each
+        rank updated its own in its last steps, and rank 0's are the ones the checkpoint keeps, so
+        the logged metrics are the saved model's (what ``trainer.evaluate`` reports). A stop signal
+        cuts the validation short (the partial metrics are then not logged).
+        """
+        self.parallel.agree_buffers(model)
+        try:
+            return evaluate_model(model, self.loader, self.task, self.num_classes, self.stages, self.precision,
+                                  self.group, self.stop, observer)
+        except torch.OutOfMemoryError:
+            batch = self.loader.batch_size
+            raise OutOfMemory(f"{self.stages.device} ran out of memory in validation at batch {batch} per process; "
+                              f"set data.val_batch_size={max(1, (batch or 2) // 2)}") from None

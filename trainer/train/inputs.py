@@ -1,0 +1,47 @@
+"""What the Worker trains and validates on: the splits with their transforms, the global-position
+batch sampler, the loaders, and the stand-in for a batch with no readable sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader
+
+from trainer.config import Config
+from trainer.data import loaders, sources
+from trainer.errors import DataError
+from trainer.observe.console import log
+from trainer.parallel.distributed import DistEnv
+from trainer.tasks.base import Task
+from trainer.train.bad_batches import StandIn
+
+
+@dataclass
+class Inputs:
+    classes: list[str]
+    train_set: loaders.SeededTransformDataset
+    sampler: loaders.TrainBatchSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    stand_in: StandIn
+
+
+def build_inputs(cfg: Config, env: DistEnv, task: Task) -> Inputs:
+    """This rank's loaders over the configured source, in the target form the task learns from."""
+    splits = sources.prepared_splits(cfg.data, env, multi_hot=task.target_form == "multi_hot")
+    train_set = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg.data, True),
+                                               cfg.train.seed, cfg.data.on_bad_sample == "skip")
+    if len(train_set) < env.world_size:
+        raise DataError(f"{len(train_set)} training samples for {env.world_size} processes: each process "
+                        "needs at least one; use fewer processes or more data")
+    batch = cfg.data.batch_size
+    sampler = loaders.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
+    batch_bytes = batch * 3 * cfg.data.image_size ** 2  # uint8 pixels
+    if (shm := loaders.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
+        log.warning(shm)
+    classes = splits.classes
+    stand_in = StandIn(train_set.transform, cfg.data.image_size,
+                       lambda count: task.stand_in_targets(count, len(classes)))
+    train_loader = loaders.build_train_loader(train_set, sampler, cfg.data, env.device, cfg.train.seed + env.rank)
+    val_loader = loaders.build_val_loader(splits.val, cfg.data, env.world_size, env.rank, env.device, cfg.train.seed)
+    return Inputs(classes, train_set, sampler, train_loader, val_loader, stand_in)
