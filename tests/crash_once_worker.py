@@ -8,10 +8,10 @@ import os
 import sys
 
 from trainer.__main__ import main
-from trainer.train import worker
+from trainer.train import epoch
 
 CRASH_AT = int(os.environ.get("CRASH_AT_STEP", "6"))
-original_step = worker.Worker._train_step
+original_step = epoch.EpochLoop._train_step
 
 
 def crashing_step(self, *args):  # type: ignore[no-untyped-def]
@@ -23,5 +23,5 @@ def crashing_step(self, *args):  # type: ignore[no-untyped-def]
     return result
 
 
-worker.Worker._train_step = crashing_step  # type: ignore[method-assign]
+epoch.EpochLoop._train_step = crashing_step  # type: ignore[method-assign]
 main()

@@ -3,7 +3,7 @@
 Used by tests/test_distributed.py to check that an exception on one rank ends the whole job
 quickly (well before the process-group timeout) with that rank's traceback in the output, under
 torchrun and accelerate. Rank 1 prints the wall-clock time at which it raises, so the test can
-measure how long the job took to end after the failure. The product code has no hook for this: we wrap ``Worker._train_step``.
+measure how long the job took to end after the failure. The product code has no hook for this: we wrap ``EpochLoop._train_step``.
 
     torchrun --standalone --nproc_per_node=2 tests/faulty_worker.py key=value ...
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from trainer.__main__ import main  # noqa: E402
-from trainer.train import worker  # noqa: E402
+from trainer.train import epoch  # noqa: E402
 
 MESSAGE = "injected failure on rank 1"
 FAIL_AFTER = int(os.environ.get("FAIL_AFTER_STEPS", "2"))
-original_step = worker.Worker._train_step
+original_step = epoch.EpochLoop._train_step
 calls = 0
 
 
@@ -34,7 +34,7 @@ def failing_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
     return result
 
 
-worker.Worker._train_step = failing_step  # type: ignore[method-assign]
+epoch.EpochLoop._train_step = failing_step  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main()

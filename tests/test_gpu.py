@@ -89,14 +89,14 @@ def test_steady_state_steps_never_sync_the_host(tmp_path: Path, precision: str) 
     batches = [(torch.randn(64, 3, 32, 32, generator=gen).cuda(), torch.randint(0, 6, (64,), generator=gen).cuda())
                for _ in range(4)]
     for images, targets in batches:  # warm-up: lazy state (optimizer, scaler) is created here
-        worker._train_step(images, targets, 1, True)
+        worker.loop._train_step(images, targets, 1, True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, (images, targets) in enumerate(batches * 3):
-            loss = worker._train_step(images, targets, 1, True)
-            worker.meter.update(loss, 64, i)
-            worker._poll()
+            loss = worker.loop._train_step(images, targets, 1, True)
+            worker.loop.meter.update(loss, 64, i)
+            worker.policy.poll(worker.record.global_step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert worker.step.ema is not None and worker.step.ema.updates == 16

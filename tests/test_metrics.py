@@ -162,6 +162,7 @@ def shared_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reduce_shard(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it would hang)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
     try:

@@ -346,7 +346,7 @@ def test_out_of_memory_in_the_optimizer_step_gives_the_hint(tmp_path: Path) -> N
     images, targets = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
     with pytest.raises(OutOfMemory, match=r"data.batch_size=4 per process; try data.batch_size=2 "
                                           r"train.grad_accum_steps=2"):
-        worker._train_step(images, targets, 1, True)
+        worker.loop._train_step(images, targets, 1, True)
 
 
 # ----------------------------------------------------------------------------- evaluate and predict

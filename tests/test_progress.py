@@ -174,13 +174,14 @@ def test_skip_counters_survive_a_resume(tmp_path: Path) -> None:
         return criterion(logits, targets) * (float("nan") if len(calls) == 3 else 1.0)
 
     worker.task.loss = nan_on_third_batch  # type: ignore[method-assign]
-    worker.skipped_samples = 5  # as if 5 unreadable samples had been dropped
+    worker.loop.skipped_samples = 5  # as if 5 unreadable samples had been dropped
     assert worker.fit() == 0 and worker.step.skipped_steps == 1
 
     cfg = config.load([], small_run(tmp_path, *overrides, "data.synthetic_train_per_class=16", "train.epochs=2"))
     resumed = Worker(cfg, distributed.setup("cpu"), cfg.run_dir, StopRequest())
     resumed.resume(cfg.run_dir / "checkpoints" / "last.pt")
-    assert (resumed.step.skipped_steps, resumed.skipped_samples, resumed.record.global_step) == (1, 5, worker.record.global_step)
+    assert (resumed.step.skipped_steps, resumed.loop.skipped_samples, resumed.record.global_step) == \
+        (1, 5, worker.record.global_step)
     assert resumed.fit() == 0
     epochs = resumed.record.history
     assert [e["train/skipped_steps"] for e in epochs] == [1, 1]

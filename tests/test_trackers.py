@@ -125,7 +125,7 @@ def test_early_stopping_ends_both_ranks_with_exit_0_and_the_best_checkpoint(ddp_
     assert [r["epoch"] for r in records(run_dir)] == [1, 2, 3]
     best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 1  # the first epoch set the best; the next two did not beat it
-    assert "done: val top1" in result.stdout
+    assert "done: val/top1" in result.stdout
     again = trainer(run_dir.parents[1], "ddp", "optim.lr=1e-9", "train.epochs=8", "train.early_stop_patience=2",
                     "train.early_stop_min_delta=0.01", "log.trackers=[jsonl]")
     assert again.returncode == 0 and "early stop after epoch 3:" in again.stdout, again.stdout + again.stderr

@@ -3,11 +3,11 @@ line, and user code named by import path. The names below are the package's publ
 
 from trainer.config.loading import (check_metric, epoch_metrics, flatten, get, load, profile_range, schema_keys,
                                     to_dict, to_yaml, validate)
-from trainer.config.schema import (CHOICES, DATA_SOURCES, OPEN_CHOICES, TRACKERS, CheckpointConfig, Config,
-                                   DataConfig, DistConfig, LogConfig, ModelConfig, OptimConfig, SchedConfig,
+from trainer.config.schema import (CHOICES, DATA_SOURCES, OPEN_CHOICES, TASK_METRICS, TRACKERS, CheckpointConfig,
+                                   Config, DataConfig, DistConfig, LogConfig, ModelConfig, OptimConfig, SchedConfig,
                                    TaskConfig, TrainConfig)
 
-__all__ = ["CHOICES", "DATA_SOURCES", "OPEN_CHOICES", "TRACKERS", "CheckpointConfig", "Config", "DataConfig",
-           "DistConfig", "LogConfig", "ModelConfig", "OptimConfig", "SchedConfig", "TaskConfig", "TrainConfig",
-           "check_metric", "epoch_metrics", "flatten", "get", "load", "profile_range", "schema_keys", "to_dict",
-           "to_yaml", "validate"]
+__all__ = ["CHOICES", "DATA_SOURCES", "OPEN_CHOICES", "TASK_METRICS", "TRACKERS", "CheckpointConfig", "Config",
+           "DataConfig", "DistConfig", "LogConfig", "ModelConfig", "OptimConfig", "SchedConfig", "TaskConfig",
+           "TrainConfig", "check_metric", "epoch_metrics", "flatten", "get", "load", "profile_range", "schema_keys",
+           "to_dict", "to_yaml", "validate"]

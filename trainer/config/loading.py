@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config.schema import CHOICES, DATA_SOURCES, NON_NEGATIVE, OPEN_CHOICES, POSITIVE, TRACKERS, Config
-from trainer.tasks.names import METRICS as TASK_METRICS
+from trainer.config.schema import (CHOICES, DATA_SOURCES, NON_NEGATIVE, OPEN_CHOICES, POSITIVE, TASK_METRICS, TRACKERS,
+                                   Config)
 from trainer.errors import ConfigError
 
 

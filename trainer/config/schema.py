@@ -182,6 +182,13 @@ NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
                 "log.histogram_every_epochs", "log.peak_tflops", "task.threshold")
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("top1", "loss", "top5", "precision", "recall", "f1"),
+    "multilabel": ("map", "loss", "f1", "precision", "recall", "f1_macro"),
+}
+"""What each validation of a built-in task logs (``val/<name>``), first the one a run is judged by
+(``ckpt.metric=auto``); checked with the config, before anything is built. A user's task names its own."""
+
 DATA_SOURCES = OPEN_CHOICES["data.source"]
 """The built-in data sources."""
 TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")

@@ -10,7 +10,7 @@ implementation of the same methods.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.parallel.distributed import DistEnv
+
+
+class StatePiece:
+    """A checkpoint piece read and written by two functions."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]], write: Callable[[dict[str, Any]], None]) -> None:
+        self.state_dict, self.load_state_dict = read, write
 
 
 class Parallel:
@@ -54,6 +61,12 @@ class Parallel:
 
     def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
+
+    def checkpoint_pieces(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, StatePiece]:
+        """The model's and the optimizer's state as checkpoint pieces (``model``, ``optimizer``)."""
+        return {"model": StatePiece(lambda: self.model_state(net), lambda state: self.load_model_state(net, state)),
+                "optimizer": StatePiece(lambda: self.optimizer_state(net, optimizer),
+                                        lambda state: self.load_optimizer_state(net, optimizer, state))}
 
     def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict[str, Any]) -> None:

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.config import TASK_METRICS
 from trainer.parallel.distributed import DistEnv
 from trainer.tasks.confusion import ConfusionMeter
 from trainer.tasks.mistakes import ConfusionEvidence
-from trainer.tasks.names import METRICS
 
 
 class Classification:
@@ -20,7 +20,7 @@ class Classification:
 
     name = "classification"
     target_form = "index"
-    metrics = METRICS["classification"]
+    metrics = TASK_METRICS["classification"]
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.config import TASK_METRICS
 from trainer.observe.sinks import MetricSinks
 from trainer.parallel.distributed import DistEnv
-from trainer.tasks.names import METRICS
 from trainer.tasks.ranking import average_precision, f1_at
 
 
@@ -27,7 +27,7 @@ class MultiLabel:
 
     name = "multilabel"
     target_form = "multi_hot"
-    metrics = METRICS["multilabel"]
+    metrics = TASK_METRICS["multilabel"]
 
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold

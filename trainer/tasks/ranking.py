@@ -33,7 +33,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def f1_at(scores: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict[str, float]:
     """Micro precision/recall/F1 and macro F1 of predictions scores >= threshold (scores are probabilities).
 
-    Keys as ``trainer.tasks.names.METRICS["multilabel"]``: ``precision``, ``recall``, ``f1``,
+    Keys as ``trainer.config.TASK_METRICS["multilabel"]``: ``precision``, ``recall``, ``f1``,
     ``f1_macro``. An undefined ratio (nothing predicted, say) is 0, and the macro F1 averages
     the classes seen as a target or a prediction, as the classification confusion does.
     """

@@ -9,7 +9,8 @@ from trainer.tasks.base import Task
 from trainer.tasks.classification import Classification
 from trainer.tasks.multilabel import MultiLabel
 
-REQUIRED = ("target_form", "loss", "meter", "stand_in_targets", "probabilities", "caption", "summary", "evidence", "metrics")
+REQUIRED = ("target_form", "metrics", "loss", "meter", "stand_in_targets", "probabilities", "caption", "summary",
+            "evidence")
 """What a user's task must have (see trainer.tasks.base.Task; subclass Classification to start from it)."""
 
 

@@ -63,14 +63,6 @@ class RunCheckpoints:
         return path
 
 
-class StatePiece:
-    """A checkpoint piece read and written by two functions (the Parallel seam's model and
-    optimizer state, which a sharded strategy gathers or splits)."""
-
-    def __init__(self, read: Any, write: Any) -> None:
-        self.state_dict, self.load_state_dict = read, write
-
-
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__)}

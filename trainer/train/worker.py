@@ -3,35 +3,34 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer import STARTED, checkpoint, models
+from trainer import checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.data.loaders import Position
 from trainer.data.stages import DeviceStages, Normalize
-from trainer.errors import EXIT_OK, EXIT_STOPPED, NonFiniteLoss, OutOfMemory
+from trainer.errors import EXIT_OK, EXIT_STOPPED
 from trainer.models import flops
-from trainer.observe.console import ProgressBar, log
-from trainer.observe.memory import PeakMemory
+from trainer.observe.console import log
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
 from trainer.observe.visuals import RunVisuals
-from trainer.parallel import distributed, slurm, strategy
+from trainer.parallel import distributed, strategy
 from trainer.parallel.distributed import DistEnv, LaggedAgreement
 from trainer.parallel.seeding import RankRng, rank_seed, seed_everything
 from trainer.parallel.signals import StopRequest
 from trainer.tasks.registry import build_task
 from trainer.train import optim, precision
-from trainer.train.checkpointing import RunCheckpoints, StatePiece
+from trainer.train.checkpointing import RunCheckpoints
+from trainer.train.epoch import EpochLoop
 from trainer.train.evaluation import Validation
 from trainer.train.inputs import build_inputs
-from trainer.train.meter import TrainMeter
 from trainer.train.records import RunRecord, epoch_line, epoch_record
 from trainer.train.step import TrainStep
+from trainer.train.stopping import StopPolicy
 
 
 class Worker:
@@ -63,11 +62,9 @@ class Worker:
         self.step = TrainStep(self.net, self.parallel.wrap(self.net), self.optimizer, self.parallel, self.task,
                               self.precision, self.device, cfg.train)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
-        self.position, self.record, self.stepped = Position(), RunRecord(cfg.ckpt.metric, cfg.ckpt.mode), False
-        self.meter = TrainMeter(cfg.log.every_steps)
-        self.peak_memory = PeakMemory(self.device)
+        self.position, self.record, self.requeue = Position(), RunRecord(cfg.ckpt.metric, cfg.ckpt.mode), False
         self.agreement = LaggedAgreement(env)
-        self.skipped_samples, self.last_save, self.requeue = 0, time.monotonic(), False
+        self.policy = StopPolicy(cfg.ckpt, env, stop, self.agreement)
         self.validation = Validation(self.inputs.val_loader, self.task, len(self.classes), self.stages,
                                      self.precision, self.parallel, env.control, lambda: self.stop.requested)
         self.checkpoints = RunCheckpoints(cfg, env, run_dir, self.classes)
@@ -76,6 +73,8 @@ class Worker:
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
                                      quiesce=self.agreement.quiesce)
         self.flops_per_image: float | None = None
+        self.loop = EpochLoop(cfg, env, self.inputs, self.stages, self.step, self.schedule, self.record, self.policy,
+                              self.sinks, self.profiler, self.save_checkpoint)
 
     def fit(self) -> int:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
@@ -107,7 +106,7 @@ class Worker:
                 evidence = self.visuals.evidence()
                 val = self.evaluate(self.eval_net, evidence)
                 val_ema = self.evaluate(self.step.ema.module) if self.step.ema else None
-                if distributed.any_rank(self.env, [self.stop.requested])[0]:  # a stop during validation
+                if self.policy.requested_anywhere():  # a stop during validation
                     return self._stop()
                 self._end_epoch(train_stats, val, val_ema)
                 self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.position.epoch, self.record.global_step)
@@ -118,122 +117,23 @@ class Worker:
             self.sinks.close()
 
     def train_epoch(self) -> dict[str, float] | None:
-        """The rest of the epoch's global order, from ``position`` on; None if a stop was requested.
-
-        Accumulation windows count from the first micro-batch trained here; the epoch's last
-        window may be shorter, and its loss is divided by its real number of micro-batches. Ranks
-        agree on stopping (and on timed saves) at every optimizer step, one step late (see
-        :class:`LaggedAgreement`), and once more after the last batch.
-        """
-        cfg, accum, position, sampler = self.cfg, self.cfg.train.grad_accum_steps, self.position, self.inputs.sampler
-        self.net.train()
-        sampler.set_position(position)
-        global_batches = sampler.global_batches()
-        if position.consumed == 0:
-            self.meter = TrainMeter(cfg.log.every_steps)
-        self.peak_memory.reset()
-        bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
-        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
-        window_start = position.consumed  # where the current accumulation window began
-        batches = iter(self.inputs.train_loader)
-        for index, global_size in enumerate(global_batches):
-            self.profiler.update(self.record.global_step)
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - wait_start
-            self.skipped_samples += batch.skipped
-            if index % accum == 0:
-                window_start = position.consumed
-            window = min(accum, len(global_batches) - (index - index % accum))
-            boundary = (index + 1) % accum == 0 or index + 1 == len(global_batches)
-            batch, stand_in = self.inputs.stand_in.swap(batch)
-            images, targets = self.stages(batch, position.epoch, position.consumed, self.env.rank)
-            position.consumed += global_size
-            if boundary:
-                self.schedule.set_window(position.epoch + window_start / sampler.size, position.epochs_done(sampler.size))
-            loss = self._train_step(images, targets, window, boundary, stand_in)
-            if not stand_in:
-                self.meter.update(loss, targets.shape[0], self.record.global_step)
-            bar.update()
-            if boundary and self.record.global_step % cfg.log.every_steps == 0:
-                self._flush_meter()
-                running = self.meter.mean_loss()
-                bar.set_postfix(loss=f"{running:.4f}")
-                self.sinks.scalars({"train/loss_running": running, "train/lr": self.schedule.lr()}, self.record.global_step)
-            if boundary and index + 1 < len(global_batches):
-                stop, save = self._poll()
-                if stop:
-                    bar.close()
-                    return None
-                if save:
-                    self.save_checkpoint()
-        bar.close()
-        self.agreement.settle(2)
-        if distributed.any_rank(self.env, [self.stop.requested])[0]:
-            return None
-        self._flush_meter()
-        elapsed = time.perf_counter() - started
-        stats = self.meter.reduce(self.env.control)
-        stats.update(images_per_s=(position.consumed - consumed_before) / elapsed, data_wait=waited / elapsed,
-                     time_s=elapsed)
-        return stats
-
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,
-                    stand_in: bool = False) -> torch.Tensor:
-        """:meth:`TrainStep.micro_batch`, with a running out of memory turned into the one-line hint."""
-        try:
-            loss = self.step.micro_batch(images, targets, window, last, stand_in)
-        except torch.OutOfMemoryError:
-            batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
-            raise OutOfMemory(f"{self.device} ran out of memory at data.batch_size={batch} per process; try "
-                              f"data.batch_size={max(1, batch // 2)} train.grad_accum_steps={accum * 2} "
-                              "(same global batch), or train.precision=bf16") from None
-        if last:
-            self.record.global_step += 1
-            if not self.stepped:
-                self._first_step_done()
-        return loss
-
-    def _first_step_done(self) -> None:
-        """Log once per process how long start-up took, up to the end of the first optimizer step
-        (``bench/startup.py`` times ``python -m trainer`` by this line)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stepped = True
-        log.info("first optimizer step done %.2f s after start", time.monotonic() - STARTED)
-
-    def _flush_meter(self) -> None:
-        bad_step = self.meter.flush()
-        if bad_step is not None and self.cfg.train.on_nonfinite_loss == "stop":
-            raise NonFiniteLoss(f"the training loss became NaN/inf at step {bad_step} "
-                                f"(epoch {self.position.epoch + 1}); lower optim.lr, set train.clip_grad_norm, "
-                                "or train.on_nonfinite_loss=skip")
-
-    def _poll(self) -> tuple[bool, bool]:
-        """At an optimizer-step boundary: should all ranks stop, or save a mid-epoch checkpoint?"""
-        ckpt = self.cfg.ckpt
-        due = ckpt.every_steps > 0 and self.record.global_step % ckpt.every_steps == 0
-        timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save >= ckpt.every_minutes * 60
-        stop, timed = self.agreement.poll([self.stop.requested, timed])
-        return stop, due or timed
+        """The rest of the current epoch (see :meth:`EpochLoop.run`); None if a stop was requested."""
+        return self.loop.run(self.position)
 
     def _stop(self) -> int:
         """Save where the loop stopped; on the warning signal, ask for a SLURM requeue after teardown."""
-        ckpt = self.cfg.ckpt
         self.agreement.settle(2)
         self.save_checkpoint()
         log.warning("stopped by %s at epoch %d, %d of %d samples; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.position.epoch + 1,
                     self.position.consumed, self.inputs.sampler.size, EXIT_STOPPED)
-        # Any rank's warning counts: the stop is agreed, so rank 0 may stop before its own copy arrives.
-        warned = distributed.any_rank(self.env, [ckpt.warning_signal in self.stop.received])[0]
-        self.requeue = self.env.is_main and ckpt.requeue and warned and slurm.may_requeue(ckpt.max_requeues)
+        self.requeue = self.policy.requeue()
         return EXIT_STOPPED
 
     def evaluate(self, model: torch.nn.Module, observer: Any = None) -> dict[str, float]:
         """Metrics of ``model`` over the whole validation set (see :class:`Validation`)."""
         metrics, skipped = self.validation(model, observer)
-        self.skipped_samples += skipped
+        self.loop.skipped_samples += skipped
         return metrics
 
     def _end_epoch(self, train: dict[str, float], val: dict[str, float], val_ema: dict[str, float] | None) -> None:
@@ -241,10 +141,10 @@ class Worker:
         record = epoch_record(epoch, self.record.global_step, train, val, val_ema, lr=self.schedule.lr(),
                               skipped_steps=self.step.skipped(),
                               global_batch=cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps,
-                              **self.peak_memory.read())
+                              **self.loop.peak_memory.read())
         peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
         record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, env.world_size))
-        if skipped := sum(distributed.all_gather_objects(env, self.skipped_samples)):
+        if skipped := sum(distributed.all_gather_objects(env, self.loop.skipped_samples)):
             record["data/skipped_samples"] = skipped
             log.warning("epoch %d: skipped %d unreadable samples so far (data.on_bad_sample=skip)", epoch, skipped)
         improved = self.record.add(record)
@@ -286,28 +186,22 @@ class Worker:
     def checkpoint_pieces(self) -> dict[str, checkpoint.Stateful]:
         """The stateful pieces a checkpoint holds, in restore order (the Worker's own counters
         first: the RNG piece reads the step). Saving some of them is a collective."""
-        env, parallel, net, optimizer = self.env, self.parallel, self.net, self.optimizer
         return {
             "worker": self.record,
-            "model": StatePiece(lambda: parallel.model_state(net), lambda s: parallel.load_model_state(net, s)),
-            "optimizer": StatePiece(lambda: parallel.optimizer_state(net, optimizer),
-                                    lambda s: parallel.load_optimizer_state(net, optimizer, s)),
+            **self.parallel.checkpoint_pieces(self.net, self.optimizer),
             "schedule": self.schedule, "step": self.step, "position": self.position,
-            "meter": checkpoint.RankSums(env, lambda: self.meter.state().tolist(),
-                                         lambda sums: self.meter.load_state(torch.tensor(sums, dtype=torch.float64))),
-            "skipped_samples": checkpoint.RankSums(env, lambda: [self.skipped_samples],
-                                                   lambda counts: setattr(self, "skipped_samples", int(counts[0]))),
-            "rng": RankRng(env, self.cfg.train.seed, lambda: self.record.global_step),
+            **self.loop.checkpoint_pieces(),
+            "rng": RankRng(self.env, self.cfg.train.seed, lambda: self.record.global_step),
             "trackers": self.sinks,
         }
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Every rank: the pieces' state; rank 0 writes it (see :class:`RunCheckpoints`)."""
-        self._flush_meter()
+        self.loop.flush_meter(self.position.epoch)
         meta = {"epoch": self.position.epoch, "global_step": self.record.global_step, "best": self.record.best,
                 "history": self.record.history}
         self.checkpoints.save(self.checkpoint_pieces(), meta, self.record.global_step, best)
-        self.last_save = time.monotonic()
+        self.policy.saved()
 
     def resume(self, path: Path, fall_back: bool = False) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint` (see :meth:`RunCheckpoints.resume`)."""

@@ -1,0 +1,61 @@
+"""The device batch stages: normalisation first, then the training stages in order; per-sample draws
+depend on (seed, epoch, sample index) only, per-batch draws on (seed, epoch, offset, rank)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize
+
+CPU = torch.device("cpu")
+
+
+def draw(indices: list[int], epoch: int = 0, offset: int = 0, rank: int = 0, seed: int = 0) -> BatchDraw:
+    return BatchDraw(seed, epoch, offset, rank, torch.tensor(indices))
+
+
+def test_a_sample_draws_the_same_whatever_batch_rank_or_offset_it_falls_in() -> None:
+    whole = draw(list(range(12))).per_sample(stream=0)
+    split = torch.cat([draw([0, 1, 2, 3, 4], offset=0, rank=0).per_sample(0),
+                       draw([5, 6, 7, 8, 9, 10, 11], offset=5, rank=1).per_sample(0)])
+    assert torch.equal(whole, split)
+    shuffled = draw([11, 3, 7]).per_sample(0)
+    assert torch.equal(shuffled, whole[[11, 3, 7]])
+
+
+def test_per_sample_draws_change_with_epoch_seed_and_stream_and_look_uniform() -> None:
+    indices = list(range(20_000))
+    base = draw(indices).per_sample(0)
+    for other in (draw(indices, epoch=1).per_sample(0), draw(indices, seed=1).per_sample(0),
+                  draw(indices).per_sample(1)):
+        assert (other != base).float().mean() > 0.99
+    assert base.dtype == torch.float32 and 0 <= base.min() and base.max() < 1
+    assert abs(base.mean().item() - 0.5) < 0.01 and abs(base.var().item() - 1 / 12) < 0.005
+    assert abs(torch.corrcoef(torch.stack([base[:-1], base[1:]]))[0, 1].item()) < 0.03  # neighbours unrelated
+
+
+def test_per_batch_draws_differ_between_ranks_and_offsets_and_repeat_exactly() -> None:
+    def numbers(**where: int) -> torch.Tensor:
+        return torch.rand(4, generator=draw([0], **where).per_batch(stream=0))
+
+    assert torch.equal(numbers(offset=64, rank=1), numbers(offset=64, rank=1))  # a resume draws the same
+    seen = {tuple(numbers(offset=offset, rank=rank).tolist()) for offset in (0, 64) for rank in (0, 1)}
+    assert len(seen) == 4
+
+
+def test_the_stages_run_after_the_copy_in_order_normalisation_first() -> None:
+    calls: list[str] = []
+
+    def erase_first_sample(images: torch.Tensor, targets: torch.Tensor,
+                           where: BatchDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(f"erase {images.dtype} {where.indices.tolist()} epoch {where.epoch} offset {where.offset}")
+        images = images.clone()
+        images[0] = 0.0
+        return images, targets
+
+    stages = DeviceStages(Normalize([0.5] * 3, [0.25] * 3, CPU), CPU, seed=0, extra=[erase_first_sample])
+    pixels = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    images, targets = stages(Batch(pixels, torch.tensor([1, 2]), 0, torch.tensor([7, 9])), epoch=3, offset=16)
+    assert calls == ["erase torch.float32 [7, 9] epoch 3 offset 16"]
+    assert torch.equal(images[0], torch.zeros(3, 4, 4)) and torch.allclose(images[1], torch.full((3, 4, 4), 2.0))
+    assert targets.tolist() == [1, 2]
