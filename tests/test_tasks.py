@@ -29,6 +29,7 @@ from trainer.errors import EXIT_OK, EXIT_STOPPED, ConfigError
 from trainer.parallel import distributed
 from trainer.parallel.signals import StopRequest
 from trainer.tools.evaluate import main as evaluate_main
+from trainer.tools.predict import main as predict_main
 from trainer.train.worker import Worker
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 210, 40), "blue": (40, 60, 235), "white": (240, 240, 240)}
@@ -141,6 +142,24 @@ def test_the_same_checkpoint_evaluated_on_one_and_two_processes_gives_the_same_p
         assert mine["support"] == theirs["support"]
     assert one["map"] == pytest.approx(two["map"], abs=1e-6)
     assert one["map"] == pytest.approx(multilabel_run["records"][-1]["val/map"], abs=1e-6)  # what training logged
+
+
+@pytest.mark.slow
+def test_predict_prints_each_labels_own_probability(multilabel_run: dict[str, Any],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root, tmp = multilabel_run["root"], multilabel_run["tmp"]
+    truth = json.loads((root / "val.json").read_text())
+    paths = sorted(truth)[:6]
+    assert predict_main([str(run_dir(tmp, "two") / "checkpoints" / "last.pt"), *(str(root / p) for p in paths),
+                         "-k", str(len(COLOURS))]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    for path, line in zip(paths, lines):
+        ranked = line.split("\t")[1].split("  ")
+        probabilities = {name: float(p) for name, p in (entry.split() for entry in ranked)}
+        assert set(probabilities) == set(COLOURS) and all(0 <= p <= 1 for p in probabilities.values())
+        assert ranked[0].split()[0] in truth[path]  # the most likely label is one of the image's
+    assert any(abs(sum(float(e.split()[1]) for e in line.split("\t")[1].split("  ")) - 1) > 0.05 for line in lines)
 
 
 def test_multilabel_resumes_bitwise_on_one_process(tmp_path: Path) -> None:

@@ -98,10 +98,6 @@ class Normalize:
             return images
         return images.float().div_(255).sub_(self.mean).div_(self.std)
 
-    def as_stage(self, images: torch.Tensor, targets: torch.Tensor,
-                 draw: BatchDraw) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(images), targets
-
     def to_pixels(self, images: torch.Tensor) -> np.ndarray:
         """(N, C, H, W) images, uint8 or normalised floats, as displayable (N, H, W, C) uint8."""
         images = images.cpu()
@@ -119,7 +115,7 @@ class DeviceStages:
                  memory_format: torch.memory_format = torch.contiguous_format,
                  extra: Sequence[BatchStage] = ()) -> None:
         self.normalize, self.device, self.seed, self.memory_format = normalize, device, seed, memory_format
-        self.stages: list[BatchStage] = [normalize.as_stage, *extra]
+        self.extra = list(extra)
 
     def copy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's images (as loaded) and targets on the device."""
@@ -130,7 +126,9 @@ class DeviceStages:
                  rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input and the targets of a training micro-batch at ``offset`` of ``epoch``."""
         images, targets = self.copy(batch)
-        draw = BatchDraw(self.seed, epoch, offset, rank, batch.indices.to(self.device, non_blocking=True))
-        for stage in self.stages:
-            images, targets = stage(images, targets, draw)
+        images = self.normalize(images)
+        if self.extra:  # the draws are made only for stages that may use them
+            draw = BatchDraw(self.seed, epoch, offset, rank, batch.indices.to(self.device, non_blocking=True))
+            for stage in self.extra:
+                images, targets = stage(images, targets, draw)
         return images, targets

@@ -62,12 +62,6 @@ class Parallel:
     def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
-    def checkpoint_pieces(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, StatePiece]:
-        """The model's and the optimizer's state as checkpoint pieces (``model``, ``optimizer``)."""
-        return {"model": StatePiece(lambda: self.model_state(net), lambda state: self.load_model_state(net, state)),
-                "optimizer": StatePiece(lambda: self.optimizer_state(net, optimizer),
-                                        lambda state: self.load_optimizer_state(net, optimizer, state))}
-
     def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict[str, Any]) -> None:
         """The buffers (momentum, Adam moments) come from the checkpoint, the hyper-parameters
@@ -77,6 +71,12 @@ class Parallel:
         optimizer.load_state_dict(state)
         for group, own in zip(optimizer.param_groups, configured):
             group.update(own)
+
+    def checkpoint_pieces(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, StatePiece]:
+        """The model's and the optimizer's state as checkpoint pieces (``model``, ``optimizer``)."""
+        return {"model": StatePiece(lambda: self.model_state(net), lambda state: self.load_model_state(net, state)),
+                "optimizer": StatePiece(lambda: self.optimizer_state(net, optimizer),
+                                        lambda state: self.load_optimizer_state(net, optimizer, state))}
 
 
 class DataParallel(Parallel):

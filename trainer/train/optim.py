@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
 from torch import nn
@@ -51,8 +51,6 @@ def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
     Warmup rises linearly to 1 at ``warmup_epochs`` (by the step's end, so the first step moves);
     the decay is read at the step's start (so the last step still moves).
     """
-    if cfg.name not in BUILTIN_SCHEDULES:  # the user's: factor(start, end, cfg, epochs) -> float
-        return float(user_code.load_callable(cfg.name, "sched.name")(start, end, cfg, epochs))
     warmup = min(cfg.warmup_epochs, epochs)
     if start < warmup:
         return min(1.0, end / warmup)
@@ -65,7 +63,8 @@ def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
 
 
 class Schedule:
-    """Sets the learning rate of each optimizer step from training progress (see :func:`lr_factor`).
+    """Sets the learning rate of each optimizer step from training progress (see :func:`lr_factor`,
+    or the user's ``sched.name=my_pkg.schedules:factor`` with the same arguments).
 
     Each parameter group keeps the base rate it was built with (``optim.lr``, times
     ``optim.head_lr_mult`` for the head); groups that are not the head stay at zero while progress
@@ -80,6 +79,8 @@ class Schedule:
         self.optimizer, self.cfg, self.epochs, self.frozen_epochs = optimizer, cfg, epochs, frozen_epochs
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.start, self.end = 0.0, 0.0
+        self.factor: Callable[[float, float, SchedConfig, int], float] = (
+            lr_factor if cfg.name in BUILTIN_SCHEDULES else user_code.load_callable(cfg.name, "sched.name"))
 
     def set_window(self, start: float, end: float) -> None:
         """Set the rate for the optimizer step that covers progress [start, end) (in epochs)."""
@@ -87,7 +88,7 @@ class Schedule:
         self._apply()
 
     def _apply(self) -> None:
-        factor = lr_factor(self.start, self.end, self.cfg, self.epochs)
+        factor = float(self.factor(self.start, self.end, self.cfg, self.epochs))
         frozen = self.start < self.frozen_epochs
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = 0.0 if frozen and not group.get("head") else base * factor

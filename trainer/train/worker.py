@@ -52,8 +52,8 @@ class Worker:
         self.net.to(self.device, memory_format=memory_format)
         self.eval_net = torch.compile(self.net) if cfg.model.compile else self.net
         self.parallel = strategy.build(env, cfg.model.compile, cfg.dist.find_unused_parameters)
-        head = models.head_parameter_names(self.net) if cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none" \
-            else set()
+        fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
+        head = models.head_parameter_names(self.net) if fine_tuning else set()
         self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
         self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
