@@ -239,8 +239,8 @@ def test_a_user_task_by_import_path_trains_evaluates_and_resumes_exactly(
 
 
 def test_a_user_task_that_is_no_task_is_one_line(tmp_path: Path, user_package: Path) -> None:
-    with pytest.raises(ConfigError, match=r"task.name: mytasks:not_a_task returned a object without target_form, "
-                                          r"metrics, loss, .*; subclass trainer.tasks.classification.Classification"):
+    with pytest.raises(ConfigError, match=r"task.name: mytasks:not_a_task returned an instance of object without "
+                                          r"target_form, metrics, loss, .*; subclass trainer.tasks.classification"):
         in_process_worker(small_run(tmp_path, "task.name=mytasks:not_a_task"))
 
 

@@ -25,7 +25,8 @@ def build_task(cfg: Config) -> Task:
     task = user_code.load_callable(name, "task.name")(cfg)
     missing = [attribute for attribute in REQUIRED if not hasattr(task, attribute)]
     if missing:
-        raise ConfigError(f"task.name: {name} returned a {type(task).__name__} without {', '.join(missing)}; "
-                          "subclass trainer.tasks.classification.Classification or see trainer/tasks/base.py")
+        raise ConfigError(f"task.name: {name} returned an instance of {type(task).__name__} without "
+                          f"{', '.join(missing)}; subclass trainer.tasks.classification.Classification or see "
+                          "trainer/tasks/base.py")
     check_metric(cfg, task.metrics)
     return task
