@@ -219,6 +219,9 @@ class _Exploit:
 CKPT_CASES = [
     ("missing_file", ["ckpt.resume: checkpoint '{tmp}/nowhere.pt' not found", "auto, never or a file path"]),
     ("truncated_file", ["cannot read checkpoint {tmp}/truncated.pt: truncated or not a checkpoint"]),
+    ("text_file", ["cannot read checkpoint {tmp}/notes.pt: truncated or not a checkpoint"]),
+    ("damaged_contents", ["checkpoint {tmp}/damaged.pt is damaged: its contents do not match its digest",
+                          "use an older checkpoint"]),
     ("pickled_object", ["refusing to load {tmp}/exploit.pt: it holds a pickled Python object",
                         "only load checkpoints you trust"]),
     ("other_model", ["{base}/checkpoints/last.pt does not match the model", "check model.name"]),
@@ -241,6 +244,10 @@ def ckpt_outcomes(work: Path, cache: Path, shapes: Path, base_run: Path) -> dict
     last = base_run / "checkpoints" / "last.pt"
     data = last.read_bytes()
     (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp / "notes.pt").write_text("hello\n")
+    damaged = torch.load(last, weights_only=True)  # a changed weight under the old digest: damage that loads
+    next(iter(damaged["model"].values())).view(-1)[0] += 1
+    torch.save(damaged, tmp / "damaged.pt")
     torch.save({"model": {"w": torch.zeros(2)}, "payload": _Exploit(tmp / "PWNED")}, tmp / "exploit.pt")
     for name in ("never_with_checkpoints", "auto_other_model", "auto_truncated_last", "auto_data_missing"):
         copy_run(base_run, runs / name)
@@ -250,6 +257,8 @@ def ckpt_outcomes(work: Path, cache: Path, shapes: Path, base_run: Path) -> dict
     extra = {
         "missing_file": ([f"ckpt.resume={tmp / 'nowhere.pt'}"], shared),
         "truncated_file": ([f"ckpt.resume={tmp / 'truncated.pt'}"], (*shared, tmp / "truncated.pt")),
+        "text_file": ([f"ckpt.resume={tmp / 'notes.pt'}"], (*shared, tmp / "notes.pt")),
+        "damaged_contents": ([f"ckpt.resume={tmp / 'damaged.pt'}"], (*shared, tmp / "damaged.pt")),
         "pickled_object": ([f"ckpt.resume={tmp / 'exploit.pt'}"], (*shared, tmp / "exploit.pt", tmp / "PWNED")),
         "other_model": ([f"ckpt.resume={last}", "model.name=linear"], shared),
         "other_class_count": ([f"ckpt.resume={last}", "data.synthetic_classes=4"], shared),

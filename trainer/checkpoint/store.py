@@ -13,13 +13,12 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.checkpoint import atomic
+from trainer.checkpoint import atomic, digest
 from trainer.errors import CheckpointError, first_line
 
 log = logging.getLogger("trainer")
@@ -32,7 +31,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` so that a crash at any moment leaves the old file intact.
+    """Write ``state`` and the digest of its contents to ``path`` so that a crash at any moment
+    leaves the old file intact.
 
     The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``
     (see :func:`trainer.checkpoint.atomic.replacing`).
@@ -40,7 +40,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic.replacing(path, durable=True) as file:
-            torch.save(state, file)
+            torch.save({**state, digest.KEY: digest.content_digest(state)}, file)
     except BaseException as exc:
         cause = _os_error(exc)
         if cause is not None:
@@ -121,7 +121,12 @@ def _also(names: list[str]) -> str:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU, refusing anything but tensors and plain values."""
+    """Load a checkpoint onto the CPU, refusing anything but tensors and plain values, and any
+    file whose contents differ from its digest (one written before digests has none to check).
+
+    Whatever torch raises for damaged bytes (its zip reader and unpickler raise many kinds of
+    exception) becomes one :class:`CheckpointError` line.
+    """
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -133,11 +138,16 @@ def load(path: Path) -> dict[str, Any]:
         detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "") or first_line(text)
         raise CheckpointError(f"refusing to load {path}: it holds a pickled Python object, not just tensors "
                               f"({detail}); only load checkpoints you trust, re-saved as plain tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
-                              f"({first_line(exc)})") from None
+    except Exception as exc:  # RuntimeError, EOFError, KeyError, IndexError, struct.error, ...
+        detail = first_line(exc) if isinstance(exc, (RuntimeError, OSError, EOFError, ValueError)) \
+            else f"{type(exc).__name__} {first_line(exc)}"  # e.g. the unpickler's "KeyError 101"
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
+    saved = state.pop(digest.KEY, None)
+    if saved is not None and saved != digest.content_digest(state):
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match its digest "
+                              "(a flipped bit on disk or in transfer); use an older checkpoint")
     return state
 
 
