@@ -19,7 +19,8 @@ from torch import nn
 
 from trainer import checkpoint
 from trainer.checkpoint import atomic, digest, runlock
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
+from trainer.models.weights import read_weight_file
 from trainer.parallel.distributed import DistEnv, Topology
 
 
@@ -392,3 +393,13 @@ def test_release_leaves_another_holders_lock_and_restores_an_untouched_folders_m
     lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "job": None}))  # taken over by another
     lock.release()
     assert lock.path.exists()
+
+
+def test_a_damaged_checkpoint_given_as_model_weights_is_refused(tmp_path: Path) -> None:
+    checkpoint.save_atomic(sample_state(), tmp_path / "good.pt")
+    assert torch.equal(read_weight_file(tmp_path / "good.pt")["w"], sample_state()["model"]["w"])
+    damaged = torch.load(tmp_path / "good.pt", weights_only=True)
+    damaged["model"]["w"][0, 0] += 1  # under the old digest
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(ConfigError, match="damaged.pt' is damaged: its contents do not match its digest"):
+        read_weight_file(tmp_path / "damaged.pt")
