@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tv_models
 
-from trainer import config, models
+from trainer import checkpoint, config, models
 from trainer.data.stages import Normalize
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.observe import memory
@@ -382,7 +382,7 @@ def test_evaluate_takes_the_ema_when_best_was_chosen_on_it_and_runs_fp16_checkpo
     for which, prefix in (("ema", "val_ema/"), ("model", "val/")):
         assert metrics[which]["loss"] == pytest.approx(logged[prefix + "loss"], abs=1e-6)
         assert metrics[which]["top1"] == pytest.approx(logged[prefix + "top1"], abs=1e-9)
-    state = torch.load(best, weights_only=True)  # as if trained with fp16 on a GPU
+    state = checkpoint.load(best)  # as if trained with fp16 on a GPU
     state["config"]["train"]["precision"] = "fp16"
-    torch.save(state, tmp_path / "fp16.pt")
+    checkpoint.save_atomic(state, tmp_path / "fp16.pt")
     assert evaluate(str(tmp_path / "fp16.pt"), "data.num_workers=0") == metrics["auto"]
