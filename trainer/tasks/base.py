@@ -3,7 +3,7 @@
 A Task owns the loss, the form of the targets (class indices, soft or multi-hot vectors), the
 evaluation meter and its metric names, and what the pictures of a validation show. Nothing
 else in the trainer assumes integer labels. ``task.name`` picks a built-in one or names a
-user's builder by import path (``my_pkg.tasks:build``, called with the task section of the config).
+user's builder by import path (``my_pkg.tasks:build``, called with the whole config).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class EvalMeter(Protocol):
 
 
 class Task(Protocol):
+    """What a task provides (see trainer.tasks.classification for the simplest one)."""
+
     name: str
     target_form: str
     """``index`` (one class per sample, int64) or ``multi_hot`` (a float per class): how the data
