@@ -1,10 +1,16 @@
 """The device batch stages: normalisation first, then the training stages in order; per-sample draws
-depend on (seed, epoch, sample index) only, per-batch draws on (seed, epoch, offset, rank)."""
+depend on (seed, epoch, sample index) only, per-batch draws on (seed, epoch, offset, rank); random
+erasing, the first random stage, in a run that resumes bitwise."""
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from helpers import small_run
+from test_tasks import assert_resume_is_bitwise, in_process_worker
+
+from trainer.data.erasing import RandomErasing
 from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize
 
 CPU = torch.device("cpu")
@@ -59,3 +65,35 @@ def test_the_stages_run_after_the_copy_in_order_normalisation_first() -> None:
     assert calls == ["erase torch.float32 [7, 9] epoch 3 offset 16"]
     assert torch.equal(images[0], torch.zeros(3, 4, 4)) and torch.allclose(images[1], torch.full((3, 4, 4), 2.0))
     assert targets.tolist() == [1, 2]
+
+
+def test_random_erasing_zeroes_one_rectangle_per_chosen_sample_in_every_channel() -> None:
+    count, size = 2000, 16
+    images = torch.ones(count, 3, size, size)
+    erased, _ = RandomErasing(0.5)(images, torch.zeros(count), draw(list(range(count))))
+    zeros = erased == 0
+    assert torch.equal(zeros[:, 0], zeros[:, 1]) and torch.equal(zeros[:, 0], zeros[:, 2])
+    areas = zeros[:, 0].flatten(1).sum(1)
+    chosen = areas > 0
+    assert 0.45 < chosen.float().mean() < 0.55  # p = 0.5 (a few rectangles do not fit)
+    for mask in zeros[chosen, 0][:100]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert mask.sum() == len(rows) * len(cols)  # one solid rectangle
+        assert 0.02 * size * size - size <= mask.sum() <= 0.33 * size * size + size
+    assert torch.equal(images, torch.ones_like(images))  # the input is left as it was
+
+
+def test_random_erasing_of_a_sample_does_not_depend_on_its_batch() -> None:
+    images = torch.ones(12, 3, 16, 16)
+    whole, _ = RandomErasing(0.7)(images, torch.zeros(12), draw(list(range(12))))
+    head, _ = RandomErasing(0.7)(images[:5], torch.zeros(5), draw(list(range(5)), rank=0))
+    tail, _ = RandomErasing(0.7)(images[5:], torch.zeros(7), draw(list(range(5, 12)), offset=5, rank=1))
+    assert torch.equal(whole, torch.cat([head, tail]))
+
+
+def test_a_run_with_random_erasing_resumes_bitwise(tmp_path: Path) -> None:
+    """The erasing is drawn per sample from (seed, epoch, index): a stop and resume draws the same."""
+    args = ["model.name=linear", "train.epochs=2", "log.pictures=false", "data.random_erase=0.5"]
+    through, _ = assert_resume_is_bitwise(lambda name: in_process_worker(small_run(tmp_path, *args,
+                                                                                   f"log.name={name}")))
+    assert through.stages.extra and isinstance(through.stages.extra[0], RandomErasing)

@@ -116,6 +116,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
+    if not 0 <= cfg.data.random_erase <= 1:
+        raise ConfigError(f"data.random_erase: a probability in [0, 1] (0: off), got {cfg.data.random_erase}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         raise ConfigError("data.mean and data.std need 3 values each, std > 0, e.g. data.std=[0.25,0.25,0.25]")
     if cfg.data.source in DATA_SOURCES[1:] and not cfg.data.root:

@@ -26,6 +26,7 @@ class DataConfig:
     random_resized_crop: bool = False
     crop_scale_min: float = 0.35
     hflip: bool = True
+    random_erase: float = 0.0
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     batch_size: int = 64

@@ -10,6 +10,7 @@ import torch
 
 from trainer import checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
+from trainer.data.erasing import RandomErasing
 from trainer.data.loaders import Position
 from trainer.data.stages import DeviceStages, Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED
@@ -58,7 +59,8 @@ class Worker:
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
         self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)
-        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format)
+        erasing = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
+        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, erasing)
         self.step = TrainStep(self.net, self.parallel.wrap(self.net), self.optimizer, self.parallel, self.task,
                               self.precision, self.device, cfg.train)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
