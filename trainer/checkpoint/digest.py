@@ -25,6 +25,14 @@ def content_digest(state: dict[str, Any]) -> str:
     return hasher.hexdigest()
 
 
+def matches(state: dict[str, Any]) -> bool:
+    """Take the digest out of a loaded ``state``; whether its contents match it (a state saved
+    before digests existed has none, and matches; a user's tensor named ``digest`` is left alone)."""
+    if not isinstance(state.get(KEY), str):
+        return True
+    return state.pop(KEY) == content_digest(state)
+
+
 def _feed(hasher: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().contiguous()

@@ -144,8 +144,7 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (no 'model' entry)")
-    saved = state.pop(digest.KEY, None)
-    if saved is not None and saved != digest.content_digest(state):
+    if not digest.matches(state):
         raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match its digest "
                               "(a flipped bit on disk or in transfer); use an older checkpoint")
     return state

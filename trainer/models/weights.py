@@ -63,11 +63,9 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # truncated zips, headers that are not safetensors
         raise ConfigError(f"model.weights: cannot read '{path}' as weights ({first_line(exc)}); "
                           "give a state dict saved with torch.save, a .safetensors file or a checkpoint") from None
-    if isinstance(state, dict) and digest.KEY in state:  # one of our checkpoints: its contents are checked
-        saved = state.pop(digest.KEY)
-        if saved != digest.content_digest(state):
-            raise ConfigError(f"model.weights: checkpoint '{path}' is damaged: its contents do not match its "
-                              "digest; use another checkpoint")
+    if isinstance(state, dict) and not digest.matches(state):  # one of our checkpoints, damaged
+        raise ConfigError(f"model.weights: checkpoint '{path}' is damaged: its contents do not match its "
+                          "digest; use another checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -85,7 +85,7 @@ class ScoreMeter:
         scores = torch.cat([s for s, _, _ in everyone]).double()
         targets = torch.cat([t for _, t, _ in everyone])
         count = scores.shape[0]
-        ap = average_precision(scores, targets) if count else torch.full((self.num_classes,), math.nan)
+        ap = average_precision(scores, targets)  # NaN for a label without a positive sample
         predicted = scores >= self.threshold
         tp = (predicted & targets.bool()).sum(0).double()
         self.per_class = {"ap": ap, "precision": tp / predicted.sum(0).clamp(min=1),
@@ -93,11 +93,7 @@ class ScoreMeter:
         present = ~ap.isnan()
         metrics = {"map": ap[present].mean().item() if present.any() else 0.0,
                    "loss": sum(loss for _, _, loss in everyone) / max(count, 1), "samples": count}
-        if count:
-            metrics.update(f1_at(scores, targets, self.threshold))
-        else:
-            metrics.update(precision=0.0, recall=0.0, f1=0.0, f1_macro=0.0)
-        return metrics
+        return {**metrics, **f1_at(scores, targets, self.threshold)}
 
     def _stacked(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat(parts).cpu() if parts else torch.zeros(0, self.num_classes, dtype=dtype)
