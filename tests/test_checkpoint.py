@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def test_prune_keeps_newest_by_step_number_and_never_aliases(tmp_path: Path) -> 
     assert checkpoint.prune(tmp_path, keep_last=2) == []
 
 
-def test_latest_prefers_last_then_newest_step(tmp_path: Path) -> None:
+def test_latest_prefers_last_unless_a_newer_step_file_exists(tmp_path: Path) -> None:
     ckpt = checkpoint.checkpoint_dir(tmp_path)
     assert checkpoint.latest(tmp_path) is None
     ckpt.mkdir()
@@ -238,7 +239,14 @@ def test_latest_prefers_last_then_newest_step(tmp_path: Path) -> None:
     save_steps(ckpt, [2, 10])
     (ckpt / "notes.pt").write_bytes(b"")  # not a step file
     assert checkpoint.latest(tmp_path) == ckpt / "step_10.pt"
+    checkpoint.link_atomic(ckpt / "step_10.pt", ckpt / "last.pt")
+    assert checkpoint.latest(tmp_path) == ckpt / "last.pt"
+    # A save killed after writing step_10.pt, before pointing last.pt at it: the newer file wins.
     checkpoint.link_atomic(ckpt / "step_2.pt", ckpt / "last.pt")
+    assert checkpoint.latest(tmp_path) == ckpt / "step_10.pt"
+    # last.pt copied (no hard links) or its step file pruned: it names no step file, and is used.
+    (ckpt / "last.pt").unlink()
+    shutil.copyfile(ckpt / "step_2.pt", ckpt / "last.pt")
     assert checkpoint.latest(tmp_path) == ckpt / "last.pt"
 
 

@@ -114,7 +114,8 @@ def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> tuple[Path, 
     def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir, os.W_OK):  # also EROFS for root
-            raise OSError(errno.EACCES, "not writable")
+            read_only = os.statvfs(run_dir).f_flag & os.ST_RDONLY
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS)) if read_only else OSError(errno.EACCES, "not writable")
         held.append(runlock.acquire(run_dir))  # before any rank writes its log there
 
     _on_rank0(env, create, f"cannot write the run directory {run_dir}", "choose a writable log.output_dir")

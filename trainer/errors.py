@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
@@ -23,6 +27,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, unsafe or does not match the model."""
+
+
+class StorageError(UserError):
+    """A file the run must keep (metrics.jsonl) could not be written: a full disk, a quota, a
+    read-only or failing filesystem (the message names the filesystem and what to do)."""
 
 
 class EnvironmentProblem(UserError):
@@ -51,3 +60,53 @@ def one_line(exc: BaseException) -> str:
     last = lines[-1] if lines else type(exc).__name__
     qualified = f"{type(exc).__module__}.{type(exc).__name__}: "
     return last[len(qualified):] if last.startswith(qualified) else last
+
+
+def disk_problem(exc: OSError, path: Path) -> str:
+    """Why writing ``path`` failed, naming the filesystem it lives on (what a user frees or
+    fixes), e.g. ``No space left on device on /mnt/runs, 1.4 MiB of 4.5 MiB free``."""
+    mount = mount_point(path)
+    reason = f"{exc.strerror or first_line(exc)} on {mount}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            fs = os.statvfs(mount)
+            reason += f", {_size(fs.f_bavail * fs.f_frsize)} of {_size(fs.f_blocks * fs.f_frsize)} free"
+        except OSError:
+            pass
+    return reason
+
+
+def disk_fix(exc: OSError) -> str:
+    """What to do about ``exc`` on that filesystem, before running again."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space there"
+    if exc.errno == errno.EROFS:
+        return "make it writable"
+    return "check that filesystem"
+
+
+def stopped_by_write(what: str, exc: OSError, path: Path) -> str:
+    """The one line of a run stopped because ``what`` could not be written (a checkpoint, metrics.jsonl)."""
+    return (f"could not write {what} ({disk_problem(exc, path)}); the previous checkpoint is untouched: "
+            f"{disk_fix(exc)} and run the same command again (ckpt.resume=auto continues from it)")
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem ``path`` (or its nearest existing parent) is on."""
+    found = Path(os.path.abspath(path))
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    found = found.resolve()
+    while not os.path.ismount(found):
+        found = found.parent
+    return found
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            break
+        count /= 1024
+    else:
+        unit = "TiB"
+    return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"

@@ -1,5 +1,6 @@
 """Replacing a file as a whole: a reader, or a crash at any moment, sees the old file or the new
-one, never half of one (checkpoints, metrics.jsonl, the image index, per-class metrics)."""
+one, never half of one (checkpoints, metrics.jsonl, the image index, per-class metrics); and
+appending to one whole or not at all."""
 
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ def replacing(path: Path, durable: bool = False) -> Iterator[BinaryIO]:
         raise
     if durable:
         fsync_folder(path.parent)
+
+
+def append(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created if absent) whole or not at all: when a write fails
+    part-way (a full disk), the file is cut back to its old length before the error goes on."""
+    with open(path, "ab", buffering=0) as file:
+        start = file.tell()
+        try:
+            done = 0
+            while done < len(data):
+                done += file.write(data[done:]) or 0
+        except OSError:
+            with suppress(OSError):
+                file.truncate(start)
+            raise
 
 
 def fsync_folder(folder: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import atomic, digest
-from trainer.errors import CheckpointError, first_line
+from trainer.errors import CheckpointError, StorageError, disk_fix, disk_problem, first_line, stopped_by_write
 
 log = logging.getLogger("trainer")
 
@@ -44,9 +44,26 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException as exc:
         cause = _os_error(exc)
         if cause is not None:
-            raise CheckpointError(f"could not write checkpoint {path} ({cause.strerror or cause}); "
-                                  "the previous checkpoint is untouched") from None
+            raise CheckpointError(stopped_by_write(f"checkpoint {path}", cause, path)) from None
         raise
+
+
+def save_step(state: dict[str, Any], folder: Path, step: int, best: bool, keep_last: int) -> Path:
+    """A run's save: ``step_<step>.pt`` atomically, then ``last.pt`` (and ``best.pt``) pointed at
+    it, then :func:`prune`. A kill at any moment leaves every checkpoint name on a complete file,
+    and :func:`latest` finds the newest one. Returns the step file."""
+    path = folder / f"step_{step:09d}.pt"
+    save_atomic(state, path)
+    try:
+        link_atomic(path, folder / "last.pt")
+        if best:
+            link_atomic(path, folder / "best.pt")
+        prune(folder, keep_last)
+    except OSError as exc:
+        raise CheckpointError(f"wrote {path} but could not point last.pt at it ({disk_problem(exc, folder)}); "
+                              f"{disk_fix(exc)} and run the same command again (ckpt.resume=auto continues "
+                              "from the newest step file)") from None
+    return path
 
 
 def link_atomic(source: Path, alias: Path) -> None:
@@ -79,12 +96,17 @@ def prune(folder: Path, keep_last: int) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The checkpoint a ``resume: auto`` run continues from, if any."""
-    last = checkpoint_dir(run_dir) / "last.pt"
-    if last.is_file():
-        return last
-    steps = step_files(checkpoint_dir(run_dir))
-    return steps[-1] if steps else None
+    """The checkpoint a ``resume: auto`` run continues from, if any: ``last.pt``, unless it names
+    an older step file than the newest (a save killed between writing a step file and pointing
+    ``last.pt`` at it)."""
+    folder = checkpoint_dir(run_dir)
+    steps, last = step_files(folder), folder / "last.pt"
+    if not last.is_file():
+        return steps[-1] if steps else None
+    linked = last.stat().st_ino
+    if any(step.stat().st_ino == linked for step in steps[:-1]):
+        return steps[-1]
+    return last
 
 
 def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[str, Any], Path]:
@@ -153,8 +175,11 @@ def load(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- history
 def rewrite_lines(path: Path, lines: list[str]) -> None:
     """Replace ``path`` with ``lines`` atomically (metrics.jsonl from the checkpoint's history)."""
-    with atomic.replacing(path) as file:
-        file.write("".join(line + "\n" for line in lines).encode())
+    try:
+        with atomic.replacing(path) as file:
+            file.write("".join(line + "\n" for line in lines).encode())
+    except OSError as exc:
+        raise StorageError(stopped_by_write(str(path), exc, path)) from None
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:

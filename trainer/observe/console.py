@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import disk_problem
 from trainer.parallel.distributed import DistEnv
 
 log = logging.getLogger("trainer")
@@ -38,10 +40,37 @@ def add_rank_file(run_dir: Path, rank: int) -> Path:
     """Also keep this rank's full log (INFO and up, timestamped) in ``run_dir/logs/rank_<r>.log``."""
     path = run_dir / "logs" / f"rank_{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a")
+    handler = RankFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     return path
+
+
+class RankFileHandler(logging.FileHandler):
+    """A rank's log file that, when a write fails (a full or read-only disk), closes with one
+    warning naming the disk and lets the run go on with the console, instead of printing
+    logging's traceback for every later line."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self.failed = True
+        if self.stream is not None:
+            with suppress(OSError):
+                self.stream.close()  # its unwritten buffer goes with it
+            self.stream = None  # type: ignore[assignment]
+        log.warning("the log file %s is off for the rest of this run: writing failed (%s); training goes on",
+                    self.baseFilename, disk_problem(exc, Path(self.baseFilename)))
 
 
 class ProgressBar:

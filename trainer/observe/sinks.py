@@ -12,7 +12,7 @@ from trainer.config import LogConfig
 from trainer.errors import ConfigError
 from trainer.config import user_code
 from trainer.observe.hosted import MlflowSink, WandbSink
-from trainer.observe.trackers import BackgroundSink, Histogram, JsonlSink, Sink, TensorBoardSink
+from trainer.observe.trackers import BackgroundSink, GuardedSink, Histogram, JsonlSink, Sink, TensorBoardSink
 from trainer.parallel.distributed import DistEnv
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def build_sinks(names: list[str], run_dir: Path, cfg: LogConfig) -> list[Sink]:
     """The sinks ``log.trackers`` names, in that order; wandb, MLflow and the user's own
     (``my_pkg.sinks:build``, called with the run directory and the log config) behind a thread."""
     makers = {
-        "tensorboard": lambda: TensorBoardSink(run_dir / "tensorboard"),
+        "tensorboard": lambda: GuardedSink(TensorBoardSink(run_dir / "tensorboard"), run_dir / "tensorboard"),
         "jsonl": lambda: JsonlSink(run_dir / "metrics.jsonl"),
         "wandb": lambda: BackgroundSink(WandbSink(run_dir, cfg.project, run_dir.name, cfg.wandb_mode)),
         "mlflow": lambda: BackgroundSink(MlflowSink(run_dir, cfg.mlflow_uri, cfg.project, run_dir.name)),

@@ -14,12 +14,16 @@ import logging
 import queue
 import threading
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from trainer.checkpoint import atomic
+from trainer.errors import StorageError, disk_problem, stopped_by_write
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -127,6 +131,7 @@ class TensorBoardSink(Sink):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_event_writer_threads()
             self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.purge_step)
             for method, args in self.pending:
                 getattr(self.writer, method)(*args)
@@ -177,8 +182,28 @@ class TensorBoardSink(Sink):
             self.writer.close()
 
 
+def _quiet_event_writer_threads() -> None:
+    """A failed write (a full disk) ends TensorBoard's event-writer thread with a traceback on
+    stderr, then comes back as the same OSError from the writer's next call, where
+    :class:`GuardedSink` turns the sink off with one warning: keep only that warning."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writers", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.quiets_event_writers = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class JsonlSink(Sink):
-    """``metrics.jsonl``: one JSON object per epoch, appended (what ``trainer.report`` reads)."""
+    """``metrics.jsonl``: one JSON object per epoch, appended whole (what ``trainer.report`` reads).
+
+    The run's one history: a line that cannot be written stops the run (:class:`StorageError`)
+    rather than leaving a gap, and a line cut by a full disk is taken back.
+    """
 
     name = "jsonl"
 
@@ -186,8 +211,67 @@ class JsonlSink(Sink):
         self.path = path
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            atomic.append(self.path, (json.dumps(record) + "\n").encode())
+        except OSError as exc:
+            raise StorageError(stopped_by_write(str(self.path), exc, self.path)) from None
+
+
+def _turned_off(name: str, method: str, detail: str) -> None:
+    log.warning("%s is off for the rest of this run: %s failed (%s); training goes on", name, method, detail[:300])
+
+
+class GuardedSink(Sink):
+    """Runs a local sink's calls on the caller's thread; the first failed write (an OSError: a
+    full or read-only disk) turns it off with one warning naming the disk, as :class:`BackgroundSink`
+    does for any error of the sinks it runs."""
+
+    def __init__(self, inner: Sink, folder: Path) -> None:
+        self.inner, self.name, self.folder = inner, inner.name, folder
+        self.failed = False
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            getattr(self.inner, method)(*args)
+        except OSError as exc:
+            self.failed = True
+            _turned_off(self.name, method, disk_problem(exc, self.folder))
+
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
+        self._call("open", config, config_yaml, resume_id, step)
+
+    def run_id(self) -> str | None:
+        return self.inner.run_id()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._call("scalars", values, step)
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        self._call("epoch", record, step)
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        self._call("image", tag, image, step)
+
+    def table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self._call("table", tag, columns, rows, step)
+
+    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
+        self._call("histogram", tag, histogram, step)
+
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        self._call("graph", model, example)
+
+    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        self._call("finish", hparams, final)
+
+    def close(self) -> None:
+        if self.failed:  # release its files; what it would still write has nowhere to go
+            with suppress(OSError):
+                self.inner.close()
+        else:
+            self._call("close")
 
 
 class BackgroundSink(Sink):
@@ -213,9 +297,7 @@ class BackgroundSink(Sink):
             except Exception as exc:  # noqa: BLE001 - any tracker error must not end the run
                 if not self.failed:
                     self.failed = True
-                    detail = " ".join(str(exc).split()) or type(exc).__name__
-                    log.warning("%s is off for the rest of this run: %s failed (%s); training goes on",
-                                self.name, method, detail[:300])
+                    _turned_off(self.name, method, " ".join(str(exc).split()) or type(exc).__name__)
 
     def _submit(self, method: str, *args: Any) -> None:
         if not self.failed:

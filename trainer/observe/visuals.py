@@ -19,7 +19,9 @@ from torch import nn
 from trainer.checkpoint import atomic
 from trainer.config import Config
 from trainer.data.stages import Normalize
+from trainer.errors import disk_problem
 from trainer.models import evaluation_mode
+from trainer.observe.console import log
 from trainer.observe.sinks import MetricSinks
 from trainer.observe.trackers import Histogram
 from trainer.parallel.distributed import DistEnv
@@ -59,7 +61,7 @@ class RunVisuals:
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, classes: list[str], normalize: Normalize,
                  task: Pictured) -> None:
         self.log_cfg, self.env, self.classes, self.normalize, self.task = cfg.log, env, classes, normalize, task
-        self.per_class_path = run_dir / "per_class.json"
+        self.per_class_path: Path | None = run_dir / "per_class.json"
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # training samples for gradient histograms
 
     def evidence(self) -> Evidence | None:
@@ -105,11 +107,22 @@ class RunVisuals:
         """The task's validation pictures and per-class table (also ``per_class.json``), histograms."""
         if not self.env.is_main:
             return
-        if evidence is not None and (rows := evidence.publish(sinks, step)):
-            _write_json_atomic(self.per_class_path, {"epoch": epoch, "step": step, "classes": rows})
+        if evidence is not None and (rows := evidence.publish(sinks, step)) and self.per_class_path is not None:
+            self._write_per_class({"epoch": epoch, "step": step, "classes": rows})
         every = self.log_cfg.histogram_every_epochs
         if every > 0 and epoch % every == 0:
             self._histograms(sinks, model, step)
+
+    def _write_per_class(self, table: dict[str, Any]) -> None:
+        """``per_class.json``, replaced whole; a failed write (a full disk) turns it off with one
+        warning naming the disk, and training goes on."""
+        path = self.per_class_path
+        try:
+            _write_json_atomic(path, table)
+        except OSError as exc:
+            self.per_class_path = None
+            log.warning("%s is off for the rest of this run: writing it failed (%s); training goes on",
+                        path.name, disk_problem(exc, path))
 
     def _histograms(self, sinks: MetricSinks, model: nn.Module, step: int) -> None:
         """Weights, and the gradients of the loss on the start grid's samples at these weights.

@@ -33,12 +33,7 @@ class RunCheckpoints:
                 "world_size": self.env.world_size, **meta}
         state = checkpoint.capture(pieces, meta)
         if self.env.is_main:
-            path = self.folder / f"step_{step:09d}.pt"
-            checkpoint.save_atomic(state, path)
-            checkpoint.link_atomic(path, self.folder / "last.pt")
-            if best:
-                checkpoint.link_atomic(path, self.folder / "best.pt")
-            checkpoint.prune(self.folder, self.cfg.ckpt.keep_last)
+            checkpoint.save_step(state, self.folder, step, best, self.cfg.ckpt.keep_last)
         distributed.barrier(self.env)
 
     def resume(self, path: Path, fall_back: bool, pieces: dict[str, checkpoint.Stateful], net: nn.Module) -> Path:
