@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean-venv
+.PHONY: install demo test test-fast bench faults clean-venv
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# 1000 checkpoint saves SIGKILLed at random moments (CI kills 30; tests/test_faults.py).
+faults: install
+	KILLED_SAVES=1000 $(BIN)/python -m pytest -q -s tests/test_faults.py -k kill
 
 clean-venv:
 	rm -rf $(VENV)

@@ -122,6 +122,20 @@ def test_full_disk_at_a_checkpoint_stops_with_one_line_then_resumes_exactly(work
         assert temp_files(run_dir) == []
 
 
+def test_full_disk_at_a_checkpoint_stops_every_rank_with_its_line(work: Path, reference: Path) -> None:
+    """Two processes: rank 1 stops with rank 0's line, not as if rank 0's host had died."""
+    size_kib = int((reference / "checkpoints" / "last.pt").stat().st_size * 1.5) // 1024
+    with tmpfs(work / "ckpt-disk-2", f"size={size_kib}k") as disk:
+        proc = run(run_args(work, disk, "run", "log.trackers=[jsonl]"), nproc=2)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        expected = f"could not write checkpoint {disk}/run/checkpoints/step_000000004.pt (No space left on device"
+        assert f"error: {expected}" in [line[:len(expected) + 7] for line in lines], proc.stderr
+        assert all(expected in line for line in lines), proc.stderr  # rank 1 says the same, if torchrun lets it
+        assert "lost rank" not in proc.stderr
+        assert checkpoint.load(checkpoint.latest(disk / "run"))["global_step"] == 3  # 3 steps per epoch on 2 ranks
+
+
 def test_full_disk_at_metrics_jsonl_stops_with_one_line_then_resumes_exactly(work: Path, reference: Path) -> None:
     """The disk is full while the first metrics.jsonl line is written (after the step-4 checkpoint)."""
     with tmpfs(work / "jsonl-disk", "size=16m") as disk:

@@ -4,7 +4,9 @@
 wandb, MLflow (trainer.observe.hosted) and the user's sinks run behind :class:`BackgroundSink`:
 their calls queue to a thread of their own, so a slow disk, a slow server or a hanging client
 never stalls a training step, and a failure is one warning line, after which the run goes on
-with the other sinks.
+with the other sinks. TensorBoard runs behind :class:`GuardedSink`, which turns it off the same
+way when a write fails (a full disk). metrics.jsonl is the run's history: a line it cannot write
+stops the run.
 """
 
 from __future__ import annotations

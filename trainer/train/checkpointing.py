@@ -28,13 +28,20 @@ class RunCheckpoints:
 
     def save(self, pieces: Mapping[str, checkpoint.Stateful], meta: dict[str, Any], step: int,
              best: bool = False) -> None:
-        """Rank 0 writes ``step_<step>.pt`` atomically, links ``last.pt`` (and ``best.pt``), prunes."""
+        """Rank 0 writes ``step_<step>.pt`` atomically, links ``last.pt`` (and ``best.pt``), prunes;
+        when it cannot (a full disk), every rank raises its :class:`CheckpointError`."""
         meta = {"classes": self.classes, "config": to_dict(self.cfg), "versions": versions(),
                 "world_size": self.env.world_size, **meta}
         state = checkpoint.capture(pieces, meta)
+        problem = None
         if self.env.is_main:
-            checkpoint.save_step(state, self.folder, step, best, self.cfg.ckpt.keep_last)
-        distributed.barrier(self.env)
+            try:
+                checkpoint.save_step(state, self.folder, step, best, self.cfg.ckpt.keep_last)
+            except CheckpointError as exc:  # a full disk: every rank stops with rank 0's line
+                problem = str(exc)
+        # Also the barrier: no rank goes on (or exits) before rank 0 has written the file.
+        if (problem := distributed.broadcast_object(self.env, problem)) is not None:
+            raise CheckpointError(problem)
 
     def resume(self, path: Path, fall_back: bool, pieces: dict[str, checkpoint.Stateful], net: nn.Module) -> Path:
         """Restore ``pieces`` from ``path`` (or, with ``fall_back`` and an unreadable ``path``, from
