@@ -3,8 +3,10 @@
 Just before the FULL_DURING_CALL-th call (default 1) of the write FULL_DURING names (``jsonl``:
 a metrics.jsonl line; ``per_class``: per_class.json), a filler file takes every free byte of
 that file's filesystem, and it is deleted when the call ends (as another job's temporary files
-would come and go). Used by tests/test_faults.py; the product code has no hook for this: we wrap
-those methods. It refuses to fill a filesystem over 256 MiB (the tests mount a small tmpfs).
+would come and go). As on any full disk, a write that fits in the file's last, partly used block
+still succeeds: the first metrics.jsonl line fails, a second usually does not. Used by
+tests/test_faults.py; the product code has no hook for this: we wrap those methods. It refuses
+to fill a filesystem over 256 MiB (the tests mount a small tmpfs).
 
     FULL_DURING=jsonl python tests/full_disk_worker.py key=value ...
 """

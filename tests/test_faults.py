@@ -122,18 +122,25 @@ def test_full_disk_at_a_checkpoint_stops_with_one_line_then_resumes_exactly(work
         assert temp_files(run_dir) == []
 
 
-def test_full_disk_at_a_checkpoint_stops_every_rank_with_its_line(work: Path, reference: Path) -> None:
+@pytest.mark.parametrize("full_at", ["checkpoint", "jsonl"])
+def test_full_disk_stops_every_rank_with_its_line(work: Path, reference: Path, full_at: str) -> None:
     """Two processes: rank 1 stops with rank 0's line, not as if rank 0's host had died."""
     size_kib = int((reference / "checkpoints" / "last.pt").stat().st_size * 1.5) // 1024
-    with tmpfs(work / "ckpt-disk-2", f"size={size_kib}k") as disk:
-        proc = run(run_args(work, disk, "run", "log.trackers=[jsonl]"), nproc=2)
+    with tmpfs(work / f"{full_at}-disk-2", f"size={size_kib * 4 if full_at == 'jsonl' else size_kib}k") as disk:
+        args = run_args(work, disk, "run", "log.trackers=[jsonl]")
+        if full_at == "checkpoint":  # 3 steps per epoch on 2 ranks: room for the step-3 checkpoint only
+            proc, written, kept = run(args, nproc=2), "checkpoint {disk}/run/checkpoints/step_000000004.pt", 3
+        else:  # the first epoch's line (a new file: it needs a page), after a step-2 checkpoint
+            proc = run([*args, "ckpt.every_steps=2"], nproc=2, script=FULL_DISK_WORKER,
+                       env=child_env(FULL_DURING="jsonl"))
+            written, kept = "{disk}/run/metrics.jsonl", 2
         assert proc.returncode != 0, proc.stdout[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-        expected = f"could not write checkpoint {disk}/run/checkpoints/step_000000004.pt (No space left on device"
+        expected = f"could not write {written.format(disk=disk)} (No space left on device on {disk}"
         assert f"error: {expected}" in [line[:len(expected) + 7] for line in lines], proc.stderr
         assert all(expected in line for line in lines), proc.stderr  # rank 1 says the same, if torchrun lets it
         assert "lost rank" not in proc.stderr
-        assert checkpoint.load(checkpoint.latest(disk / "run"))["global_step"] == 3  # 3 steps per epoch on 2 ranks
+        assert checkpoint.load(checkpoint.latest(disk / "run"))["global_step"] == kept
 
 
 def test_full_disk_at_metrics_jsonl_stops_with_one_line_then_resumes_exactly(work: Path, reference: Path) -> None:

@@ -13,7 +13,7 @@ from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.data.erasing import RandomErasing
 from trainer.data.loaders import Position
 from trainer.data.stages import DeviceStages, Normalize
-from trainer.errors import EXIT_OK, EXIT_STOPPED
+from trainer.errors import EXIT_OK, EXIT_STOPPED, StorageError
 from trainer.models import flops
 from trainer.observe.console import log
 from trainer.observe.profiling import StepProfiler
@@ -152,8 +152,19 @@ class Worker:
         improved = self.record.add(record)
         self.position = Position(epoch, 0)
         log.info(epoch_line(record, cfg.train.epochs, self.task.summary(val)))
-        self.sinks.epoch(record, self.record.global_step)
+        self._log_epoch(record)
         self.save_checkpoint(best=improved)
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        """The epoch's record to the sinks (rank 0); a metrics.jsonl line it cannot write (a full
+        disk) stops every rank with its one line, before the checkpoint (a collective)."""
+        problem = None
+        try:
+            self.sinks.epoch(record, self.record.global_step)
+        except StorageError as exc:
+            problem = str(exc)
+        if (problem := distributed.broadcast_object(self.env, problem)) is not None:
+            raise StorageError(problem)
 
     def _early_stop(self) -> str | None:
         """Why to stop before the next epoch (``train.early_stop_patience``), as rank 0 decides."""
