@@ -164,6 +164,21 @@ def test_full_disk_at_metrics_jsonl_stops_with_one_line_then_resumes_exactly(wor
         assert temp_files(run_dir) == []
 
 
+def test_a_metrics_line_cut_by_a_full_disk_is_taken_back(work: Path) -> None:
+    """The line fits partly in the file's last block: the part written is cut off again."""
+    from trainer.errors import StorageError
+    from trainer.observe.trackers import JsonlSink
+
+    with tmpfs(work / "append-disk", "size=8k") as disk:
+        path = disk / "metrics.jsonl"
+        path.write_text(json.dumps({"epoch": 1, "pad": "x" * 3980}) + "\n")  # 4004 bytes of a 4096-byte block
+        fill(disk)
+        before = path.read_bytes()
+        with pytest.raises(StorageError, match=f"could not write {path} \\(No space left on device on {disk}, 0 B"):
+            JsonlSink(path).epoch({"epoch": 2, "pad": "y" * 500}, 12)
+        assert path.read_bytes() == before
+
+
 # ----------------------------------------------------------------- a full disk turns a sink off
 
 def test_full_disks_turn_tensorboard_the_log_file_and_per_class_off(work: Path, reference: Path) -> None:
