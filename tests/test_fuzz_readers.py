@@ -17,9 +17,12 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,11 @@ import pytest
 import torch
 import yaml
 from fuzzing import check_reader, damaged, fuzz_settings, text_lines
+from helpers import REPO
 from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
+from refusals import error_line, snapshot, snapshot_diff, trainer_env
 
 from trainer import checkpoint, config
 from trainer.checkpoint import digest, runlock
@@ -40,6 +45,11 @@ from trainer.errors import CheckpointError, ConfigError, DataError, UserError
 from trainer.models import build_model
 from trainer.models.weights import checkpoint_data_settings, load_weights, read_weight_file
 from trainer.tools import export, predict, report
+
+SMALL_RUN = ["data.synthetic_classes=3", "data.synthetic_train_per_class=8", "data.synthetic_val_per_class=2",
+             "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "log.progress_bar=off",
+             "log.output_dir={tmp}/runs", "data.cache_dir={tmp}/cache"]
+"""A tiny run under the cases' folder: its refusals come before any step."""
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8,
           torch.bool, torch.complex64)
@@ -512,3 +522,54 @@ def test_images(data: bytes, extension: str, multi_label: bool, train: bool, ski
         path = written(str(root / "c"), f"x{extension}", data)
         check_reader("images (data.on_bad_sample)", lambda: _read_sample(root, multi_label, train, skip),
                      DataError, str(path), root)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+CLI_CASES = {
+    # name: (module, arguments ({tmp} is the cases' folder), words the one error line must contain)
+    "damaged .pt2 to predict": ("trainer.predict", ["{tmp}/cut.pt2", "{tmp}/image.png"],
+                                ["cannot load the exported program {tmp}/cut.pt2", "export it again"]),
+    "binary metrics.jsonl to report": ("trainer.report", ["{tmp}/run"], ["cannot read {tmp}/run/metrics.jsonl"]),
+    "damaged .safetensors as model.weights": (
+        "trainer", [*SMALL_RUN, "model.name=linear", "model.weights={tmp}/cut.safetensors"],
+        ["model.weights: cannot read '{tmp}/cut.safetensors' as weights"]),
+    "YAML interpolation to nowhere": ("trainer", ["-c", "{tmp}/interpolation.yaml", *SMALL_RUN],
+                                      ["optim.lr: Interpolation key 'nowhere' not found"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_outcomes(program: bytes, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, ...]]:
+    """Each case of :data:`CLI_CASES` run once, concurrently, with the folder compared before and after."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "cut.pt2").write_bytes(program[: len(program) // 2])
+    Image.new("RGB", (4, 4)).save(tmp / "image.png")
+    (tmp / "run").mkdir()
+    (tmp / "run" / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n\xff\xfe\x00junk\n')
+    (tmp / "cut.safetensors").write_bytes(SAFETENSORS[: len(SAFETENSORS) // 2])
+    (tmp / "interpolation.yaml").write_text("optim:\n  lr: ${nowhere}\n")
+
+    inputs = [tmp / name for name in ("cut.pt2", "image.png", "run", "cut.safetensors", "interpolation.yaml")]
+
+    def one(module: str, args: list[str]) -> tuple[Any, ...]:
+        before = snapshot(*inputs)
+        proc = subprocess.run([sys.executable, "-m", module, *(a.format(tmp=tmp) for a in args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env=trainer_env())
+        return proc, snapshot_diff(before, snapshot(*inputs))
+
+    with ThreadPoolExecutor(len(CLI_CASES)) as pool:
+        futures = {name: pool.submit(one, module, args) for name, (module, args, _) in CLI_CASES.items()}
+        return {name: (*future.result(), [w.format(tmp=tmp) for w in CLI_CASES[name][2]])
+                for name, future in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_command_line_refuses_in_one_line(cli_outcomes: dict[str, tuple[Any, ...]], name: str) -> None:
+    """The readers the CLI cases of tests/test_errors.py do not reach: exit 2, one line, nothing touched."""
+    proc, changes, words = cli_outcomes[name]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    line = error_line(proc)
+    assert all(word in line for word in words), line
+    assert not changes, changes
