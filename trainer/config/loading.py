@@ -53,10 +53,13 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
                 raise ConfigError(f"unknown key {key!r} in {origin}{_suggest(key, known)}")
     try:  # one merge of all layers: each OmegaConf.merge deep-copies the whole config
         merged = OmegaConf.merge(merged, *(layer for _, layer in layers))
-    except OmegaConfBaseException:
+    except (OmegaConfBaseException, TypeError):  # TypeError: a mapping given where a list belongs
         for origin, layer in layers:  # again layer by layer, to name the one at fault
             try:
                 merged = OmegaConf.merge(merged, layer)
+            except TypeError as exc:
+                raise ConfigError(f"{origin}: {first_line(exc)}; a key holds a mapping where a list or a value "
+                                  "belongs") from None
             except OmegaConfBaseException as exc:
                 key = getattr(exc, "full_key", None) or "?"
                 raise ConfigError(
