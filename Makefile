@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench faults clean-venv
+.PHONY: install demo test test-fast fuzz bench faults clean-venv
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+# The reader fuzz of tests/test_fuzz_readers.py at 14 times its CI cases (over 11,000): the counts per reader at the end.
+fuzz: install
+	FUZZ_SCALE=14 $(BIN)/python -m pytest -q tests/test_fuzz_readers.py -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fuzzing
 import pytest
 import slurm_cluster as slurm_local
 
@@ -24,6 +25,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return "slurm" if Path(module).name in SHARED_CLUSTER_MODULES else module
 
     return ModuleScheduling(config, log)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The reader fuzz's cases and outcomes per reader (tests/fuzzing.py), when it ran in this process."""
+    lines = fuzzing.summary()
+    if lines:
+        terminalreporter.write_sep("=", f"reader fuzz (FUZZ_SCALE={fuzzing.SCALE:g})")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

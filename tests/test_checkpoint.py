@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -65,36 +64,6 @@ def test_round_trip_loads_with_weights_only(tmp_path: Path) -> None:
     assert raw.pop("digest") == digest.content_digest(state)
     assert_same_state(raw, state)
     assert_same_state(checkpoint.load(path), state)
-
-
-def test_every_damaged_variant_loads_unchanged_or_is_refused_in_one_line(tmp_path: Path) -> None:
-    """Truncations at many offsets, single bit flips anywhere, random bytes and a text file: each
-    either loads with exactly the saved contents (damage in bytes nothing reads) or raises our
-    one-line CheckpointError; no other exception escapes and no damaged contents load."""
-    path = tmp_path / "good.pt"
-    state = sample_state()
-    checkpoint.save_atomic(state, path)
-    data = path.read_bytes()
-    rng = random.Random(0)
-    variants = [data[:cut] for cut in sorted(rng.sample(range(len(data)), 60))]
-    for position in rng.sample(range(len(data)), 200):
-        flipped = bytearray(data)
-        flipped[position] ^= 1 << rng.randrange(8)
-        variants.append(bytes(flipped))
-    variants += [rng.randbytes(rng.randrange(1, 4096)) for _ in range(20)] + [b"hello\n", b""]
-    outcomes = {"loaded unchanged": 0, "refused": 0}
-    for index, variant in enumerate(variants):
-        damaged = tmp_path / f"variant_{index}.pt"
-        damaged.write_bytes(variant)
-        try:
-            loaded = checkpoint.load(damaged)
-        except CheckpointError as exc:
-            assert "\n" not in str(exc) and str(damaged) in str(exc)
-            outcomes["refused"] += 1
-            continue
-        assert_same_state(loaded, state)
-        outcomes["loaded unchanged"] += 1
-    assert outcomes["refused"] > 200 and sum(outcomes.values()) == len(variants), outcomes
 
 
 def test_a_checkpoint_without_a_digest_still_loads(tmp_path: Path) -> None:

@@ -78,12 +78,15 @@ def _job_id() -> str | None:
 
 
 def _read(path: Path) -> dict | None:
-    """The holder recorded in ``path``; None when it is gone or unreadable (a writer killed mid-write)."""
+    """The holder recorded in ``path``; None when it is gone or unreadable (a writer killed mid-write,
+    or bytes that name no host and process)."""
     try:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return holder if isinstance(holder, dict) and {"host", "pid"} <= holder.keys() else None
+    if not isinstance(holder, dict) or not isinstance(holder.get("host"), str) or type(holder.get("pid")) is not int:
+        return None
+    return holder if 0 < holder["pid"] < 2**31 else None
 
 
 def _alive(holder: dict) -> bool:

@@ -52,7 +52,7 @@ def parse_command_line(argv: list[str]) -> CommandLine:
             continue
         name, eq, value = token.lstrip("-").partition("=")
         if token.startswith("-") and not token.startswith("--") and name not in ("c",):
-            raise ConfigError(f"unknown option '{token}'; config keys are written --key value or key=value")
+            raise ConfigError(f"unknown option {token!r}; config keys are written --key value or key=value")
         if not eq:
             is_bool = name not in ("c", "config", "code") and schema_keys().get(cli_key(name)) in (bool, "bool")
             if tokens and not tokens[0].startswith("--") and (not is_bool or tokens[0].lower() in BOOL_WORDS):
@@ -60,7 +60,7 @@ def parse_command_line(argv: list[str]) -> CommandLine:
             elif is_bool:
                 value = "true"
             else:
-                raise ConfigError(f"option '{token}' needs a value, e.g. {token} VALUE or {token}=VALUE")
+                raise ConfigError(f"option {token!r} needs a value, e.g. {token} VALUE or {token}=VALUE")
         if name in ("c", "config"):
             line.config.append(value)
         elif name == "code":
@@ -82,10 +82,10 @@ def cli_key(name: str) -> str:
     if len(leaf_matches) == 1:
         return leaf_matches[0]
     if len(leaf_matches) > 1:
-        raise ConfigError(f"option '--{name}' is ambiguous; write one of {', '.join('--' + k for k in leaf_matches)}")
+        raise ConfigError(f"option {'--' + name!r} is ambiguous; write one of {', '.join('--' + k for k in leaf_matches)}")
     close = difflib.get_close_matches(key, [*ALIASES, *known], n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see python -m trainer --help"
-    raise ConfigError(f"unknown option '--{name}'; {hint}")
+    raise ConfigError(f"unknown option {'--' + name!r}; {hint}")
 
 
 def help_text() -> str:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config.schema import (CHOICES, DATA_SOURCES, NON_NEGATIVE, OPEN_CHOICES, POSITIVE, TASK_METRICS, TRACKERS,
                                    Config)
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, first_line
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
@@ -46,23 +46,30 @@ def load(files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = (),
     merged = OmegaConf.structured(Config)
     layers = [("the checkpoint's saved config", OmegaConf.create(base))] if base is not None else []
     layers += [(str(path), _read_yaml(Path(path))) for path in files]
-    layers += [(f"override '{item}'", _parse_override(item)) for item in overrides]
+    layers += [(f"override {item!r}", _parse_override(item)) for item in overrides]
     for origin, layer in layers:
         for key in _leaf_keys(layer):
             if key not in known:
-                raise ConfigError(f"unknown key '{key}' in {origin}{_suggest(key, known)}")
+                raise ConfigError(f"unknown key {key!r} in {origin}{_suggest(key, known)}")
     try:  # one merge of all layers: each OmegaConf.merge deep-copies the whole config
         merged = OmegaConf.merge(merged, *(layer for _, layer in layers))
-    except OmegaConfBaseException:
+    except (OmegaConfBaseException, TypeError):  # TypeError: a mapping given where a list belongs
         for origin, layer in layers:  # again layer by layer, to name the one at fault
             try:
                 merged = OmegaConf.merge(merged, layer)
+            except TypeError as exc:
+                raise ConfigError(f"{origin}: {first_line(exc)}; a key holds a mapping where a list or a value "
+                                  "belongs") from None
             except OmegaConfBaseException as exc:
                 key = getattr(exc, "full_key", None) or "?"
                 raise ConfigError(
                     f"{key}: expected {_type_name(known.get(key))}, got {_value_of(layer, key)!r} "
                     f"(in {origin})") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # an interpolation ${...} that names no key
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or '?'}: {first_line(exc)}; "
+                          "give the value itself, not an interpolation") from None
     _validate_open_choices(cfg)
     if implied is not None:
         given = {key for _, layer in layers for key in _leaf_keys(layer)}
@@ -87,7 +94,7 @@ def _validate_open_choices(cfg: Config) -> None:
             continue
         canonical = {choice.lower(): choice for choice in builtin}
         if value.lower() not in canonical:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(builtin)} nor an import path "
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(builtin)} nor an import path "
                               f"like {EXAMPLES[key]}{_suggest(value.lower(), canonical, 'value')}")
         _set(cfg, key, canonical[value.lower()])
 
@@ -101,7 +108,7 @@ def validate(cfg: Config) -> None:
             value = {"true": "on", "false": "off"}.get(value, value)
         canonical = {choice.lower(): choice for choice in allowed}
         if value not in canonical:
-            raise ConfigError(f"{key}: '{get(cfg, key)}' is not one of {', '.join(allowed)}"
+            raise ConfigError(f"{key}: {str(get(cfg, key))!r} is not one of {', '.join(allowed)}"
                               f"{_suggest(value, canonical, 'value')}")
         _set(cfg, key, canonical[value])
     for key in POSITIVE:
@@ -123,7 +130,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.source in DATA_SOURCES[1:] and not cfg.data.root:
         raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
     if not cfg.log.name or "/" in cfg.log.name:
-        raise ConfigError(f"log.name: '{cfg.log.name}' must be a non-empty folder name without '/'")
+        raise ConfigError(f"log.name: {cfg.log.name!r} must be a non-empty folder name without '/'")
     cfg.log.trackers = _validate_trackers(cfg.log.trackers)
     profile_range(cfg.log.profile_steps)
 
@@ -134,7 +141,7 @@ def _validate_trackers(names: list[str]) -> list[str]:
     for name in names:
         key = str(name) if ":" in str(name) else str(name).lower()
         if key not in TRACKERS and ":" not in key:
-            raise ConfigError(f"log.trackers: '{name}' is not one of {', '.join(TRACKERS)} nor an import path "
+            raise ConfigError(f"log.trackers: {str(name)!r} is not one of {', '.join(TRACKERS)} nor an import path "
                               f"like my_pkg.sinks:build{_suggest(key, TRACKERS, 'value')}")
         if key not in chosen:
             chosen.append(key)
@@ -147,7 +154,7 @@ def profile_range(text: str) -> tuple[int, int] | None:
         return None
     first, sep, last = str(text).partition("-")
     if not (first.strip().isdigit() and last.strip().isdigit() and sep) or not 1 <= int(first) <= int(last):
-        raise ConfigError(f"log.profile_steps: '{text}' must be FIRST-LAST optimizer steps with "
+        raise ConfigError(f"log.profile_steps: {str(text)!r} must be FIRST-LAST optimizer steps with "
                           "1 <= FIRST <= LAST, e.g. log.profile_steps=10-15 ('' to turn it off)")
     return int(first), int(last)
 
@@ -164,7 +171,7 @@ def check_metric(cfg: Config, task_metrics: Sequence[str]) -> None:
     if cfg.ckpt.metric == "auto":
         cfg.ckpt.metric = f"val/{task_metrics[0]}"
     if cfg.ckpt.metric not in (metrics := epoch_metrics(cfg, task_metrics)):
-        raise ConfigError(f"ckpt.metric: '{cfg.ckpt.metric}' is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
+        raise ConfigError(f"ckpt.metric: {cfg.ckpt.metric!r} is not logged{_suggest(cfg.ckpt.metric, metrics, 'metric')}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -218,19 +225,22 @@ def _read_yaml(path: Path) -> DictConfig:
 def _parse_override(item: str) -> DictConfig:
     key, sep, _ = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=0.1")
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
     try:
         return OmegaConf.from_dotlist([item])
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"override '{item}' could not be parsed: {exc}".splitlines()[0]) from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # the value is parsed as YAML
+        raise ConfigError(f"override {item!r} could not be parsed: {exc}".splitlines()[0]) from None
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, DictConfig):
+    """The dotted leaf keys of a layer, its interpolations left unresolved (resolved after the merge)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    if not isinstance(node, dict):
         return [prefix.rstrip(".")]
     keys: list[str] = []
-    for key in node.keys():
-        keys += _leaf_keys(node[key], f"{prefix}{key}.")
+    for key, value in node.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.")
     return keys
 
 

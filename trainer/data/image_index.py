@@ -187,13 +187,27 @@ def _read(path: Path, split_dir: Path, classes: list[str]) -> ImageIndex | None:
             arrays = {key: stored[key] for key in stored.files}
         names = [os.fsdecode(name) for name in _split(arrays["nested_names"])]
         nested = dict(zip(names, arrays["nested_mtimes"].tolist()))
-        if arrays["classes"].tolist() != classes or any(
+        if arrays["classes"].tolist() != classes or not _consistent(arrays, len(classes)) \
+                or len(names) != len(nested) or any(
                 os.stat(split_dir / name).st_mtime_ns != mtime for name, mtime in nested.items()):
             return None
         return ImageIndex(classes, arrays["paths"], arrays["offsets"], arrays["targets"], nested,
                           int(arrays["hidden"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, damaged, a folder gone
         return None
+
+
+def _consistent(arrays: dict[str, np.ndarray], num_classes: int) -> bool:
+    """Whether the arrays are an index :func:`_write` could have written: every sample a span of
+    ``paths`` and a class (a file written by another version, or altered, is scanned afresh)."""
+    paths, offsets, targets = arrays["paths"], arrays["offsets"], arrays["targets"]
+    shapes = (paths.ndim, offsets.ndim, targets.ndim, arrays["hidden"].ndim, arrays["nested_mtimes"].ndim)
+    if shapes != (1, 1, 1, 0, 1) or (paths.dtype, offsets.dtype, targets.dtype) != (np.uint8, np.int64, np.int32):
+        return False
+    if len(offsets) != len(targets) + 1 or offsets[0] != 0 or offsets[-1] != len(paths):
+        return False
+    return bool(np.all(np.diff(offsets) > 0) and np.all((targets >= 0) & (targets < num_classes))
+                and arrays["nested_mtimes"].dtype == np.int64 and arrays["hidden"].dtype == np.int64)
 
 
 def _split(packed: np.ndarray) -> list[bytes]:

@@ -64,6 +64,10 @@ class MultiLabelImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def sample_path(self, index: int) -> str:
+        """The file behind sample ``index`` (for error messages)."""
+        return str(self.root / self.samples[index][0])
+
     def __getitem__(self, index: int) -> tuple[Image.Image, torch.Tensor]:
         path, classes = self.samples[index]
         with Image.open(self.root / path) as image:  # closes the file once decoded
@@ -135,7 +139,7 @@ class _Pairs(list):
 def _read_json(file: Path) -> list[Row]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_Pairs)
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, [[[[...
         raise DataError(f"{file} is not a readable JSON file ({' '.join(str(exc).split())}); "
                         "write it as UTF-8 JSON") from None
     if not isinstance(data, _Pairs):

@@ -70,7 +70,7 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
         state = state["model"]
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    tensors = {strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} \
+    tensors = {strip_wrappers(k): v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
         if isinstance(state, dict) else {}
     if not tensors:
         raise ConfigError(f"model.weights: '{path}' holds no tensors; give a state dict or a checkpoint")
@@ -96,7 +96,11 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], origin: str
         raise ConfigError(f"model.weights: no tensor of '{origin}' matches the model (theirs: "
                           f"{', '.join(list(tensors)[:3])}...; ours: {', '.join(list(own)[:3])}...); "
                           "check model.name")
-    model.load_state_dict(loaded, strict=False)
+    try:
+        model.load_state_dict(loaded, strict=False)
+    except RuntimeError as exc:  # a tensor whose dtype cannot become the parameter's (complex into float)
+        raise ConfigError(f"model.weights: cannot copy the tensors of '{origin}' into the model "
+                          f"({first_line(exc)}); check that the file holds this model's weights") from None
 
     def listed(keys: list[str], why: str = "") -> str:
         return f" ({why}{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
@@ -114,6 +118,7 @@ def checkpoint_data_settings(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # reported, with its cause, when the weights are loaded
         return {}
-    saved = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
+    saved = state.get("config") if isinstance(state, dict) else None
+    saved = saved.get("data") if isinstance(saved, dict) else None
     keys = ("mean", "std", "image_size", "val_crop_fraction")
-    return {f"data.{k}": saved[k] for k in keys if k in saved}
+    return {f"data.{k}": saved[k] for k in keys if k in saved} if isinstance(saved, dict) else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,30 @@ def rebuild_model(state: dict[str, Any], origin: Path, weights: str = "auto") ->
 def load_program(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A ``.pt2`` written by :func:`export_program`: its callable module and its metadata."""
     extra = {PROGRAM_METADATA: ""}
+    torch_export_log = logging.getLogger("torch.export")  # logs a traceback before trying an older layout
+    level = torch_export_log.level
+    torch_export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # not a zip, another format, a newer torch's program
-        raise UserError(f"cannot load the exported program {path} ({' '.join(str(exc).split())[:200]}); "
+        detail = ' '.join(str(exc).split())[:200]
+        if "warnings above" in detail:  # the traceback it logged is silenced
+            detail = "truncated, damaged, or not a .pt2 program"
+        raise UserError(f"cannot load the exported program {path} ({detail}); "
                         "export it again with python -m trainer.export CKPT --format pt2") from None
+    finally:
+        torch_export_log.setLevel(level)
     if not extra[PROGRAM_METADATA]:
         raise UserError(f"{path} has no {PROGRAM_METADATA}: it was not written by python -m trainer.export")
-    return program.module(), json.loads(extra[PROGRAM_METADATA])
+    try:
+        metadata = json.loads(extra[PROGRAM_METADATA])
+    except (ValueError, RecursionError):  # damaged bytes: the zip's checksums are not checked
+        metadata = None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("data"), dict) \
+            or not isinstance(metadata.get("classes"), list) or not isinstance(metadata.get("task", {}), dict):
+        raise UserError(f"{path}: its {PROGRAM_METADATA} is damaged (no JSON object with classes and data settings); "
+                        "export it again with python -m trainer.export CKPT --format pt2")
+    return program.module(), metadata
 
 
 def main(argv: list[str] | None = None) -> int:

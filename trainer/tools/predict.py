@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -19,7 +20,7 @@ from trainer import checkpoint, config
 from trainer.config import DataConfig, user_code
 from trainer.data import loaders
 from trainer.data.stages import Normalize
-from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, UserError
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, first_line
 from trainer.tasks.registry import build_task
 from trainer.tools import export
 
@@ -33,14 +34,21 @@ class Predictor:
             saved_data, saved_config = saved["data"], {"task": saved.get("task", {})}
         else:
             state = checkpoint.load(checkpoint_path)
+            if not isinstance(state.get("config"), dict) or not isinstance(state["config"].get("data"), dict) \
+                    or not isinstance(state.get("classes"), list):
+                raise CheckpointError(f"{checkpoint_path} is not a checkpoint of this trainer (no saved config or classes)")
             saved, saved_data, saved_config = state, state["config"]["data"], state["config"]
         self.classes: list[str] = saved["classes"]
-        self.task = build_task(config.load(base={key: saved_config[key] for key in ("task", "train")
-                                                 if key in saved_config}))
+        try:  # what the file says it was trained with: checked like any config
+            self.task = build_task(config.load(base={key: saved_config[key] for key in ("task", "train")
+                                                     if key in saved_config}))
+            data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                                                       saved_data))  # type: ignore[assignment]
+        except (ConfigError, OmegaConfBaseException) as exc:
+            raise UserError(f"{checkpoint_path} holds settings this version cannot use ({first_line(exc)}); "
+                            "export or train it again") from None
         if checkpoint_path.suffix != ".pt2":
             self.model = export.rebuild_model(state, checkpoint_path, weights)
-        data_cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
-                                                                   saved_data))  # type: ignore[assignment]
         self.transform = loaders.build_transform(data_cfg, train=False)
         self.normalize = Normalize(data_cfg.mean, data_cfg.std, torch.device("cpu"))
 

@@ -38,8 +38,8 @@ class Run:
 
     def values(self, key: str) -> tuple[list[float], list[float]]:
         """(epochs, values) of ``key`` over the epochs that logged it."""
-        points = [(r["epoch"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
-        return [p[0] for p in points], [p[1] for p in points]
+        points = [(r.get("epoch", number), _float(r.get(key))) for number, r in enumerate(self.records, start=1)]
+        return [e for e, v in points if v is not None], [v for _, v in points if v is not None]
 
 
 def load_run(path: Path) -> Run:
@@ -49,23 +49,46 @@ def load_run(path: Path) -> Run:
         raise UserError(f"{path} has no metrics.jsonl: not a run directory, or no epoch finished yet "
                         "(runs need log.trackers to include jsonl)")
     records = []
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+    for number, line in enumerate(_text(metrics).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{metrics} line {number} is not JSON ({exc.msg}); was it cut by a full disk?") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise UserError(f"{metrics} line {number} is not JSON ({getattr(exc, 'msg', exc)}); "
+                            "was it cut by a full disk?") from None
+        if not isinstance(records[-1], dict):
+            raise UserError(f"{metrics} line {number} is not a JSON object of metrics; is it a metrics.jsonl?")
     if not records:
         raise UserError(f"{metrics} is empty: no epoch finished yet")
-    config = flatten(yaml.safe_load(settings.read_text()) or {}) if settings.is_file() else {}
-    return Run(path, records, config)
+    return Run(path, records, _config(settings) if settings.is_file() else {})
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({' '.join(str(exc).split())}); "
+                        "a run writes it as UTF-8 text: restore it or leave the run out") from None
+
+
+def _config(settings: Path) -> dict[str, Any]:
+    """The run's config.yaml as flat ``section.key`` keys."""
+    try:
+        tree = yaml.safe_load(_text(settings))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{settings} is not valid YAML ({' '.join(str(exc).split())}); "
+                        "restore it or delete it (the report then shows no config keys)") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise UserError(f"{settings} holds a {type(tree).__name__}, not the keys of a config; "
+                        "restore it or delete it (the report then shows no config keys)")
+    return {str(key): value for key, value in flatten(tree or {}).items()}
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
     """Config keys whose values are not the same in every run (a key absent counts as a value)."""
     keys = sorted({key for run in runs for key in run.config} - set(IGNORED_KEYS))
-    return [key for key in keys if len({json.dumps(run.config.get(key)) for run in runs}) > 1]
+    return [key for key in keys if len({json.dumps(run.config.get(key), default=str) for run in runs}) > 1]
 
 
 def best(run: Run, metric: str, mode: str) -> tuple[float, int] | None:
@@ -85,7 +108,7 @@ def table(runs: list[Run], metric: str, mode: str) -> str:
     for run in runs:
         last = run.records[-1]
         found = best(run, metric, mode)
-        speeds = [r["train/images_per_s"] for r in run.records if "train/images_per_s" in r]
+        speeds = [v for v in run.values("train/images_per_s")[1] if v == v]
         rows.append([run.name, str(last.get("epoch", len(run.records))), _number(last.get("val/top1")),
                      _number(last.get("val/loss")), f"{found[0]:.4f} (epoch {found[1]})" if found else "-",
                      f"{statistics.median(speeds):.0f}" if speeds else "-",
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = [load_run(path) for path in args.runs]
         first = runs[0].config
-        metric = args.metric or first.get("ckpt.metric", "val/top1")
+        metric = args.metric or str(first.get("ckpt.metric", "val/top1"))
         same_metric = metric == first.get("ckpt.metric", "val/top1")
         mode = args.mode or (first.get("ckpt.mode", "max") if same_metric else "min" if "loss" in metric else "max")
         print(table(runs, metric, mode))
@@ -131,8 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def _float(value: Any) -> float | None:
+    """A logged number as a float; None for anything else (a string, a bool, an int beyond floats)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+    number = _float(value)
+    return "-" if number is None else f"{number:.4f}"
 
 
 def _value(value: Any) -> str:
