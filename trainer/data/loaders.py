@@ -82,6 +82,7 @@ class TensorsPassThrough:
 LOADER_PREFETCH = 4
 """Batches each DataLoader worker prepares ahead."""
 
+
 class SampleKey(NamedTuple):
     """What the samplers yield and :class:`SeededTransformDataset` reads (a plain (epoch, index)
     tuple reads as repeat 0)."""

@@ -17,6 +17,7 @@ from torchvision.transforms import (AugMix, AutoAugment, AutoAugmentPolicy, Inte
 
 from trainer.config import DataConfig
 
+
 def build_policy(cfg: DataConfig) -> Callable[[Image.Image], Image.Image] | None:
     """The configured policy, or None for ``data.auto_augment=none``."""
     bilinear = InterpolationMode.BILINEAR
