@@ -42,7 +42,8 @@ original_getitem = loaders.SeededTransformDataset.__getitem__
 
 
 def recording_getitem(self, key):  # type: ignore[no-untyped-def]
-    record("served", {"epoch": key[0], "index": key[1], "size": len(self)})
+    key = loaders.SampleKey(*key)
+    record("served", {"epoch": key.epoch, "index": key.index, "repeat": key.repeat, "size": len(self)})
     return original_getitem(self, key)
 
 

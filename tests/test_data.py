@@ -32,7 +32,7 @@ def first_batch(cfg: config.DataConfig, split: str = "train", workers: int = 0) 
     batches = loaders.TrainBatchSampler(len(dataset), 1, 0, batch_size=8, seed=0)
     cfg.num_workers = workers
     loader = loaders.build_train_loader(dataset, batches, cfg, torch.device("cpu"), seed=0)
-    images, targets, skipped, _ = next(iter(loader))
+    images, targets, skipped, *_ = next(iter(loader))
     assert skipped == 0
     return images, targets
 
@@ -125,7 +125,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="broken.png.*on_bad_sample=skip"):
         strict[(0, index)]
     lenient = loaders.SeededTransformDataset(splits.train, loaders.build_transform(cfg, True), 0, skip_bad=True)
-    images, targets, skipped, _ = loaders.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
+    images, targets, skipped, *_ = loaders.collate_skipping_bad([lenient[(0, index)], lenient[(0, 0)]])
     assert skipped == 1 and images.shape[0] == 1
 
 

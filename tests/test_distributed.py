@@ -344,7 +344,7 @@ def test_evaluate_counts_an_odd_validation_set_exactly_once(eval_runs: dict[int,
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 7, 21, 22])
 def test_eval_sampler_partitions_without_duplicates(world: int, size: int) -> None:
-    shards = [[index for _, index in loaders.EvalSampler(size, world, rank)] for rank in range(world)]
+    shards = [[key.index for key in loaders.EvalSampler(size, world, rank)] for rank in range(world)]
     flat = [index for shard in shards for index in shard]
     assert sorted(flat) == list(range(size))  # each sample exactly once: no padding, no gaps
     assert [len(loaders.EvalSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]

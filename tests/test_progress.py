@@ -27,7 +27,7 @@ def batches(size: int, world: int, batch: int, position: loaders.Position, seed:
     for rank in range(world):
         sampler = loaders.TrainBatchSampler(size, world, rank, batch, seed)
         sampler.set_position(position)
-        out.append([[index for _, index in keys] for keys in sampler])
+        out.append([[key.index for key in keys] for keys in sampler])
     return out
 
 
@@ -149,8 +149,8 @@ def test_the_epochs_shorter_last_window_is_scaled_by_its_real_size(tmp_path: Pat
     worker.inputs.sampler.set_position(loaders.Position(0, 0))
     last_batch = list(worker.inputs.sampler)[-1]
     samples = [worker.inputs.train_set[key] for key in last_batch]
-    x = worker.normalize(torch.stack([image for image, _, _ in samples])).flatten(1).double()  # as the step sees it
-    y = torch.tensor([target for _, target, _ in samples])
+    x = worker.normalize(torch.stack([image for image, *_ in samples])).flatten(1).double()  # as the step sees it
+    y = torch.tensor([target for _, target, *_ in samples])
     weight, bias = before["1.weight"].double(), before["1.bias"].double()
     residual = (torch.softmax(x @ weight.T + bias, dim=1) - torch.nn.functional.one_hot(y, 3)) / len(y)
     expected_weight = weight - LR * residual.T @ x

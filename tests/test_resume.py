@@ -23,6 +23,8 @@ from helpers import (REPO, TESTS, child_env, last_checkpoint, metrics_lines, run
                      torchrun, wait_for)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from trainer.data import loaders
+
 pytestmark = pytest.mark.slow
 
 RECORDING = TESTS / "recording_worker.py"
@@ -140,6 +142,28 @@ def test_resume_on_another_world_size_or_batch_sees_each_sample_once_on_the_same
     for lr, expected_lr in common:
         assert abs(lr - expected_lr) <= 1e-9
     assert after_stop[-1]["end"] == pytest.approx(EPOCHS) and after_stop[-1]["lr"] > 0
+
+
+def test_resume_with_repeated_augmentation_on_another_world_size_serves_the_repeated_order_once(
+        tmp_path: Path) -> None:
+    """data.ra_reps=2 (with a policy and a smaller training crop): stopped mid-epoch on 2 processes,
+    resumed on 3, every epoch serves each (index, repeat) of the repeated global order once."""
+    extra = ("data.ra_reps=2", "data.auto_augment=randaugment", "data.train_crop_size=12")
+    stopped = recorded_run(tmp_path, "repeats", *extra, STOP_AT_STEP="15")
+    assert stopped.returncode != 0 and "checkpoint saved, exit code 3" in stopped.stdout + stopped.stderr
+    assert last_checkpoint(tmp_path, "repeats")["position"]["consumed"] > 0
+    resumed = recorded_run(tmp_path, "repeats", *extra, nproc=3)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "world size 2 -> 3" in resumed.stdout
+
+    served = Counter((s["epoch"], s["index"], s["repeat"]) for s in recorded(tmp_path, "repeats", "served")
+                     if s["size"] == TRAIN_SIZE)
+    for epoch in range(EPOCHS):
+        sampler = loaders.TrainBatchSampler(TRAIN_SIZE, 1, 0, 8, seed=0, repeats=2)
+        sampler.set_position(loaders.Position(epoch))
+        expected = Counter((epoch, index, p % 2) for p, index in enumerate(sampler.order().tolist()))
+        assert len(expected) == TRAIN_SIZE and len({index for _, index, _ in expected}) == TRAIN_SIZE // 2
+        assert {key: count for key, count in served.items() if key[0] == epoch} == expected, f"epoch {epoch + 1}"
 
 
 def test_logged_validation_equals_trainer_evaluate_with_batchnorm_on_two_processes(

@@ -123,6 +123,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
+    if not 0 <= cfg.data.randaugment_magnitude <= 30:
+        raise ConfigError(f"data.randaugment_magnitude: must be in [0, 30] (torchvision's bins), "
+                          f"got {cfg.data.randaugment_magnitude}")
+    if not 1 <= cfg.data.augmix_severity <= 10:
+        raise ConfigError(f"data.augmix_severity: must be in [1, 10], got {cfg.data.augmix_severity}")
     if not 0 <= cfg.data.random_erase <= 1:
         raise ConfigError(f"data.random_erase: a probability in [0, 1] (0: off), got {cfg.data.random_erase}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:

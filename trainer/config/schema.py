@@ -22,10 +22,19 @@ class DataConfig:
     synthetic_val_per_class: int = 100
     synthetic_seed: int = 0
     image_size: int = 32
+    train_crop_size: int = 0  # 0: image_size
+    val_resize_size: int = 0  # 0: val_crop_size / val_crop_fraction
+    val_crop_size: int = 0  # 0: image_size
     val_crop_fraction: float = 1.0
     random_resized_crop: bool = False
     crop_scale_min: float = 0.35
     hflip: bool = True
+    auto_augment: str = "none"  # a torchvision policy in the loader workers, after the crop and flip
+    autoaugment_policy: str = "imagenet"  # auto_augment=autoaugment: the policy learnt on this set
+    randaugment_ops: int = 2  # auto_augment=randaugment: operations per image
+    randaugment_magnitude: int = 9  # auto_augment=randaugment: 0-30
+    augmix_severity: int = 3  # auto_augment=augmix: 1-10
+    ra_reps: int = 1  # repeated augmentation: each sample this many times per epoch (1: off)
     random_erase: float = 0.0
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
@@ -153,6 +162,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_sample": ("error", "skip"),
+    "data.auto_augment": ("none", "autoaugment", "randaugment", "trivialaugment", "augmix"),
+    "data.autoaugment_policy": ("imagenet", "cifar10", "svhn"),
     "model.init": ("default", "kaiming", "xavier"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
@@ -175,9 +186,10 @@ OPEN_CHOICES: dict[str, tuple[str, ...]] = {
 """Keys that take a built-in name (matched case-insensitively) or the import path of the user's
 builder (``my_pkg.module:build``), checked when it is imported."""
 
-POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
-            "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
-NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
+POSITIVE = ("data.batch_size", "data.image_size", "data.ra_reps", "data.randaugment_ops", "train.epochs",
+            "train.grad_accum_steps", "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
+NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_size", "data.val_crop_size",
+                "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",

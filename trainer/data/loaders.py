@@ -1,8 +1,10 @@
 """Transforms, samplers and loaders over the sets :mod:`trainer.data.sources` opens.
 
-Augmentation randomness is a pure function of (seed, epoch, sample index): each sample seeds its
-own transform. The batches a rank sees therefore do not depend on the number of DataLoader
-workers, and a run resumed in the middle of an epoch sees exactly the samples it would have seen.
+Augmentation randomness is a pure function of (seed, epoch, sample index, repeat): each sample
+seeds its own transform (repeat tells apart the copies of a sample that repeated augmentation puts
+in one epoch; 0 without it). The batches a rank sees therefore do not depend on the number of
+DataLoader workers, and a run resumed in the middle of an epoch sees exactly the samples it would
+have seen.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 import shutil
 import signal
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -21,28 +23,48 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torchvision import transforms
 
 from trainer.config import DataConfig
-from trainer.data import decode
+from trainer.data import decode, policies
 from trainer.data.stages import Batch
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
+def train_crop_size(cfg: DataConfig) -> int:
+    """The side of the training crops: ``data.train_crop_size``, else ``data.image_size``."""
+    return cfg.train_crop_size or cfg.image_size
+
+
+def val_sizes(cfg: DataConfig) -> tuple[int, int]:
+    """(resize, crop) of the evaluation transform: the shorter side is resized to the first, then
+    the centre is cropped to the second (``data.val_resize_size``, ``data.val_crop_size``; by default
+    the crop is ``data.image_size`` and the resize the crop over ``data.val_crop_fraction``)."""
+    crop = cfg.val_crop_size or cfg.image_size
+    return cfg.val_resize_size or round(crop / cfg.val_crop_fraction), crop
+
+
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
-    """Train: random resized crop and flip (each optional); val: resize and centre crop.
+    """Train: random resized crop and flip (each optional), then the augmentation policy
+    (``data.auto_augment``); val: resize and centre crop.
 
     The result is a uint8 (3, H, W) tensor: :class:`trainer.data.stages.Normalize` makes it float
     and normalises it on the device.
     """
-    size = cfg.image_size
     steps: list[Callable] = []
-    if train and cfg.random_resized_crop:
-        steps.append(decode.ResizedCrop(size, (cfg.crop_scale_min, 1.0), cfg.jpeg_draft))
+    if train:
+        size = train_crop_size(cfg)
+        if cfg.random_resized_crop:
+            steps.append(decode.ResizedCrop(size, (cfg.crop_scale_min, 1.0), cfg.jpeg_draft))
+        else:
+            steps += [decode.to_rgb, transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
+                      transforms.CenterCrop(size)]
+        if cfg.hflip:
+            steps.append(transforms.RandomHorizontalFlip())
+        if (policy := policies.build_policy(cfg)) is not None:
+            steps.append(policy)
     else:
-        steps += [decode.to_rgb, transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
-                  transforms.CenterCrop(size)]
-    if train and cfg.hflip:
-        steps.append(transforms.RandomHorizontalFlip())
+        resize, crop = val_sizes(cfg)
+        steps += [decode.to_rgb, transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)]
     steps.append(decode.to_uint8_tensor)
     return TensorsPassThrough(transforms.Compose(steps))
 
@@ -60,12 +82,26 @@ class TensorsPassThrough:
 LOADER_PREFETCH = 4
 """Batches each DataLoader worker prepares ahead."""
 
-SampleKey = tuple[int, int]
-"""(epoch, index): what the samplers yield and :class:`SeededTransformDataset` reads."""
+
+class SampleKey(NamedTuple):
+    """What the samplers yield and :class:`SeededTransformDataset` reads (a plain (epoch, index)
+    tuple reads as repeat 0)."""
+
+    epoch: int
+    index: int
+    repeat: int = 0
+    """Which copy of the sample in the epoch, with repeated augmentation (``data.ra_reps``)."""
+
+
+def sample_seed(seed: int, key: SampleKey) -> int:
+    """The torch seed of one sample's transform; repeat 0 seeds as before repeats existed."""
+    words = (seed, key.epoch, key.index) + ((key.repeat,) if key.repeat else ())
+    return hash(words) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class SeededTransformDataset(Dataset):
-    """Applies ``transform`` to ``base[index]`` with the torch RNG seeded from (seed, epoch, index).
+    """Applies ``transform`` to ``base[index]`` with the torch RNG seeded from (seed, epoch, index,
+    repeat).
 
     Unreadable samples raise :class:`DataError` naming the file, or, with ``skip_bad``, become
     ``None`` so :func:`collate_skipping_bad` drops and counts them.
@@ -77,21 +113,22 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, Any, int] | None:
-        """(image, target, index), or None for an unreadable sample in skip mode."""
-        epoch, index = key
+    def __getitem__(self, key: SampleKey | tuple[int, int]) -> tuple[torch.Tensor, Any, int, int] | None:
+        """(image, target, index, repeat), or None for an unreadable sample in skip mode."""
+        key = SampleKey(*key)
+        index = key.index
         # Seeded before reading too: a user's data set may draw in __getitem__. A loader worker's
         # generator serves this data set alone, so only the main process (no workers) needs its
         # state back; saving it costs about as much as the seeding.
         state = torch.get_rng_state() if get_worker_info() is None else None
-        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        torch.default_generator.manual_seed(sample_seed(self.seed, key))
         try:
             try:
                 image, target = self.base[index]
             except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
                 return self._unreadable(index, exc)
             try:
-                return self.transform(image), target, index
+                return self.transform(image), target, index, key.repeat
             except (OSError, SyntaxError) as exc:  # a lazily opened file's pixels decode here (truncated data)
                 return self._unreadable(index, exc)
         finally:
@@ -116,9 +153,10 @@ def collate_skipping_bad(batch: list[Any]) -> Batch:
     """Stack the readable samples; also count those dropped as unreadable."""
     good = [sample for sample in batch if sample is not None]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), len(batch), torch.empty(0, dtype=torch.long))
-    images, targets, indices = default_collate(good)
-    return Batch(images, targets, len(batch) - len(good), indices)
+        nothing = torch.empty(0, dtype=torch.long)
+        return Batch(torch.empty(0), nothing, len(batch), nothing, nothing)
+    images, targets, indices, repeats = default_collate(good)
+    return Batch(images, targets, len(batch) - len(good), indices, repeats)
 
 
 @dataclass
@@ -145,7 +183,11 @@ class Position:
 class TrainBatchSampler(Sampler[list[SampleKey]]):
     """This rank's micro-batches of one epoch's global order, from a global position on.
 
-    The epoch's order is DistributedSampler's permutation (``randperm`` seeded with seed + epoch).
+    The epoch's order is DistributedSampler's permutation (``randperm`` seeded with seed + epoch);
+    with repeated augmentation (``repeats`` > 1) each index of it is repeated in a row, the copies
+    numbered 0, 1..., and the order cut to the data set's size, as torchvision's ``RASampler`` does:
+    the copies of a sample sit on neighbouring positions, which the stride below gives to different
+    ranks, and an epoch still has the data set's length (about size / repeats distinct samples).
     Global micro-batch j covers positions [start + j*G, start + (j+1)*G) of it (G = batch x world)
     and rank r takes every world-th position from start + r: DistributedSampler's strided shards,
     so k micro-batches on W ranks consume exactly a prefix of the order, whatever W and the batch.
@@ -154,9 +196,9 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
     world size, where some rank would get nothing, is left out.
     """
 
-    def __init__(self, size: int, world_size: int, rank: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, world_size: int, rank: int, batch_size: int, seed: int, repeats: int = 1) -> None:
         self.size, self.world_size, self.rank = size, world_size, rank
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
         self.position = Position()
 
     def set_position(self, position: Position) -> None:
@@ -178,14 +220,16 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         return [full_size] * full + ([rest] if rest >= self.world_size else [])
 
     def order(self) -> torch.Tensor:
-        """The epoch's global permutation of sample indices."""
+        """The sample index at each position of the epoch's global order: a permutation, or with
+        repeats its indices each ``repeats`` times in a row (position p holds copy p % repeats)."""
         generator = torch.Generator().manual_seed(self.seed + self.position.epoch)
-        return torch.randperm(self.size, generator=generator)
+        return torch.randperm(self.size, generator=generator).repeat_interleave(self.repeats)[:self.size]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         order, epoch, start = self.order().tolist(), self.position.epoch, self.position.consumed
         for size in self.global_batches():
-            yield [(epoch, order[p]) for p in range(start + self.rank, start + size, self.world_size)]
+            yield [SampleKey(epoch, order[p], p % self.repeats)
+                   for p in range(start + self.rank, start + size, self.world_size)]
             start += size
 
     def __len__(self) -> int:
@@ -199,7 +243,7 @@ class EvalSampler(Sampler[SampleKey]):
         self.indices = range(rank, size, num_replicas)
 
     def __iter__(self) -> Iterator[SampleKey]:
-        return iter([(0, index) for index in self.indices])
+        return iter([SampleKey(0, index) for index in self.indices])
 
     def __len__(self) -> int:
         return len(self.indices)

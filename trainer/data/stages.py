@@ -5,8 +5,8 @@ copied to the device once and passes through an ordered list of stages there. No
 the first stage and the only one every consumer (training, evaluation, prediction, the pictures
 of a run) applies; random stages (erasing, mixup, GPU decoding) plug in after it in training.
 
-A random stage draws through :class:`BatchDraw`: per sample from (seed, epoch, sample index),
-per batch from (seed, epoch, global offset of the micro-batch, rank). Neither depends on the
+A random stage draws through :class:`BatchDraw`: per sample from (seed, epoch, sample index,
+repeat), per batch from (seed, epoch, global offset of the micro-batch, rank). Neither depends on the
 world size, the batch split or the loader workers, so a resume stays exact, and ranks never draw
 alike. A user's data set that yields float tensors is taken as already normalised.
 """
@@ -24,12 +24,14 @@ _MASK32 = 0xFFFF_FFFF
 
 class Batch(NamedTuple):
     """What a loader yields: stacked images and targets as loaded, how many samples were dropped
-    as unreadable, and the data-set index of each sample kept (for per-sample draws)."""
+    as unreadable, and the data-set index and repeat number of each sample kept (for per-sample
+    draws; no repeats: all 0)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     skipped: int
     indices: torch.Tensor
+    repeats: torch.Tensor | None = None
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -59,12 +61,17 @@ class BatchDraw:
     rank: int
     indices: torch.Tensor
     """The data-set index of each sample, on the batch's device."""
+    repeats: torch.Tensor | None = None
+    """Which copy of its sample each is, with repeated augmentation (None: all 0)."""
 
     def per_sample(self, stream: int) -> torch.Tensor:
-        """One uniform number in [0, 1) per sample, from (seed, epoch, index, stream): a sample
-        draws the same whichever batch, rank or resume it falls in. ``stream`` tells a stage's
-        independent draws apart."""
-        x = _mix32(_mix32(self.indices.to(torch.int64) & _MASK32) ^ _key(self.seed, self.epoch, stream))
+        """One uniform number in [0, 1) per sample, from (seed, epoch, index, repeat, stream): a
+        sample draws the same whichever batch, rank or resume it falls in, its copies differently.
+        ``stream`` tells a stage's independent draws apart."""
+        sample = _mix32(self.indices.to(torch.int64) & _MASK32)
+        if self.repeats is not None:  # _mix32(0) == 0: copy 0 draws as with no repeats
+            sample = sample ^ _mix32(self.repeats.to(torch.int64) & _MASK32)
+        x = _mix32(sample ^ _key(self.seed, self.epoch, stream))
         return x.to(torch.float64).div_(2.0 ** 32).to(torch.float32)
 
     def per_batch(self, stream: int) -> torch.Generator:
@@ -128,7 +135,8 @@ class DeviceStages:
         images, targets = self.copy(batch)
         images = self.normalize(images)
         if self.extra:  # the draws are made only for stages that may use them
-            draw = BatchDraw(self.seed, epoch, offset, rank, batch.indices.to(self.device, non_blocking=True))
+            repeats = None if batch.repeats is None else batch.repeats.to(self.device, non_blocking=True)
+            draw = BatchDraw(self.seed, epoch, offset, rank, batch.indices.to(self.device, non_blocking=True), repeats)
             for stage in self.extra:
                 images, targets = stage(images, targets, draw)
         return images, targets

@@ -83,13 +83,13 @@ class RunVisuals:
     def _start_pictures(self, sinks: MetricSinks, model: nn.Module, train_set: Any, sampler: Any,
                         device: torch.device, step: int) -> None:
         cfg = self.log_cfg
-        keys = itertools.chain.from_iterable(iter(sampler))  # the batch sampler's (epoch, index) keys
+        keys = itertools.chain.from_iterable(iter(sampler))  # the batch sampler's sample keys
         samples = [train_set[key] for key in itertools.islice(keys, GRID_IMAGES)]
         samples = [sample for sample in samples if sample is not None]
         if not samples:
             return
-        images = torch.stack([image for image, _, _ in samples])
-        targets = torch.stack([torch.as_tensor(target) for _, target, _ in samples])
+        images = torch.stack([image for image, *_ in samples])
+        targets = torch.stack([torch.as_tensor(target) for _, target, *_ in samples])
         self.probe = (images, targets)
         if step > 0:
             return

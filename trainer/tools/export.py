@@ -39,7 +39,8 @@ def export_safetensors(state: dict[str, Any], out: Path) -> None:
 def export_program(state: dict[str, Any], origin: Path, out: Path) -> None:
     """The checkpoint's model as a ``torch.export`` program with a dynamic batch dimension."""
     model = rebuild_model(state, origin)
-    size = state["config"]["data"]["image_size"]
+    data = state["config"]["data"]
+    size = data.get("val_crop_size") or data["image_size"]  # what predict's evaluation transform gives
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))

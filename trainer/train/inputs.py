@@ -35,8 +35,9 @@ def build_inputs(cfg: Config, env: DistEnv, task: Task) -> Inputs:
         raise DataError(f"{len(train_set)} training samples for {env.world_size} processes: each process "
                         "needs at least one; use fewer processes or more data")
     batch = cfg.data.batch_size
-    sampler = loaders.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed)
-    batch_bytes = batch * 3 * cfg.data.image_size ** 2  # uint8 pixels
+    sampler = loaders.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed,
+                                        cfg.data.ra_reps)
+    batch_bytes = batch * 3 * loaders.train_crop_size(cfg.data) ** 2  # uint8 pixels
     if (shm := loaders.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
         log.warning(shm)
     classes = splits.classes

@@ -11,7 +11,7 @@ import torch
 from trainer import checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.data.erasing import RandomErasing
-from trainer.data.loaders import Position
+from trainer.data.loaders import Position, train_crop_size
 from trainer.data.stages import DeviceStages, Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED, StorageError
 from trainer.models import flops
@@ -178,7 +178,7 @@ class Worker:
         cfg, env = self.cfg, self.env
         log.info("resolved config:\n%s", config_yaml.rstrip())
         if env.is_main:
-            self.flops_per_image = flops.training_flops_per_image(self.net, cfg.data.image_size)
+            self.flops_per_image = flops.training_flops_per_image(self.net, train_crop_size(cfg.data))
         log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters, %s training FLOPs per image | "
                  "precision %s | task %s, %d classes, %d train / %d val samples | batch %d per process, %d global",
                  self.run_dir, env.world_size, self.device, env.backend or "no process group",
