@@ -11,7 +11,7 @@ from helpers import small_run
 from test_tasks import assert_resume_is_bitwise, in_process_worker
 
 from trainer.data.erasing import RandomErasing
-from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize
+from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize, _mix32
 
 CPU = torch.device("cpu")
 
@@ -97,3 +97,8 @@ def test_a_run_with_random_erasing_resumes_bitwise(tmp_path: Path) -> None:
     through, _ = assert_resume_is_bitwise(lambda name: in_process_worker(small_run(tmp_path, *args,
                                                                                    f"log.name={name}")))
     assert through.stages.extra and isinstance(through.stages.extra[0], RandomErasing)
+
+
+def test_the_draw_keys_hash_python_ints_as_the_samples_tensors() -> None:
+    words = [0, 1, 7, 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 40 + 3, 123_456_789]
+    assert [_mix32(word) for word in words] == _mix32(torch.tensor(words)).tolist()
