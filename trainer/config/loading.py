@@ -135,7 +135,8 @@ def validate(cfg: Config) -> None:
 def _validate_loss(task: TaskConfig) -> None:
     """``task.loss`` against a built-in task, and ``task.bce_target_threshold`` against the loss."""
     if task.name == "multilabel" and task.loss == "ce":
-        raise ConfigError("task.loss=ce: multilabel's labels are independent, it trains with bce (task.loss=auto or bce)")
+        raise ConfigError("task.loss=ce: multilabel's labels are independent, it trains with bce "
+                          "(task.loss=auto or bce)")
     if not 0 <= task.bce_target_threshold < 1:
         raise ConfigError(f"task.bce_target_threshold: must be in [0, 1) (0: off), got {task.bce_target_threshold}")
     bce = task.loss == "bce" or (task.loss == "auto" and task.name == "multilabel")
