@@ -91,6 +91,8 @@ CONFIG_CASES = [
     ("missing_yaml", ["-c", "{tmp}/missing.yaml"], ["config file not found: {tmp}/missing.yaml"]),
     ("malformed_yaml", ["-c", "{tmp}/malformed.yaml"],
      ["config file {tmp}/malformed.yaml is not valid YAML", "line 2"]),
+    ("ce_for_multilabel", ["task.name=multilabel", "task.loss=ce"],
+     ["task.loss=ce: multilabel's labels are independent", "task.loss=auto or bce"]),
 ]
 
 

@@ -1,5 +1,6 @@
 """Checkpoints that lose nothing: resume after SIGTERM and SIGKILL, on the same or another world
-size and batch size, torchrun restarts, one history, unreadable checkpoints, one run per directory.
+size and batch size (with mixup and cutmix on), torchrun restarts, one history, unreadable
+checkpoints, one run per directory.
 
 All runs are real torchrun (gloo, CPU) or python processes; ``recording_worker.py`` records what
 the data set served and each optimizer step's learning rate and dropout mask.
@@ -30,10 +31,12 @@ pytestmark = pytest.mark.slow
 RECORDING = TESTS / "recording_worker.py"
 TRAIN_SIZE = 3 * 64
 EPOCHS = 3
+MIXING = ("data.mixup_alpha=0.2", "data.cutmix_alpha=1.0")
+"""Mixup and cutmix on: their per-batch draws (seed, epoch, offset, rank) must resume bitwise too."""
 
 
 def args(tmp: Path, name: str, *extra: str, batch_size: int = 8) -> list[str]:
-    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *extra,
+    return small_run(tmp, f"log.name={name}", f"train.epochs={EPOCHS}", "ckpt.every_steps=4", *MIXING, *extra,
                      batch_size=batch_size)
 
 

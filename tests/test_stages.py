@@ -1,6 +1,6 @@
 """The device batch stages: normalisation first, then the training stages in order; per-sample draws
 depend on (seed, epoch, sample index) only, per-batch draws on (seed, epoch, offset, rank); random
-erasing, the first random stage, in a run that resumes bitwise."""
+erasing, mixup and cutmix in a run that resumes bitwise (trainer/data/mixing.py: tests/test_mixing.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from helpers import small_run
 from test_tasks import assert_resume_is_bitwise, in_process_worker
 
 from trainer.data.erasing import RandomErasing
-from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize
+from trainer.data.mixing import Mixing
+from trainer.data.stages import Batch, BatchDraw, DeviceStages, Normalize, _mix32
 
 CPU = torch.device("cpu")
 
@@ -91,9 +92,17 @@ def test_random_erasing_of_a_sample_does_not_depend_on_its_batch() -> None:
     assert torch.equal(whole, torch.cat([head, tail]))
 
 
-def test_a_run_with_random_erasing_resumes_bitwise(tmp_path: Path) -> None:
-    """The erasing is drawn per sample from (seed, epoch, index): a stop and resume draws the same."""
-    args = ["model.name=linear", "train.epochs=2", "log.pictures=false", "data.random_erase=0.5"]
+def test_a_run_with_random_erasing_mixup_and_cutmix_resumes_bitwise(tmp_path: Path) -> None:
+    """The erasing is drawn per sample from (seed, epoch, index), mixup and cutmix per micro-batch from
+    (seed, epoch, offset, rank): a stop and resume draws the same. The soft targets train with bce."""
+    args = ["model.name=linear", "train.epochs=2", "log.pictures=false", "data.random_erase=0.5",
+            "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "task.loss=bce", "task.bce_target_threshold=0.2"]
     through, _ = assert_resume_is_bitwise(lambda name: in_process_worker(small_run(tmp_path, *args,
                                                                                    f"log.name={name}")))
-    assert through.stages.extra and isinstance(through.stages.extra[0], RandomErasing)
+    erasing, mixing = through.stages.extra
+    assert isinstance(erasing, RandomErasing) and isinstance(mixing, Mixing)
+
+
+def test_the_draw_keys_hash_python_ints_as_the_samples_tensors() -> None:
+    words = [0, 1, 7, 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 40 + 3, 123_456_789]
+    assert [_mix32(word) for word in words] == _mix32(torch.tensor(words)).tolist()

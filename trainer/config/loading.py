@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config.schema import (CHOICES, DATA_SOURCES, NON_NEGATIVE, OPEN_CHOICES, POSITIVE, TASK_METRICS, TRACKERS,
-                                   Config)
+                                   Config, TaskConfig)
 from trainer.errors import ConfigError, first_line
 
 
@@ -130,6 +130,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.augmix_severity: must be in [1, 10], got {cfg.data.augmix_severity}")
     if not 0 <= cfg.data.random_erase <= 1:
         raise ConfigError(f"data.random_erase: a probability in [0, 1] (0: off), got {cfg.data.random_erase}")
+    for key in ("data.mixup_prob", "data.mixup_switch_prob"):
+        if not 0 <= get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: a probability in [0, 1], got {get(cfg, key)}")
+    _validate_loss(cfg.task)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         raise ConfigError("data.mean and data.std need 3 values each, std > 0, e.g. data.std=[0.25,0.25,0.25]")
     if cfg.data.source in DATA_SOURCES[1:] and not cfg.data.root:
@@ -138,6 +142,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"log.name: {cfg.log.name!r} must be a non-empty folder name without '/'")
     cfg.log.trackers = _validate_trackers(cfg.log.trackers)
     profile_range(cfg.log.profile_steps)
+
+
+def _validate_loss(task: TaskConfig) -> None:
+    """``task.loss`` against a built-in task, and ``task.bce_target_threshold`` against the loss."""
+    if task.name == "multilabel" and task.loss == "ce":
+        raise ConfigError("task.loss=ce: multilabel's labels are independent, it trains with bce "
+                          "(task.loss=auto or bce)")
+    if not 0 <= task.bce_target_threshold < 1:
+        raise ConfigError(f"task.bce_target_threshold: must be in [0, 1) (0: off), got {task.bce_target_threshold}")
+    bce = task.loss == "bce" or (task.loss == "auto" and task.name == "multilabel")
+    if task.bce_target_threshold > 0 and not bce and task.name in TASK_METRICS:
+        raise ConfigError(f"task.bce_target_threshold={task.bce_target_threshold} needs task.loss=bce "
+                          f"({task.name} trains with cross-entropy)")
 
 
 def _validate_trackers(names: list[str]) -> list[str]:

@@ -36,6 +36,10 @@ class DataConfig:
     augmix_severity: int = 3  # auto_augment=augmix: 1-10
     ra_reps: int = 1  # repeated augmentation: each sample this many times per epoch (1: off)
     random_erase: float = 0.0
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of mixup's ratio, per micro-batch on the device (0: off)
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) of cutmix's ratio (0: off)
+    mixup_prob: float = 1.0  # the fraction of micro-batches mixed when an alpha is set (timm's --mixup-prob)
+    mixup_switch_prob: float = 0.5  # with both alphas set: the fraction of mixed batches that use cutmix
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     batch_size: int = 64
@@ -83,6 +87,8 @@ class SchedConfig:
 class TaskConfig:
     name: str = "classification"
     threshold: float = 0.5
+    loss: str = "auto"  # auto (the task's own: ce for classification, bce for multilabel) | ce | bce
+    bce_target_threshold: float = 0.0  # bce: targets above it count as 1, the rest as 0 (0: as they are)
 
 
 @dataclass
@@ -174,6 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
     "log.wandb_mode": ("offline", "online"),
+    "task.loss": ("auto", "ce", "bce"),
 }
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
 
@@ -194,7 +201,8 @@ NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
-                "log.histogram_every_epochs", "log.peak_tflops", "task.threshold")
+                "log.histogram_every_epochs", "log.peak_tflops", "task.threshold",
+                "data.mixup_alpha", "data.cutmix_alpha")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "loss", "top5", "precision", "recall", "f1"),
     "multilabel": ("map", "loss", "f1", "precision", "recall", "f1_macro"),

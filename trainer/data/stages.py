@@ -14,12 +14,13 @@ alike. A user's data set that yields float tensors is taken as already normalise
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 _MASK32 = 0xFFFF_FFFF
+_Word = TypeVar("_Word", torch.Tensor, int)
 
 
 class Batch(NamedTuple):
@@ -34,8 +35,9 @@ class Batch(NamedTuple):
     repeats: torch.Tensor | None = None
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply), computed in int64 without overflow."""
+def _mix32(x: _Word) -> _Word:
+    """A 32-bit integer hash (xorshift-multiply) of an int64 tensor, elementwise, or of a Python int:
+    computed without overflow, the same value either way."""
     for multiplier in (0x7FEB352D, 0x46F0D5EB):  # both < 2**31: products stay below 2**63
         x = (x ^ (x >> 16)) & _MASK32
         x = (x * multiplier) & _MASK32
@@ -43,11 +45,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _key(*words: int) -> int:
-    """One 32-bit hash of several integers (on the host: no device work)."""
-    x = torch.zeros((), dtype=torch.int64)
+    """One 32-bit hash of several integers, in Python integers (no tensor work)."""
+    x = 0
     for word in words:
         x = _mix32(x ^ (word & _MASK32))
-    return int(x)
+    return x
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ class Task(Protocol):
     """What each validation logs as ``val/<name>``; the first judges the run (``ckpt.metric=auto``)."""
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss, a mean over the micro-batch (fp32 logits)."""
+        """The training loss, a mean over the micro-batch (fp32 logits). ``targets`` are in the
+        task's ``target_form``, or (N, classes) class probabilities when mixup or cutmix is on
+        (``data.mixup_alpha``, ``data.cutmix_alpha``: see trainer.data.mixing)."""
         ...
 
     def meter(self, num_classes: int, device: torch.device) -> EvalMeter: ...

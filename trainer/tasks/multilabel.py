@@ -19,21 +19,23 @@ from torch import nn
 from trainer.config import TASK_METRICS
 from trainer.observe.sinks import MetricSinks
 from trainer.parallel.distributed import DistEnv
+from trainer.tasks.classification import binary_cross_entropy
 from trainer.tasks.ranking import average_precision, f1_at
 
 
 class MultiLabel:
-    """Several labels per image: ``targets`` are (N, classes) floats in [0, 1] (multi-hot)."""
+    """Several labels per image: ``targets`` are (N, classes) floats in [0, 1] (multi-hot, or soft
+    after mixup or cutmix; ``bce_target_threshold`` > 0 makes them 0 or 1 again)."""
 
     name = "multilabel"
     target_form = "multi_hot"
     metrics = TASK_METRICS["multilabel"]
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
+    def __init__(self, threshold: float = 0.5, bce_target_threshold: float = 0.0) -> None:
+        self.threshold, self.bce_target_threshold = threshold, bce_target_threshold
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        return binary_cross_entropy(logits, targets, self.bce_target_threshold)
 
     def meter(self, num_classes: int, device: torch.device) -> ScoreMeter:
         return ScoreMeter(num_classes, device, self.threshold)

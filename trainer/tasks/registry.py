@@ -19,9 +19,10 @@ def build_task(cfg: Config) -> Task:
     and its metrics settle ``ckpt.metric``."""
     name = cfg.task.name
     if name == "classification":
-        return Classification(cfg.train.label_smoothing)
+        return Classification(cfg.train.label_smoothing, "bce" if cfg.task.loss == "bce" else "ce",
+                              cfg.task.bce_target_threshold)
     if name == "multilabel":
-        return MultiLabel(cfg.task.threshold)
+        return MultiLabel(cfg.task.threshold, cfg.task.bce_target_threshold)
     task = user_code.load_callable(name, "task.name")(cfg)
     missing = [attribute for attribute in REQUIRED if not hasattr(task, attribute)]
     if missing:

@@ -12,6 +12,7 @@ from trainer import checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
 from trainer.data.erasing import RandomErasing
 from trainer.data.loaders import Position, train_crop_size
+from trainer.data.mixing import Mixing
 from trainer.data.stages import DeviceStages, Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED, StorageError
 from trainer.models import flops
@@ -59,8 +60,11 @@ class Worker:
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
         self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)
-        erasing = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
-        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, erasing)
+        training_stages = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
+        if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:  # after erasing, as in torchvision's recipes
+            training_stages.append(Mixing(len(self.classes), cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
+                                          cfg.data.mixup_prob, cfg.data.mixup_switch_prob))
+        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, training_stages)
         self.step = TrainStep(self.net, self.parallel.wrap(self.net), self.optimizer, self.parallel, self.task,
                               self.precision, self.device, cfg.train)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
