@@ -2,7 +2,7 @@
 checkpointing recomputes one at a time (a residual block, a transformer block).
 
 ``auto`` finds them by structure: the children of a container (``nn.Sequential``, ``nn.ModuleList``)
-that repeat a class with parameters, e.g. torchvision ResNet's ``BasicBlock``/``Bottleneck``, ViT's
+that repeat a class of composite modules with parameters (not single layers), e.g. torchvision ResNet's ``BasicBlock``/``Bottleneck``, ViT's
 ``EncoderBlock``, Swin's ``SwinTransformerBlock``, timm's ``Block`` and ``ConvNeXtBlock``. The
 user's own model can name its block classes instead (``dist.shard_blocks=MyBlock,MyStem``).
 """
@@ -74,8 +74,8 @@ def _keep(selective: bool, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _repeated_children(container: nn.Module) -> list[nn.Module]:
-    children = [c for c in container.children()
-                if not isinstance(c, CONTAINERS) and any(True for _ in c.parameters())]
+    children = [c for c in container.children() if not isinstance(c, CONTAINERS)
+                and any(True for _ in c.children()) and any(True for _ in c.parameters())]
     counts = Counter(type(c) for c in children)
     return [c for c in children if counts[type(c)] > 1]
 
