@@ -129,13 +129,12 @@ def validate(cfg: Config) -> None:
     _validate_sharding(cfg)
 
 
-NOT_YET_SHARDED = {"train.ema_decay": lambda cfg: cfg.train.ema_decay > 0,
-                   "model.compile": lambda cfg: cfg.model.compile,
+NOT_YET_SHARDED = {"model.compile": lambda cfg: cfg.model.compile,
                    "log.graph": lambda cfg: cfg.log.graph,
                    "log.histogram_every_epochs": lambda cfg: cfg.log.histogram_every_epochs > 0}
-"""What a sharded run does not do yet: each is refused at start rather than half-working (the
-EMA would hold the whole model on one rank; the graph and histograms run the model on rank 0 alone,
-which a sharded model cannot do without the others)."""
+"""What a sharded run does not do yet: each is refused at start rather than half-working (compiling
+per block is not built; the graph and histograms run the model on rank 0 alone, which a sharded
+model cannot do without the others)."""
 
 
 def _validate_sharding(cfg: Config) -> None:

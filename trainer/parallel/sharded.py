@@ -54,6 +54,12 @@ class FullyShardedParallel(Parallel):
         self.root = fully_shard(net, reshard_after_forward=False, **options)
         return net
 
+    def spread_copy(self, copy: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """Sharded like the model, so that its tensors pair with the model's shard for shard."""
+        for block in blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=self.policy)
+        return fully_shard(copy, mesh=self.mesh, mp_policy=self.policy)
+
     def no_sync(self, boundary: bool) -> AbstractContextManager[Any]:
         return self._gradient_sync(boundary)
 

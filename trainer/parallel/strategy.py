@@ -54,6 +54,11 @@ class Parallel:
         """Around a micro-batch's backward: reduce gradients only at the accumulation ``boundary``."""
         return nullcontext()
 
+    def spread_copy(self, copy: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """``copy`` (of the model, taken before :meth:`wrap`, with its own ``blocks``) spread as the
+        model is, for an evaluation-only twin such as the EMA; here, as it is."""
+        return copy
+
     def agree_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics, EMA-averaged buffers)."""
 

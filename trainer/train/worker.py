@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ class Worker:
         # Counted on the meta device before any hook or sharding touches the model.
         self.flops_per_image = flops.training_flops_per_image(self.net, cfg.data.image_size) if env.is_main else None
         self.parallel = strategy.build(env, cfg.dist, cfg.model.compile, self.precision.name)
+        ema_copy = copy.deepcopy(self.net) if cfg.train.ema_decay > 0 else None  # before hooks and shards
         self.model = self._distribute(self.net)
+        ema_module = self.parallel.spread_copy(ema_copy, self._blocks(ema_copy)) if ema_copy is not None else None
         fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
         head = models.head_parameter_names(self.net) if fine_tuning else set()
         # After sharding: fully_shard replaces the parameters the optimizer must hold.
@@ -67,7 +70,7 @@ class Worker:
         erasing = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
         self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, erasing)
         self.step = TrainStep(self.net, self.model, self.optimizer, self.parallel, self.task, self.precision,
-                              self.device, cfg.train)
+                              self.device, cfg.train, ema_module)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
         self.position, self.record, self.requeue = Position(), RunRecord(cfg.ckpt.metric, cfg.ckpt.mode), False
         self.agreement = LaggedAgreement(env)
@@ -84,12 +87,15 @@ class Worker:
 
     def _distribute(self, net: torch.nn.Module) -> torch.nn.Module:
         """The model as the step runs it: blocks checkpointed, then spread over the ranks."""
-        cfg = self.cfg
-        sharded = cfg.dist.strategy != "ddp" and self.env.is_distributed
-        checkpointed = cfg.train.activation_checkpointing != "none"
-        blocks = models.find_blocks(net, cfg.dist.shard_blocks) if sharded or checkpointed else []
-        models.checkpoint_activations(blocks, cfg.train.activation_checkpointing)
-        return self.parallel.wrap(net, blocks if sharded else [])
+        mode = self.cfg.train.activation_checkpointing
+        if mode != "none":
+            models.checkpoint_activations(models.find_blocks(net, self.cfg.dist.shard_blocks), mode)
+        return self.parallel.wrap(net, self._blocks(net))
+
+    def _blocks(self, net: torch.nn.Module) -> list[torch.nn.Module]:
+        """The units a sharded strategy spreads ``net`` by (none for the others)."""
+        sharded = self.cfg.dist.strategy != "ddp" and self.env.is_distributed
+        return models.find_blocks(net, self.cfg.dist.shard_blocks) if sharded else []
 
     def fit(self) -> int:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
