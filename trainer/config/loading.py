@@ -142,6 +142,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"log.name: {cfg.log.name!r} must be a non-empty folder name without '/'")
     cfg.log.trackers = _validate_trackers(cfg.log.trackers)
     profile_range(cfg.log.profile_steps)
+    _validate_sharding(cfg)
+
+
+NOT_YET_SHARDED = {"model.compile": lambda cfg: cfg.model.compile,
+                   "log.graph": lambda cfg: cfg.log.graph,
+                   "log.histogram_every_epochs": lambda cfg: cfg.log.histogram_every_epochs > 0}
+"""What a sharded run does not do yet: each is refused at start rather than half-working (compiling
+per block is not built; the graph and histograms run the model on rank 0 alone, which a sharded
+model cannot do without the others)."""
+
+
+def _validate_sharding(cfg: Config) -> None:
+    if cfg.dist.strategy == "ddp":
+        return
+    for key, given in NOT_YET_SHARDED.items():
+        if given(cfg):
+            raise ConfigError(f"{key}: not available with dist.strategy={cfg.dist.strategy} yet; "
+                              f"turn it off or use dist.strategy=ddp")
 
 
 def _validate_loss(task: TaskConfig) -> None:

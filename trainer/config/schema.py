@@ -101,6 +101,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0
     on_nonfinite_loss: str = "stop"
     ema_decay: float = 0.0
+    activation_checkpointing: str = "none"
     cudnn_benchmark: bool = True
     tf32: bool = True
     deterministic: bool = False
@@ -128,6 +129,10 @@ class DistConfig:
     backend: str = "auto"
     timeout_s: float = 300.0
     find_unused_parameters: bool = False
+    strategy: str = "ddp"
+    shard_blocks: str = "auto"
+    reshard_after_forward: bool = True
+    hsdp_shard_size: int = 0
 
 
 @dataclass
@@ -177,6 +182,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ckpt.warning_signal": ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"),
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),
+    "dist.strategy": ("ddp", "fsdp", "hsdp"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
     "log.wandb_mode": ("offline", "online"),
@@ -202,7 +209,7 @@ NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",
                 "log.histogram_every_epochs", "log.peak_tflops", "task.threshold",
-                "data.mixup_alpha", "data.cutmix_alpha")
+                "data.mixup_alpha", "data.cutmix_alpha", "dist.hsdp_shard_size")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("top1", "loss", "top5", "precision", "recall", "f1"),
     "multilabel": ("map", "loss", "f1", "precision", "recall", "f1_macro"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import Any, Iterable
 
 import torch
 
@@ -38,3 +39,21 @@ class PeakMemory:
         if self.device.type == "mps":
             return {"peak_mem_mb": torch.mps.driver_allocated_memory() / 2**20}
         return {"peak_mem_mb": max_rss_mb()}
+
+
+def model_memory_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """What this rank holds of the model's training state, in MB: its parameters, the gradients of
+    the trainable ones (as large as those, from the backward to the optimizer step) and the
+    optimizer's state (from its first step on). A sharded tensor counts its local shard only."""
+    def mb(tensors: Iterable[Any]) -> float:
+        total = 0
+        for tensor in tensors:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if isinstance(local, torch.Tensor):
+                total += local.numel() * local.element_size()
+        return total / 2**20
+
+    parameters = list(model.parameters())
+    return {"memory/parameters_mb": mb(parameters),
+            "memory/gradients_mb": mb(p for p in parameters if p.requires_grad),
+            "memory/optimizer_mb": mb(v for state in optimizer.state.values() for v in state.values())}

@@ -3,20 +3,21 @@
 The Worker and the training step ask only this object to wrap the model for training, to hold
 the gradient reduction back between micro-batches, to agree on buffers before an evaluation,
 and to turn model, optimizer and EMA state into checkpoint state and back. :class:`Parallel`
-is one process on one device; :class:`DataParallel` is DDP. A sharded strategy is a third
-implementation of the same methods.
+is one process on one device; :class:`DataParallel` is DDP; ``sharded.FullyShardedParallel`` is
+FSDP2 and HSDP.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.config import DistConfig
 from trainer.parallel.distributed import DistEnv
 
 
@@ -32,22 +33,31 @@ class Parallel:
 
     lockstep = False
     """Whether every rank must run every optimizer step (DDP: each waits for the others' gradients)."""
+    collective_forward = False
+    """Whether a forward pass is a collective (sharded: it gathers parameters), so that every rank
+    must run as many, evaluation included."""
 
     def __init__(self, env: DistEnv, compile_model: bool = False) -> None:
         self.env, self.compile_model = env, compile_model
 
-    def wrap(self, net: nn.Module) -> nn.Module:
+    def wrap(self, net: nn.Module, blocks: Sequence[nn.Module] = ()) -> nn.Module:
         """``net`` as the training step runs it: distributed first, then torch.compile, so that
-        Dynamo sees DDP and splits the graph at its gradient buckets (all-reduce overlaps the backward)."""
-        model = self._distribute(net)
+        Dynamo sees DDP and splits the graph at its gradient buckets (all-reduce overlaps the backward).
+        ``blocks`` (innermost first) are the units a sharded strategy gathers one at a time."""
+        model = self._distribute(net, blocks)
         return torch.compile(model) if self.compile_model else model
 
-    def _distribute(self, net: nn.Module) -> nn.Module:
+    def _distribute(self, net: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         return net
 
     def no_sync(self, boundary: bool) -> AbstractContextManager[Any]:
         """Around a micro-batch's backward: reduce gradients only at the accumulation ``boundary``."""
         return nullcontext()
+
+    def spread_copy(self, copy: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """``copy`` (of the model, taken before :meth:`wrap`, with its own ``blocks``) spread as the
+        model is, for an evaluation-only twin such as the EMA; here, as it is."""
+        return copy
 
     def agree_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics, EMA-averaged buffers)."""
@@ -89,7 +99,7 @@ class DataParallel(Parallel):
         self.find_unused_parameters = find_unused_parameters
         self.ddp: DistributedDataParallel | None = None
 
-    def _distribute(self, net: nn.Module) -> nn.Module:
+    def _distribute(self, net: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         device = self.env.device
         self.ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                            find_unused_parameters=self.find_unused_parameters)
@@ -99,12 +109,23 @@ class DataParallel(Parallel):
         return nullcontext() if boundary or self.ddp is None else self.ddp.no_sync()
 
     def agree_buffers(self, model: nn.Module) -> None:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        broadcast_buffers(model)
 
 
-def build(env: DistEnv, compile_model: bool, find_unused_parameters: bool) -> Parallel:
-    """DDP when there is a process group, else the model as it is."""
-    if env.is_distributed:
-        return DataParallel(env, compile_model, find_unused_parameters)
-    return Parallel(env, compile_model)
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers on every rank."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def build(env: DistEnv, cfg: DistConfig, compile_model: bool, precision: str) -> Parallel:
+    """``cfg.strategy`` when there is a process group, else the model as it is (one process
+    holds it all whatever the strategy)."""
+    if not env.is_distributed:
+        return Parallel(env, compile_model)
+    if cfg.strategy == "ddp":
+        return DataParallel(env, compile_model, cfg.find_unused_parameters)
+    from trainer.parallel.sharded import FullyShardedParallel
+
+    shard_size = (cfg.hsdp_shard_size or env.topology.local_world_size) if cfg.strategy == "hsdp" else None
+    return FullyShardedParallel(env, precision, cfg.reshard_after_forward, shard_size)

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class ModelEma:
@@ -16,8 +17,10 @@ class ModelEma:
     foreach lerp over all tensors.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model: nn.Module, decay: float, module: nn.Module | None = None) -> None:
+        """``module``: the average's own module, made as the strategy wants it (a sharded model
+        cannot be copied, so its copy is taken before sharding); by default a copy of ``model``."""
+        self.module = (copy.deepcopy(model) if module is None else module).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
         self._source = model
@@ -36,9 +39,13 @@ class ModelEma:
         """Blend the model's current weights in (the first update copies them)."""
         ema_floats, floats, ema_others, others = self._tensors()
         if self.updates == 0:
-            torch._foreach_copy_(ema_floats, floats)
+            ema_others, others = ema_floats + ema_others, floats + others
         else:
-            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.decay)
+            for sharded in (False, True):  # one foreach can't mix sharded (DTensor) and plain tensors
+                pairs = [(mine, theirs) for mine, theirs in zip(ema_floats, floats)
+                         if isinstance(mine, DTensor) == sharded]
+                if pairs:
+                    torch._foreach_lerp_(*(list(side) for side in zip(*pairs)), 1.0 - self.decay)
         for mine, theirs in zip(ema_others, others):  # e.g. BatchNorm's num_batches_tracked
             mine.copy_(theirs)
         self.updates += 1

@@ -3,6 +3,7 @@ ranks, reduced once at the end by the task's meter."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -20,29 +21,39 @@ from trainer.train.precision import Precision
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: DataLoader, task: Task, num_classes: int, stages: DeviceStages,
                    precision: Precision, group: dist.ProcessGroup | None = None,
-                   stop: Callable[[], bool] = lambda: False, observer: Any = None) -> tuple[dict[str, float], int]:
+                   stop: Callable[[], bool] = lambda: False, observer: Any = None,
+                   forwards: int | None = None) -> tuple[dict[str, float], int]:
     """``model``'s metrics over ``loader`` (reduced over every rank) and the bad samples skipped here.
 
     ``stop()`` is checked before each batch: a rank told to stop leaves early, so the metrics are
     then partial (the caller discards them). It needs no agreement between ranks: the only
-    collective is the reduction at the end, which every rank reaches either way.
+    collective is the reduction at the end, which every rank reaches either way. A model whose
+    forward is itself a collective (sharded) must run ``forwards`` times on every rank: a rank
+    with fewer batches, a stop or unreadable batches makes up the difference on a blank image.
     ``observer`` (the task's evidence, on every rank or none) sees each batch as loaded (uint8
     from our transforms), then the reduced meter.
     """
     model.eval()
-    meter, skipped = task.meter(num_classes, stages.device), 0
+    meter, skipped, done, shape = task.meter(num_classes, stages.device), 0, 0, None
     for batch in loader:
         if stop():
             break
         skipped += batch.skipped
-        if not len(batch.targets):  # every sample unreadable; the only collective is after the loop
+        if not len(batch.targets):  # every sample unreadable
             continue
         images, targets = stages.copy(batch)
+        shape = images.shape[1:]
         with precision.autocast(stages.device):
             logits = model(stages.normalize(images)).float()
+        done += 1
         meter.update(logits, targets)
         if observer is not None:
             observer.update(images, logits, targets)
+    if forwards is not None and done < forwards:
+        blank = torch.zeros(1, *(shape or _image_shape(loader)), device=stages.device)
+        for _ in range(forwards - done):
+            with precision.autocast(stages.device):
+                model(blank)
     metrics = meter.reduce(group)
     if observer is not None:
         observer.finish(meter)
@@ -69,8 +80,24 @@ class Validation:
         self.parallel.agree_buffers(model)
         try:
             return evaluate_model(model, self.loader, self.task, self.num_classes, self.stages, self.precision,
-                                  self.group, self.stop, observer)
+                                  self.group, self.stop, observer, self._forwards())
         except torch.OutOfMemoryError:
             batch = self.loader.batch_size
             raise OutOfMemory(f"{self.stages.device} ran out of memory in validation at batch {batch} per process; "
                               f"set data.val_batch_size={max(1, (batch or 2) // 2)}") from None
+
+    def _forwards(self) -> int | None:
+        """The most batches any rank evaluates (rank 0's: the validation sampler gives the lower
+        ranks the extra samples), when the model's forward is a collective."""
+        if not self.parallel.collective_forward:
+            return None
+        world, size, batch = self.parallel.env.world_size, len(self.loader.dataset), self.loader.batch_size or 1
+        return math.ceil(len(range(0, size, world)) / batch)
+
+
+def _image_shape(loader: DataLoader) -> torch.Size:
+    """The shape of one validation image (for a rank that evaluated none)."""
+    sample = loader.dataset[(0, 0)]
+    if sample is None:
+        raise RuntimeError("the first validation sample is unreadable and this rank has no other")
+    return sample[0].shape

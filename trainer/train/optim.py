@@ -7,6 +7,7 @@ from typing import Callable, Collection
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainer.config import OPEN_CHOICES, OptimConfig, SchedConfig, user_code
 
@@ -21,7 +22,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
     The parameters named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group
     records whether it is the head, so that the schedule can hold a frozen backbone still.
-    Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere.
+    Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere
+    and for sharded parameters (DTensor has no fused SGD).
     """
     groups: dict[tuple[bool, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -33,7 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
     if cfg.name not in BUILTIN_OPTIMIZERS:  # the user's: build(param_groups, cfg) -> Optimizer
         return user_code.load_callable(cfg.name, "optim.name")(groups, cfg)
-    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    sharded = any(isinstance(p, DTensor) for group in groups for p in group["params"])
+    fast = {"fused": True} if device.type in ("cuda", "cpu") and not sharded else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **fast)

@@ -29,16 +29,18 @@ class TrainStep:
     accumulation, clipping, non-finite handling and the EMA.
 
     ``model`` is what runs the forward pass (wrapped by ``parallel``: DDP and/or compiled);
-    ``net`` is the plain module underneath, whose parameters are clipped and averaged. The loss
+    ``net`` is the plain module underneath, whose parameters are clipped and averaged (into
+    ``ema_module``, when the strategy made the EMA's module). The loss
     is the ``task``'s; the batch arrives on the device, through the device stages.
     """
 
     def __init__(self, net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, parallel: Parallel,
-                 task: Task, precision: Precision, device: torch.device, cfg: TrainConfig) -> None:
+                 task: Task, precision: Precision, device: torch.device, cfg: TrainConfig,
+                 ema_module: nn.Module | None = None) -> None:
         self.net, self.model, self.optimizer, self.parallel, self.task = net, model, optimizer, parallel, task
         self.precision, self.device, self.cfg = precision, device, cfg
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
-        self.ema = ModelEma(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = ModelEma(net, cfg.ema_decay, ema_module) if cfg.ema_decay > 0 else None
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
         self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in

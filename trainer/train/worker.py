@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from trainer.data.stages import DeviceStages, Normalize
 from trainer.errors import EXIT_OK, EXIT_STOPPED, StorageError
 from trainer.models import flops
 from trainer.observe.console import log
+from trainer.observe.memory import model_memory_mb
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
 from trainer.observe.visuals import RunVisuals
@@ -53,9 +55,15 @@ class Worker:
         memory_format = models.memory_format(cfg.model.channels_last)
         self.net.to(self.device, memory_format=memory_format)
         self.eval_net = torch.compile(self.net) if cfg.model.compile else self.net
-        self.parallel = strategy.build(env, cfg.model.compile, cfg.dist.find_unused_parameters)
+        # Counted on the meta device before any hook or sharding touches the model.
+        self.flops_per_image = flops.training_flops_per_image(self.net, train_crop_size(cfg.data)) if env.is_main else None
+        self.parallel = strategy.build(env, cfg.dist, cfg.model.compile, self.precision.name)
+        ema_copy = copy.deepcopy(self.net) if cfg.train.ema_decay > 0 else None  # before hooks and shards
+        self.model = self._distribute(self.net)
+        ema_module = self.parallel.spread_copy(ema_copy, self._blocks(ema_copy)) if ema_copy is not None else None
         fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
         head = models.head_parameter_names(self.net) if fine_tuning else set()
+        # After sharding: fully_shard replaces the parameters the optimizer must hold.
         self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
         self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
@@ -65,8 +73,8 @@ class Worker:
             training_stages.append(Mixing(len(self.classes), cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                                           cfg.data.mixup_prob, cfg.data.mixup_switch_prob))
         self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, training_stages)
-        self.step = TrainStep(self.net, self.parallel.wrap(self.net), self.optimizer, self.parallel, self.task,
-                              self.precision, self.device, cfg.train)
+        self.step = TrainStep(self.net, self.model, self.optimizer, self.parallel, self.task, self.precision,
+                              self.device, cfg.train, ema_module)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
         self.position, self.record, self.requeue = Position(), RunRecord(cfg.ckpt.metric, cfg.ckpt.mode), False
         self.agreement = LaggedAgreement(env)
@@ -78,9 +86,20 @@ class Worker:
         self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize, self.task)
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
                                      quiesce=self.agreement.quiesce)
-        self.flops_per_image: float | None = None
         self.loop = EpochLoop(cfg, env, self.inputs, self.stages, self.step, self.schedule, self.record, self.policy,
                               self.sinks, self.profiler, self.save_checkpoint)
+
+    def _distribute(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The model as the step runs it: blocks checkpointed, then spread over the ranks."""
+        mode = self.cfg.train.activation_checkpointing
+        if mode != "none":
+            models.checkpoint_activations(models.find_blocks(net, self.cfg.dist.shard_blocks), mode)
+        return self.parallel.wrap(net, self._blocks(net))
+
+    def _blocks(self, net: torch.nn.Module) -> list[torch.nn.Module]:
+        """The units a sharded strategy spreads ``net`` by (none for the others)."""
+        sharded = self.cfg.dist.strategy != "ddp" and self.env.is_distributed
+        return models.find_blocks(net, self.cfg.dist.shard_blocks) if sharded else []
 
     def fit(self) -> int:
         """Train until ``train.epochs`` or a stop signal; return the process exit code."""
@@ -150,6 +169,7 @@ class Worker:
                               **self.loop.peak_memory.read())
         peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
         record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, env.world_size))
+        record.update(model_memory_mb(self.net, self.optimizer))
         if skipped := sum(distributed.all_gather_objects(env, self.loop.skipped_samples)):
             record["data/skipped_samples"] = skipped
             log.warning("epoch %d: skipped %d unreadable samples so far (data.on_bad_sample=skip)", epoch, skipped)
@@ -181,15 +201,22 @@ class Worker:
     def _announce(self, config_yaml: str) -> None:
         cfg, env = self.cfg, self.env
         log.info("resolved config:\n%s", config_yaml.rstrip())
-        if env.is_main:
-            self.flops_per_image = flops.training_flops_per_image(self.net, train_crop_size(cfg.data))
         log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters, %s training FLOPs per image | "
                  "precision %s | task %s, %d classes, %d train / %d val samples | batch %d per process, %d global",
-                 self.run_dir, env.world_size, self.device, env.backend or "no process group",
+                 self.run_dir, env.world_size, self.device, self._strategy(),
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
                  flops.short(self.flops_per_image), self.precision.name, self.task.name, len(self.classes),
                  self.inputs.sampler.size, len(self.inputs.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
+
+    def _strategy(self) -> str:
+        """How the model is spread, with what each rank holds of it, e.g. ``gloo, fsdp: 11.2 MB of
+        parameters and as much of gradients per rank``."""
+        if not self.env.is_distributed:
+            return "no process group"
+        held = model_memory_mb(self.net, self.optimizer)
+        return (f"{self.env.backend}, {self.cfg.dist.strategy}: {held['memory/parameters_mb']:.1f} MB of parameters "
+                f"and {held['memory/gradients_mb']:.1f} MB of gradients per rank")
 
     def _finish(self) -> None:
         metric, history = self.cfg.ckpt.metric, self.record.history
