@@ -1,5 +1,6 @@
 """Models: built by name or import path (torchvision, timm, the user's), pretrained weights,
-what the trainer does to any module (its blocks, activation checkpointing), and FLOPs. The names below are the package's public face."""
+what the trainer does to any module (its blocks, activation checkpointing), and FLOPs. The names
+below are the package's public face."""
 
 from trainer.models.blocks import checkpoint_activations, find_blocks
 from trainer.models.catalog import (available, build_for_training, build_model, check_weights, implied_settings,
@@ -8,5 +9,5 @@ from trainer.models.modules import (count_parameters, evaluation_mode, head_para
                                     memory_format, unwrap)
 
 __all__ = ["available", "build_for_training", "build_model", "check_weights", "checkpoint_activations",
-           "count_parameters", "evaluation_mode", "find_blocks", "head_parameter_names", "implied_settings", "initialise", "memory_format",
-           "resolve_name", "unwrap"]
+           "count_parameters", "evaluation_mode", "find_blocks", "head_parameter_names", "implied_settings",
+           "initialise", "memory_format", "resolve_name", "unwrap"]

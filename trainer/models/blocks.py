@@ -1,9 +1,10 @@
 """A model's blocks: the units a sharded strategy gathers one at a time and activation
 checkpointing recomputes one at a time (a residual block, a transformer block).
 
-``auto`` finds them by structure: the children of a container (``nn.Sequential``, ``nn.ModuleList``)
-that repeat a class of composite modules with parameters (not single layers), e.g. torchvision ResNet's ``BasicBlock``/``Bottleneck``, ViT's
-``EncoderBlock``, Swin's ``SwinTransformerBlock``, timm's ``Block`` and ``ConvNeXtBlock``. The
+``auto`` finds them by structure: the children of a container (``nn.Sequential``,
+``nn.ModuleList``) that repeat a class of composite modules with parameters (not single layers),
+e.g. torchvision ResNet's ``BasicBlock``/``Bottleneck``, ViT's ``EncoderBlock``, Swin's
+``SwinTransformerBlock``, timm's ``Block`` and ``ConvNeXtBlock``. The
 user's own model can name its block classes instead (``dist.shard_blocks=MyBlock,MyStem``).
 """
 

@@ -56,7 +56,8 @@ class Worker:
         self.net.to(self.device, memory_format=memory_format)
         self.eval_net = torch.compile(self.net) if cfg.model.compile else self.net
         # Counted on the meta device before any hook or sharding touches the model.
-        self.flops_per_image = flops.training_flops_per_image(self.net, train_crop_size(cfg.data)) if env.is_main else None
+        self.flops_per_image = (flops.training_flops_per_image(self.net, train_crop_size(cfg.data))
+                                if env.is_main else None)
         self.parallel = strategy.build(env, cfg.dist, cfg.model.compile, self.precision.name)
         ema_copy = copy.deepcopy(self.net) if cfg.train.ema_decay > 0 else None  # before hooks and shards
         self.model = self._distribute(self.net)
