@@ -301,6 +301,12 @@ def test_changes_name_each_difference_and_those_that_give_up_exactness() -> None
     assert "\n" not in line and "not bitwise identical" in line and "because of world size, data.batch_size" in line
     neutral = checkpoint.changes_since(saved, {**saved, "data": {"batch_size": 8, "num_workers": 0}}, 2, 2)
     assert "bitwise identical to an uninterrupted run (none" in checkpoint.describe_changes(*neutral)
+    # a checkpoint from before a key existed ran with what is now that key's default
+    newer = {**saved, "data": {**saved["data"], "ra_reps": 1}}
+    defaults = {"data": {"ra_reps": 1}}
+    assert checkpoint.changes_since(saved, newer, 2, 2, defaults) == ([], [])
+    assert checkpoint.changes_since(saved, {**saved, "data": {**saved["data"], "ra_reps": 2}}, 2, 2, defaults) == \
+        (["data.ra_reps 1 -> 2"], ["data.ra_reps"])
 
 
 def test_restore_refuses_a_checkpoint_of_another_format(tmp_path: Path) -> None:

@@ -75,16 +75,19 @@ NEUTRAL_KEYS = ("log.", "ckpt.", "dist.timeout_s", "dist.find_unused_parameters"
 """Config keys (or prefixes) that do not change the training math: changing them keeps a resume exact."""
 
 
-def changes_since(saved: dict[str, Any], current: dict[str, Any], saved_world: int,
-                  world: int) -> tuple[list[str], list[str]]:
+def changes_since(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int,
+                  defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """What differs between the checkpoint's run and this one (``key old -> new``), and the
-    subset of those changes that give up bitwise identity with an uninterrupted run."""
+    subset of those changes that give up bitwise identity with an uninterrupted run.
+
+    A key the checkpoint's config lacks (saved before the key existed) counts as its value in
+    ``defaults``: a new key's default keeps what the trainer did before it."""
     changes: list[str] = []
     inexact: list[str] = []
     if saved_world != world:
         changes.append(f"world size {saved_world} -> {world}")
         inexact.append("world size")
-    old, new = flatten(saved), flatten(current)
+    old, new = {**flatten(defaults or {}), **flatten(saved)}, flatten(current)
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             changes.append(f"{key} {old.get(key)} -> {new.get(key)}")

@@ -54,7 +54,7 @@ class RunCheckpoints:
                                   "check model.name and the number of classes")
         saved = state.get("config") or {}
         changes, inexact = checkpoint.changes_since(saved, to_dict(self.cfg), state.get("world_size", 0),
-                                                    self.env.world_size)
+                                                    self.env.world_size, defaults=to_dict(Config()))
         saved_optim = saved.get("optim", {})
         if (saved_optim.get("name"), saved_optim.get("decay_norm_and_bias")) != (
                 self.cfg.optim.name, self.cfg.optim.decay_norm_and_bias):
