@@ -91,7 +91,7 @@ def memory(tmp: Path, name: str) -> float:
 def test_fsdp_holds_a_world_size_fraction_of_the_training_state(runs: Path) -> None:
     assert memory(runs, "fsdp") == pytest.approx(memory(runs, "ddp") / 2, rel=0.05)
     log = (run_dir(runs, "fsdp") / "logs" / "rank_0.log").read_text()
-    assert "fsdp: " in log and "MB of parameters" in log
+    assert "(gloo) | fsdp: " in log and "MB of parameters" in log
 
 
 @pytest.fixture(scope="module")

@@ -202,22 +202,21 @@ class Worker:
     def _announce(self, config_yaml: str) -> None:
         cfg, env = self.cfg, self.env
         log.info("resolved config:\n%s", config_yaml.rstrip())
-        log.info("run %s | %d process(es) on %s (%s) | model %s, %s parameters, %s training FLOPs per image | "
+        log.info("run %s | %d process(es) on %s (%s) | %s | model %s, %s parameters, %s training FLOPs per image | "
                  "precision %s | task %s, %d classes, %d train / %d val samples | batch %d per process, %d global",
-                 self.run_dir, env.world_size, self.device, self._strategy(),
+                 self.run_dir, env.world_size, self.device, env.backend or "no process group", self._held(),
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
                  flops.short(self.flops_per_image), self.precision.name, self.task.name, len(self.classes),
                  self.inputs.sampler.size, len(self.inputs.val_loader.dataset), cfg.data.batch_size,
                  cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
 
-    def _strategy(self) -> str:
-        """How the model is spread, with what each rank holds of it, e.g. ``gloo, fsdp: 11.2 MB of
-        parameters and as much of gradients per rank``."""
-        if not self.env.is_distributed:
-            return "no process group"
+    def _held(self) -> str:
+        """What each process holds of the model, e.g. ``fsdp: 21.3 MB of parameters and 21.3 MB of
+        gradients per process`` (its optimizer state is in the epoch's metrics, from the first step on)."""
         held = model_memory_mb(self.net, self.optimizer)
-        return (f"{self.env.backend}, {self.cfg.dist.strategy}: {held['memory/parameters_mb']:.1f} MB of parameters "
-                f"and {held['memory/gradients_mb']:.1f} MB of gradients per rank")
+        strategy = self.cfg.dist.strategy if self.env.is_distributed else "one process"
+        return (f"{strategy}: {held['memory/parameters_mb']:.1f} MB of parameters and "
+                f"{held['memory/gradients_mb']:.1f} MB of gradients per process")
 
     def _finish(self) -> None:
         metric, history = self.cfg.ckpt.metric, self.record.history
