@@ -1,4 +1,4 @@
-"""Several nodes without SLURM: the launcher's own flags, or a Kubernetes PyTorchJob pod's variables.
+"""Several nodes without SLURM: the launcher's own flags, or a Kubeflow pod's variables.
 
 Either way every node runs one torchrun, all of them meeting at a c10d rendezvous endpoint; the
 node given rank 0 hosts the rendezvous store there.
@@ -50,28 +50,37 @@ def nodes_from_flags(nnodes: str | None, node_rank: int | None, endpoint: str | 
 
 
 def pytorchjob(environ: dict[str, str] | None = None) -> Nodes | None:
-    """The nodes of a Kubeflow PyTorchJob, read from the variables the training operator sets in each pod.
+    """The nodes of a Kubeflow job, read from the variables its operator sets in each pod.
 
-    It sets ``PET_NNODES`` (``N``, or ``MIN:MAX`` with an elastic policy), ``PET_NPROC_PER_NODE``,
-    ``MASTER_ADDR``/``MASTER_PORT`` (the master pod's service) with ``PET_NODE_RANK`` (and ``RANK``,
-    the pod's index), or ``PET_RDZV_ENDPOINT``/``PET_RDZV_ID`` with an elastic policy.
+    Both set ``PET_NNODES`` (``N``, or ``MIN:MAX`` with an elastic policy), ``PET_NPROC_PER_NODE``
+    and ``PET_NODE_RANK``. A Trainer v2 TrainJob (on JobSet) gives the rendezvous as
+    ``PET_MASTER_ADDR``/``PET_MASTER_PORT`` and nothing else; a v1 PyTorchJob as
+    ``MASTER_ADDR``/``MASTER_PORT`` (the master pod's service, with ``RANK``, the pod's index), or
+    ``PET_RDZV_ENDPOINT``/``PET_RDZV_ID`` with an elastic policy.
     """
     env = os.environ if environ is None else environ
     if "PET_NNODES" not in env:
         return None
     low, high = parse_nnodes(env["PET_NNODES"], "PET_NNODES")
+    source = "Kubernetes PyTorchJob (PET_* variables)"
     if "PET_RDZV_ENDPOINT" in env:
         host, port = parse_endpoint(env["PET_RDZV_ENDPOINT"], "PET_RDZV_ENDPOINT")
         node_rank = None
+    elif "PET_MASTER_ADDR" in env and "PET_MASTER_PORT" in env:
+        host, port = parse_endpoint(f"{env['PET_MASTER_ADDR']}:{env['PET_MASTER_PORT']}",
+                                    "PET_MASTER_ADDR:PET_MASTER_PORT")
+        node_rank = int(env.get("PET_NODE_RANK", "0"))
+        source = "Kubeflow Trainer v2 TrainJob (PET_* variables)"
     elif "MASTER_ADDR" in env and "MASTER_PORT" in env:
         host, port = parse_endpoint(f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", "MASTER_ADDR:MASTER_PORT")
         node_rank = int(env.get("PET_NODE_RANK", env.get("RANK", "0")))
     else:
-        raise EnvironmentProblem("PET_NNODES is set (a Kubernetes PyTorchJob?) but neither MASTER_ADDR/MASTER_PORT "
-                                 "nor PET_RDZV_ENDPOINT is; give the job a Master replica or an elasticPolicy")
+        raise EnvironmentProblem("PET_NNODES is set (a Kubeflow job?) but neither PET_MASTER_ADDR/PET_MASTER_PORT, "
+                                 "MASTER_ADDR/MASTER_PORT nor PET_RDZV_ENDPOINT is; give the job a Master replica "
+                                 "or an elasticPolicy")
     nproc = env.get("PET_NPROC_PER_NODE", "")
     return Nodes(env["PET_NNODES"], low, high, host, port, env.get("PET_RDZV_ID", "pytorchjob"), node_rank,
-                 "Kubernetes PyTorchJob (PET_* variables)", int(nproc) if nproc.isdigit() else None)
+                 source, int(nproc) if nproc.isdigit() else None)
 
 
 def parse_nnodes(value: str, name: str) -> tuple[int, int]:

@@ -191,9 +191,14 @@ def test_kubernetes_pytorchjob_pods_are_detected() -> None:
     assert plan.nproc_per_node == 2 and plan.nnodes == "1:3"
     assert make_plan(Machine(gpus=4, mps=False, slurm=None, pytorchjob=nodes), Request()).nproc_per_node == 2
     assert "--rdzv-id=train" in plan.argv and not any(a.startswith("--rdzv-conf") for a in plan.argv)
+    trainjob_pod = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",  # Kubeflow Trainer v2
+                    "PET_MASTER_ADDR": "train-node-0-0.train", "PET_MASTER_PORT": "29400"}
+    nodes = pytorchjob(trainjob_pod)
+    assert nodes is not None and (nodes.host, nodes.port, nodes.node_rank) == ("train-node-0-0.train", 29400, 1)
+    assert "Trainer v2" in make_plan(Machine(gpus=4, mps=False, slurm=None, pytorchjob=nodes), Request()).reasons["nodes"]
     assert pytorchjob({"MASTER_ADDR": "a", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "2"}) is None, \
         "torchrun's own variables are not a PyTorchJob"
-    with pytest.raises(EnvironmentProblem, match="neither MASTER_ADDR/MASTER_PORT nor PET_RDZV_ENDPOINT"):
+    with pytest.raises(EnvironmentProblem, match="neither PET_MASTER_ADDR/PET_MASTER_PORT, MASTER_ADDR/MASTER_PORT nor"):
         pytorchjob({"PET_NNODES": "2"})
 
 

@@ -149,6 +149,23 @@ def test_losing_a_host_ends_the_survivor_with_one_line_and_a_restart_resumes(
     assert history[int(resumed[1]) - 1]["train/samples"] == int(resumed[3])
 
 
+def test_kubeflow_trainer_v2_variables_alone_start_two_hosts(hosts: tuple[netns.Host, netns.Host],
+                                                             tmp_path: Path) -> None:
+    """A Kubeflow Trainer v2 TrainJob sets only PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and
+    PET_MASTER_ADDR/PET_MASTER_PORT in each pod: with those and no node flags, the launcher on each
+    host joins one 2-node job that trains and finishes. (``--local-addr`` stands in for the pod's
+    own DNS name, which these namespaces lack.)"""
+    master = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_MASTER_ADDR": hosts[0].address,
+              "PET_MASTER_PORT": str(RDZV_PORT)}
+    pods = [launch(host, tmp_path, f"pod{rank}.log", ["--local-addr", host.address],
+                   run_args(tmp_path, "trainjob", "train.epochs=1"), **master, PET_NODE_RANK=str(rank))
+            for rank, host in enumerate(hosts)]
+    outputs = finish(pods, tmp_path, ["pod0.log", "pod1.log"])
+    assert [p.returncode for p in pods] == [0, 0], "\n".join(outputs)
+    assert "Kubeflow Trainer v2" in outputs[1] and "| 2 process(es) on cpu (gloo) |" in outputs[0]
+    assert [r["val/samples"] for r in records(tmp_path / "runs" / "trainjob")] == [VAL_SAMPLES]
+
+
 @pytest.mark.slurm
 def test_sbatch_on_two_slurm_nodes_is_preempted_requeued_and_ends_like_one_uninterrupted_host(
         hosts: tuple[netns.Host, netns.Host], tmp_path: Path) -> None:
