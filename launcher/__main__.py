@@ -9,7 +9,7 @@ import sys
 from launcher import nodes
 from launcher.plan import SHUTDOWN_TIMEOUT_S, STOP_SIGNALS, Machine, Plan, Request, make_plan
 from launcher.relay import StopRelay
-from trainer.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
+from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_USER_ERROR, UserError
 from trainer.parallel import openmp, slurm
 
 RELAYED_SIGNALS = ["SIGTERM", "SIGINT", "SIGUSR1"]
@@ -92,7 +92,14 @@ def execute(plan: Plan, shutdown_timeout: int) -> int:
         torchrun(argv)
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
-        return next((code for code in codes if code > 0), EXIT_FAILURE)
+        code = next((code for code in codes if code > 0), EXIT_FAILURE)
+        if code == EXIT_HANG:  # the workers' verdict, last, after torchrun's own lines
+            messages = [f.message.get("message") if isinstance(f.message, dict) else f.message
+                        for f in exc.failures.values()]  # what a worker wrote to its error file
+            verdicts = [m for m in messages if isinstance(m, str) and m.startswith("hang: ")]
+            if verdicts:
+                print(f"launcher: {verdicts[0]}", file=sys.stderr)
+        return code
     except SignalException as exc:
         code = relay.exit_code(int(exc.sigval))
         outcome = {0: "the workers had finished", 3: "the workers saved a checkpoint and stopped"}.get(

@@ -18,9 +18,9 @@ from trainer import checkpoint, config, models
 from trainer.checkpoint import runlock
 from trainer.config import cli, user_code
 from trainer.data import sources
-from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError, one_line
+from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError, one_line
 from trainer.observe.console import add_rank_file, log, setup_console
-from trainer.parallel import distributed, openmp, peers, slurm
+from trainer.parallel import distributed, hangs, openmp, peers, slurm
 from trainer.parallel.signals import StopRequest
 
 
@@ -47,7 +47,7 @@ def _run(argv: list[str] | None) -> int:
     topology = distributed.discover()
     setup_console(topology.rank)
     debug = os.environ.get("TRAINER_DEBUG") == "1"
-    env = None
+    env, watchdog = None, None
     try:
         args = parse_args(argv)
         if args.help:
@@ -70,6 +70,7 @@ def _run(argv: list[str] | None) -> int:
         log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir, lock = _agree_run_dir(env, cfg)
+        watchdog = hangs.Watchdog(env, run_dir, cfg.dist.timeout_s) if env.is_distributed else None
         try:
             from trainer.train.worker import Worker
 
@@ -88,6 +89,8 @@ def _run(argv: list[str] | None) -> int:
         # to exit makes srun (--kill-on-bad-exit) end the step, rank 0 included, within KillWait.
         if requeue:
             slurm.requeue()
+        if watchdog is not None:
+            watchdog.close()
         distributed.teardown(env)
         return code
     except UserError as exc:
@@ -100,8 +103,21 @@ def _run(argv: list[str] | None) -> int:
     except Exception as exc:
         if env is None or not env.is_distributed or not peers.is_peer_failure(exc) or debug:
             raise
+        if watchdog is not None and (verdict := _hang_verdict(watchdog, exc)) is not None:
+            print(f"error [rank {topology.rank}]: {verdict}", file=sys.stderr, flush=True)
+            hangs.tell_torchrun(verdict)
+            return EXIT_HANG
         print(f"error [rank {topology.rank}]: {peers.describe(env, exc)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _hang_verdict(watchdog: hangs.Watchdog, exc: BaseException) -> str | None:
+    """The hang's verdict, agreed through the rendezvous store; None when the store is gone too
+    (node 0 died: :func:`peers.describe` says so)."""
+    try:
+        return watchdog.verdict(exc, hangs.current_timeout())
+    except (RuntimeError, OSError):
+        return None
 
 
 def _agree_run_dir(env: distributed.DistEnv, cfg: config.Config) -> tuple[Path, runlock.RunLock | None]:

@@ -11,6 +11,8 @@ EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
 """Stopped by a signal (SIGTERM, SIGINT, the SLURM warning signal) after saving a checkpoint."""
+EXIT_HANG = 4
+"""A collective did not complete in time: the hang's verdict was printed (trainer/parallel/hangs.py)."""
 
 
 class UserError(Exception):

@@ -128,6 +128,7 @@ class DistConfig:
     device: str = "auto"
     backend: str = "auto"
     timeout_s: float = 300.0
+    step_timeout_s: float = 120.0
     find_unused_parameters: bool = False
     strategy: str = "ddp"
     shard_blocks: str = "auto"
@@ -201,7 +202,8 @@ OPEN_CHOICES: dict[str, tuple[str, ...]] = {
 builder (``my_pkg.module:build``), checked when it is imported."""
 
 POSITIVE = ("data.batch_size", "data.image_size", "data.ra_reps", "data.randaugment_ops", "train.epochs",
-            "train.grad_accum_steps", "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
+            "train.grad_accum_steps", "optim.lr", "dist.timeout_s", "dist.step_timeout_s", "log.every_steps",
+            "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_size", "data.val_crop_size",
                 "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",

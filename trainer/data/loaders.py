@@ -26,6 +26,7 @@ from trainer.config import DataConfig
 from trainer.data import decode, policies
 from trainer.data.stages import Batch
 from trainer.errors import DataError
+from trainer.parallel import hangs
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +251,15 @@ class EvalSampler(Sampler[SampleKey]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker distinct Python and NumPy seeds derived from torch's."""
+    """Give each DataLoader worker distinct Python and NumPy seeds derived from torch's, and its
+    answer to a hang report (its stacks)."""
     # Stop signals are the main process's business. SLURM signals every process of a job step
     # (scancel, preemption, `scontrol requeue`, --signal), and torch re-arms SIGTERM in DataLoader
     # workers so that it kills them: the main process then dies mid-stop with "DataLoader worker
     # (pid N) is killed by signal: Terminated" instead of saving its checkpoint.
     for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    hangs.answer_in_worker(worker_id)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

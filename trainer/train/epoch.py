@@ -19,6 +19,7 @@ from trainer.observe.console import ProgressBar, log
 from trainer.observe.memory import PeakMemory
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
+from trainer.parallel import hangs
 from trainer.parallel.distributed import DistEnv
 from trainer.train.inputs import Inputs
 from trainer.train.meter import TrainMeter
@@ -52,7 +53,16 @@ class EpochLoop:
         agree on stopping (and on timed saves) at every optimizer step, one step late (see
         :class:`trainer.parallel.distributed.LaggedAgreement`), and once more after the last batch.
         """
+        stats = self._run(position)
+        # Validation, pictures and checkpoints follow: ranks may arrive far apart. (A failed
+        # collective leaves the steady timeout in place: its verdict names the timeout it waited.)
+        hangs.set_timeout(self.env, self.cfg.dist.timeout_s)
+        return stats
+
+    def _run(self, position: Position) -> dict[str, float] | None:
         cfg, accum, sampler = self.cfg, self.cfg.train.grad_accum_steps, self.inputs.sampler
+        if self.stepped:
+            hangs.set_timeout(self.env, cfg.dist.step_timeout_s)
         self.step.net.train()
         sampler.set_position(position)
         global_batches = sampler.global_batches()
@@ -65,9 +75,11 @@ class EpochLoop:
         batches = iter(self.inputs.train_loader)
         for index, global_size in enumerate(global_batches):
             self.profiler.update(self.record.global_step)
+            hangs.TRAIL.at("data", self.record.global_step + 1)
             wait_start = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - wait_start
+            hangs.TRAIL.at("step", self.record.global_step + 1)
             self.skipped_samples += batch.skipped
             if index % accum == 0:
                 window_start = position.consumed
@@ -90,13 +102,16 @@ class EpochLoop:
                 self.sinks.scalars({"train/loss_running": running, "train/lr": self.schedule.lr()},
                                    self.record.global_step)
             if boundary and index + 1 < len(global_batches):
+                hangs.TRAIL.at("agreement", self.record.global_step)
                 stop, save = self.policy.poll(self.record.global_step)
                 if stop:
                     bar.close()
                     return None
                 if save:
-                    self.save()
+                    with hangs.patient(self.env, self.cfg.dist.timeout_s, self.cfg.dist.step_timeout_s):
+                        self.save()
         bar.close()
+        hangs.TRAIL.at("agreement", self.record.global_step)
         self.policy.agreement.settle(2)
         if self.policy.requested_anywhere():
             return None
@@ -124,6 +139,7 @@ class EpochLoop:
                     torch.cuda.synchronize(self.env.device)
                 self.stepped = True
                 log.info("first optimizer step done %.2f s after start", time.monotonic() - STARTED)
+                hangs.set_timeout(self.env, self.cfg.dist.step_timeout_s)  # start-up is over
         return loss
 
     def checkpoint_pieces(self) -> dict[str, RankSums]:

@@ -22,7 +22,7 @@ from trainer.observe.memory import model_memory_mb
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
 from trainer.observe.visuals import RunVisuals
-from trainer.parallel import distributed, strategy
+from trainer.parallel import distributed, hangs, strategy
 from trainer.parallel.distributed import DistEnv, LaggedAgreement
 from trainer.parallel.seeding import RankRng, rank_seed, seed_everything
 from trainer.parallel.signals import StopRequest
@@ -127,6 +127,7 @@ class Worker:
                 train_stats = self.train_epoch()
                 if train_stats is None:
                     return self._stop()
+                hangs.TRAIL.at("validation", self.record.global_step)
                 log.debug("epoch %d: validating %d samples", self.position.epoch + 1,
                           len(self.inputs.val_loader.dataset))
                 evidence = self.visuals.evidence()
@@ -241,6 +242,7 @@ class Worker:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Every rank: the pieces' state; rank 0 writes it (see :class:`RunCheckpoints`)."""
+        hangs.TRAIL.at("checkpoint", self.record.global_step)
         self.loop.flush_meter(self.position.epoch)
         meta = {"epoch": self.position.epoch, "global_step": self.record.global_step, "best": self.record.best,
                 "history": self.record.history}
