@@ -237,7 +237,8 @@ def test_wandb_keeps_the_retrained_steps_after_a_marker_on_a_step_that_always_in
     assert first_id == second_id
     wandb_steps = [row["_step"] for row in abandoned + retrained]
     assert all(a < b for a, b in zip(wandb_steps, wandb_steps[1:])), wandb_steps  # wandb drops no row
-    assert [row["trainer/global_step"] for row in abandoned][20:] == list(range(21, 30))  # 30's row was open
+    logged = [row["trainer/global_step"] for row in abandoned]  # step 30's row was still open at the kill
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) > 20, logged  # some steps to train again
     marker = next(i for i, row in enumerate(retrained) if "trainer/resumed_from_step" in row)
     assert retrained[marker]["trainer/resumed_from_step"] == 20 and retrained[marker]["trainer/attempt"] == 2
     assert [row["trainer/global_step"] for row in retrained[marker:] if "trainer/global_step" in row] == \

@@ -66,9 +66,9 @@ class WandbSink(Sink):
 
     The run id is chosen here, so the first checkpoint already holds it; a resumed run passes
     it back with ``resume="allow"`` and continues the same run. Every row carries the trainer's
-    ``trainer/global_step``; wandb's own step follows a :class:`StepAxis`, and each restart logs
-    a marker row (``trainer/resumed_from_step``, ``trainer/attempt``) before the first step it
-    trains.
+    ``trainer/global_step``; wandb's own step follows a :class:`StepAxis`, and each restart puts
+    a marker (``trainer/resumed_from_step``, ``trainer/attempt``) in the row of the first step it
+    trains, after every row of the earlier attempts.
     """
 
     name = "wandb"
@@ -163,6 +163,7 @@ class MlflowSink(Sink):
         self.id: str | None = None  # MLflow's run id, once open
         self.buffered: list[Any] = []
         self.finished = False
+        self.attempt = 1  # process starts of this MLflow run, this one included; known once open
 
     def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
         try:
