@@ -8,13 +8,17 @@ Faults, on the first torchrun attempt only:
 - STOP_AT_STEP=n: rank 0 sends SIGTERM to the torchrun agent (which forwards it to every
   worker) as optimizer step n begins;
 - KILL_AFTER_EPOCH_LINE=e: rank 0 flushes TensorBoard after writing epoch e's metrics line,
-  then SIGKILLs the whole job before that epoch's checkpoint.
+  then SIGKILLs the whole job before that epoch's checkpoint;
+- KILL_AFTER_STEP=n: rank 0 waits until the threaded trackers hold step n's running values
+  (MLflow's buffer sent, as at an epoch's end), then SIGKILLs itself: a run killed past its
+  last checkpoint, having logged steps that a resume trains again.
 """
 
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ RANK = int(os.environ.get("RANK", "0"))
 FIRST_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 STOP_AT = int(os.environ.get("STOP_AT_STEP", "0"))
 KILL_AFTER = int(os.environ.get("KILL_AFTER_EPOCH_LINE", "0"))
+KILL_AFTER_STEP = int(os.environ.get("KILL_AFTER_STEP", "0"))
 
 
 def record(role: str, entry: dict) -> None:
@@ -75,7 +80,23 @@ def epoch_then_kill(self, record_: dict, step: int) -> None:  # type: ignore[no-
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
+original_scalars = sinks.MetricSinks.scalars
+
+
+def scalars_then_kill(self, values: dict, step: int) -> None:  # type: ignore[no-untyped-def]
+    original_scalars(self, values, step)
+    if FIRST_ATTEMPT and RANK == 0 and KILL_AFTER_STEP and step == KILL_AFTER_STEP:
+        threaded = [sink for sink in self.sinks if isinstance(sink, sinks.BackgroundSink)]
+        for sink in threaded:  # a no-op call after the send: taken from the queue once the send is done
+            sink.calls.put(("_send_buffered" if sink.name == "mlflow" else "run_id", ()))
+            sink.calls.put(("run_id", ()))
+        while not all(sink.calls.empty() for sink in threaded):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 loaders.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]
 optim.Schedule.set_window = recording_set_window  # type: ignore[method-assign]
 sinks.MetricSinks.epoch = epoch_then_kill  # type: ignore[method-assign]
+sinks.MetricSinks.scalars = scalars_then_kill  # type: ignore[method-assign]
 main()

@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch import nn
 from trainer import config
 from trainer.errors import ConfigError
 from trainer.models import flops
+from trainer.observe.hosted import StepAxis
 from trainer.observe.pictures import MAX_LABELLED_CLASSES, confusion_image
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.trackers import BackgroundSink, Sink, markdown_table
@@ -194,35 +194,88 @@ def test_profiler_writes_one_chrome_trace_per_rank(ddp_run) -> None:
 
 
 # ----------------------------------------------------------------------------- resume, failures
-@pytest.mark.slow
-def test_wandb_and_mlflow_continue_the_same_run_after_sigterm_and_resume(tmp_path: Path) -> None:
-    args = run_args(tmp_path, "resumed", "log.trackers=[jsonl,wandb,mlflow]", "log.pictures=false")
-    run_dir = tmp_path / "runs" / "resumed"
-    first = subprocess.Popen([sys.executable, "-m", "trainer", *args, "train.epochs=50"], cwd=REPO,
-                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoints" / "last.pt").exists()):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
-        time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode == 3, output
-    stopped_at = len(records(run_dir))
-    assert 1 <= stopped_at < 4, output
-    second = trainer(tmp_path, "resumed", "log.trackers=[jsonl,wandb,mlflow]", "log.pictures=false",
-                     f"train.epochs={stopped_at + 2}")
-    assert second.returncode == 0 and "resumed from" in second.stdout, second.stdout + second.stderr
+@pytest.fixture(scope="module")
+def rewound_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run SIGKILLed after step 30, its trackers holding steps up to 30, with its last checkpoint
+    at step 20 (``ckpt.every_steps=20``), then resumed to the end (step 36)."""
+    tmp = tmp_path_factory.mktemp("rewound")
+    args = run_args(tmp, "rewound", "log.trackers=[jsonl,wandb,mlflow]", "log.pictures=false", "model.name=linear",
+                    "log.every_steps=1", "ckpt.every_steps=20", "train.epochs=2")
+    (tmp / "record").mkdir()
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "recording_worker.py"), *args], cwd=REPO,
+                            env=child_env(RECORD_DIR=str(tmp / "record"), KILL_AFTER_STEP="30"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    run_dir = tmp / "runs" / "rewound"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["global_step"] == 20
+    resumed = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=child_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    return run_dir
 
-    steps = [r["step"] for r in records(run_dir)]
-    assert len(steps) == stopped_at + 2
-    wandb = wandb_runs(run_dir)
+
+@pytest.mark.slow
+def test_wandb_and_mlflow_continue_the_same_run_after_a_kill_and_resume(rewound_run) -> None:
+    steps = [r["step"] for r in records(rewound_run)]
+    assert steps == [18, 36]  # metrics.jsonl: what the checkpoint holds, then the resumed epoch
+    wandb = wandb_runs(rewound_run)
     assert len(wandb) == 2, wandb.keys()  # one offline folder per process, both of the same run
     assert len({run_id for run_id, _ in wandb.values()}) == 1
     history = [row for _, rows in wandb.values() for row in rows if "val/top1" in row]
-    assert [row["_step"] for row in history] == steps  # one history: every epoch once, in order
-    client, runs = mlflow_runs(run_dir)
+    assert [row["trainer/global_step"] for row in history] == steps  # one history: every epoch once, in order
+    client, runs = mlflow_runs(rewound_run)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")] == steps
+    state = torch.load(rewound_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["trackers"] == {"wandb": next(iter(wandb.values()))[0],
+                                 "mlflow": runs[0].data.tags["launchpad.resume_key"]}
+
+
+@pytest.mark.slow
+def test_wandb_keeps_the_retrained_steps_after_a_marker_on_a_step_that_always_increases(rewound_run) -> None:
+    (first_id, abandoned), (second_id, retrained) = wandb_runs(rewound_run).values()  # folders in write order
+    assert first_id == second_id
+    wandb_steps = [row["_step"] for row in abandoned + retrained]
+    assert all(a < b for a, b in zip(wandb_steps, wandb_steps[1:])), wandb_steps  # wandb drops no row
+    logged = [row["trainer/global_step"] for row in abandoned]  # step 30's row was still open at the kill
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) > 20, logged  # some steps to train again
+    marker = next(i for i, row in enumerate(retrained) if "trainer/resumed_from_step" in row)
+    assert retrained[marker]["trainer/resumed_from_step"] == 20 and retrained[marker]["trainer/attempt"] == 2
+    assert [row["trainer/global_step"] for row in retrained[marker:] if "trainer/global_step" in row] == \
+        list(range(21, 37))  # every re-trained step once, after the marker
+    assert [row for row in retrained[:marker] if "trainer/global_step" in row] == []
+
+
+@pytest.mark.slow
+def test_mlflow_tells_the_retrained_values_from_the_abandoned_ones(rewound_run) -> None:
+    client, runs = mlflow_runs(rewound_run)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id, tags = runs[0].info.run_id, runs[0].data.tags
+    assert tags["launchpad.attempt"] == "2" and tags["launchpad.attempt.2"] == "resumed from step 20"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "trainer/resumed_from_step")] == [(20, 20)]
+    attempt_of = {(m.step, m.timestamp): int(m.value) for m in client.get_metric_history(run_id, "trainer/attempt")}
+    by_attempt = collections.defaultdict(list)
+    for m in client.get_metric_history(run_id, "train/loss_running"):
+        by_attempt[attempt_of[m.step, m.timestamp]].append((m.step, m.value))
+    assert [step for step, _ in by_attempt[1]] == list(range(1, 31))  # the killed attempt, its last 10 abandoned
+    assert [step for step, _ in by_attempt[2]] == list(range(21, 37))
+    assert by_attempt[2][:10] == by_attempt[1][20:]  # the resume is exact: the same values, told apart
+
+
+def test_the_wandb_step_axis_moves_past_every_step_an_earlier_attempt_logged(tmp_path: Path) -> None:
+    path = tmp_path / "steps.json"
+    first = StepAxis.resume(path, "run", 0)
+    assert (first.attempt, first.to(1)) == (1, 1)
+    first.last = 30
+    first.save(path)
+    rewound = StepAxis.resume(path, "run", 20)  # killed after step 30, checkpoint at 20
+    assert (rewound.attempt, rewound.to(21)) == (2, 31)
+    rewound.last = 45
+    rewound.save(path)
+    stopped = StepAxis.resume(path, "run", 35)  # stopped with a checkpoint at its last step
+    assert (stopped.attempt, stopped.to(36)) == (3, 46)
+    assert StepAxis.resume(path, "online", 20, server_step=51).to(21) == 51  # the server's next step
+    assert StepAxis.resume(path, "other", 0).attempt == 1  # another wandb run's axis does not count
 
 
 def test_a_tracker_that_cannot_be_imported_is_one_warning_and_the_run_completes(tmp_path: Path) -> None:

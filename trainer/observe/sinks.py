@@ -43,11 +43,12 @@ class MetricSinks:
 
     def state_dict(self) -> dict[str, str]:
         """Each tracker's run id, known from the start (also those kept from the checkpoint for a
-        tracker that is off this time)."""
-        ids = dict(self.resume_ids)
-        if self.started:
-            ids.update({sink.name: run_id for sink in self.sinks if (run_id := sink.run_id()) is not None})
-        return ids
+        tracker that is off this time). A kept id wins: a sink adopts it only when its thread
+        opens the run, which may come after a checkpoint of a resumed run's first steps."""
+        if not self.started:
+            return dict(self.resume_ids)
+        ids = {sink.name: run_id for sink in self.sinks if (run_id := sink.run_id()) is not None}
+        return {**ids, **self.resume_ids}
 
     def load_state_dict(self, ids: dict[str, str]) -> None:
         """The run ids to continue; call before :meth:`start`."""
