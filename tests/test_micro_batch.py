@@ -17,6 +17,7 @@ import torch
 from helpers import TESTS, child_env, last_checkpoint, metrics_lines, run, run_dir, small_run
 
 from trainer import config
+from trainer.tools import report
 from trainer.errors import ConfigError
 
 SIZES = dict(train_per_class=128, val_per_class=64)
@@ -97,3 +98,11 @@ def test_auto_is_refused_in_one_line_under_fsdp() -> None:
         config.load(overrides=["dist.strategy=fsdp", "train.micro_batch=auto"])
     assert str(refused.value) == ("train.micro_batch=auto: not available with dist.strategy=fsdp yet; "
                                   "turn it off or use dist.strategy=ddp")
+
+
+def test_the_run_report_shows_the_micro_batch_each_run_trained_with(runs: tuple[Path, dict[str, str]]) -> None:
+    tmp, _ = runs
+    lines = report.table([report.load_run(run_dir(tmp, name)) for name in ("auto", "reference")], "val/top1",
+                         "max").splitlines()
+    assert "micro-batch" in lines[0]
+    assert "16 x 4 (val 16)" in lines[2] and " 16 x 4 " in lines[3] + " "
