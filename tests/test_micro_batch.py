@@ -18,6 +18,7 @@ from helpers import TESTS, child_env, last_checkpoint, metrics_lines, run, run_d
 
 from trainer import config
 from trainer.tools import report
+from trainer.train.micro_batch import MicroBatchChoice
 from trainer.errors import ConfigError
 
 SIZES = dict(train_per_class=128, val_per_class=64)
@@ -106,3 +107,15 @@ def test_the_run_report_shows_the_micro_batch_each_run_trained_with(runs: tuple[
                          "max").splitlines()
     assert "micro-batch" in lines[0]
     assert "16 x 4 (val 16)" in lines[2] and " 16 x 4 " in lines[3] + " "
+
+
+@pytest.mark.parametrize("count", [1, 3, 63, 64])
+def test_pieces_cover_a_batch_in_order_and_a_doubling_continues_where_it_stopped(count: int) -> None:
+    cut = MicroBatchChoice.fixed().train
+    for pieces in (1, 2, 4, 8):
+        cut.pieces = pieces
+        spans = [cut.span(count, piece) for piece in range(pieces)]
+        assert [start for start, _ in spans[1:]] == [end for _, end in spans[:-1]]
+        assert spans[0][0] == 0 and spans[-1][1] == count and spans[-1][0] < count
+        cut.pieces = pieces * 2
+        assert [(cut.span(count, 2 * j)[0], cut.span(count, 2 * j + 1)[1]) for j in range(pieces)] == spans

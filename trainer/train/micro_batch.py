@@ -50,8 +50,8 @@ class MicroBatches:
 
     def span(self, count: int, piece: int) -> tuple[int, int]:
         """[start, end) of ``piece`` in a batch of ``count`` samples. Piece j of p pieces is exactly
-        pieces 2j and 2j+1 of 2p, so a doubling continues where it stopped; only the last piece is
-        never empty (a batch smaller than ``pieces`` has empty ones first)."""
+        pieces 2j and 2j+1 of 2p, so a doubling continues where it stopped; the last piece is never
+        empty (a batch smaller than ``pieces`` has its empty ones first)."""
         return piece * count // self.pieces, (piece + 1) * count // self.pieces
 
     def agree(self, failed: bool, more: bool = False) -> tuple[bool, bool]:
