@@ -18,8 +18,9 @@ from helpers import TESTS, child_env, last_checkpoint, metrics_lines, run, run_d
 
 from trainer import config
 from trainer.tools import report
-from trainer.train.micro_batch import MicroBatchChoice
-from trainer.errors import ConfigError
+from trainer.train.micro_batch import MicroBatchChoice, MicroBatches
+from trainer.errors import ConfigError, OutOfMemory
+from trainer.parallel.distributed import DistEnv, Topology
 
 SIZES = dict(train_per_class=128, val_per_class=64)
 """384 training samples: 3 global batches of 128 on 2 processes, no remainder; 96 validation samples a rank."""
@@ -119,3 +120,17 @@ def test_pieces_cover_a_batch_in_order_and_a_doubling_continues_where_it_stopped
         assert spans[0][0] == 0 and spans[-1][1] == count and spans[-1][0] < count
         cut.pieces = pieces * 2
         assert [(cut.span(count, 2 * j)[0], cut.span(count, 2 * j + 1)[1]) for j in range(pieces)] == spans
+
+
+def test_one_sample_too_many_ends_the_run_in_one_line_and_a_resume_fits_any_batch_size() -> None:
+    one_process = DistEnv(Topology(), torch.device("cpu"), None)
+    cut = MicroBatches(one_process, True, 4, "training", accumulation=2)
+    assert cut.agree(True) == (True, False) and cut.describe() == "2 x 4"
+    assert cut.agree(False) == (False, False) and cut.agree(True)[0] and cut.describe() == "1 x 8"
+    with pytest.raises(OutOfMemory) as ended:
+        cut.agree(True)
+    assert str(ended.value) == ("cpu ran out of memory in training on rank 0 even at one sample per forward "
+                                "(train.micro_batch=auto); use a smaller model, data.image_size or train.precision=bf16")
+    resumed = MicroBatches(one_process, True, 48, "training")
+    resumed.load_state_dict(16)  # saved at data.batch_size=64 (16 x 4); resumed at 48: 12 x 4
+    assert (resumed.pieces, resumed.size) == (4, 12)
