@@ -107,7 +107,7 @@ class Worker:
         auto = cfg.train.micro_batch == "auto"
         choice = MicroBatchChoice(self.env, auto, cfg.data.batch_size, cfg.data.val_batch_size or cfg.data.batch_size,
                                   cfg.train.grad_accum_steps, self.run_dir)
-        if auto and has_batchnorm(self.net):
+        if auto and self.env.is_main and has_batchnorm(self.net):
             log.warning("train.micro_batch=auto and the model has BatchNorm: if a batch runs out of memory and is "
                         "cut into smaller micro-batches, its batch statistics come from fewer samples")
         choice.read_note()
