@@ -108,6 +108,7 @@ class TrainConfig:
     freeze_epochs: int = 0
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
+    micro_batch: str = "fixed"  # fixed | auto (an out-of-memory forward halves the micro-batch on every rank)
 
 
 @dataclass
@@ -185,6 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.strategy": ("ddp", "fsdp", "hsdp"),
     "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.micro_batch": ("fixed", "auto"),
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
     "log.wandb_mode": ("offline", "online"),

@@ -200,6 +200,18 @@ def any_rank(env: DistEnv, flags: list[bool]) -> list[bool]:
     return [bool(value) for value in values.tolist()]
 
 
+def agree_on_failure(env: DistEnv, failed: bool, more: bool = False) -> tuple[int | None, bool]:
+    """After work that may fail on some ranks alone (a forward pass out of memory): the highest rank
+    where it failed (None where none did) and whether any rank has more to do. One blocking
+    all-reduce of three numbers over the control group: call it on every rank, as often."""
+    if not env.is_distributed:
+        return (env.rank if failed else None), more
+    values = torch.tensor([float(failed), float(env.rank if failed else -1), float(more)])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=env.control)
+    any_failed, rank, any_more = values.tolist()
+    return (int(rank) if any_failed else None), bool(any_more)
+
+
 class LaggedAgreement:
     """:func:`any_rank` for flags polled in the training loop, without waiting for the other ranks.
 

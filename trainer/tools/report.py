@@ -1,7 +1,8 @@
 """``python -m trainer.report RUN_DIR... [--plot curves.png]``: compare finished or running runs.
 
-Prints one row per run: epochs, final and best validation metrics, training images/s, and the
-config keys whose values differ between the runs. ``--plot`` draws their validation curves.
+Prints one row per run: epochs, final and best validation metrics, training images/s, the
+micro-batch a ``train.micro_batch=auto`` run settled on (when one is compared), and the config keys
+whose values differ between the runs. ``--plot`` draws their validation curves.
 Reads only ``metrics.jsonl`` and ``config.yaml`` of each run directory; writes nothing else.
 """
 
@@ -103,7 +104,9 @@ def best(run: Run, metric: str, mode: str) -> tuple[float, int] | None:
 def table(runs: list[Run], metric: str, mode: str) -> str:
     """The comparison as aligned plain-text columns."""
     differing = differing_keys(runs)
-    header = ["run", "epochs", "val/top1", "val/loss", f"best {metric}", "images/s", *differing]
+    cut = any("train/micro_batch" in run.records[-1] for run in runs)
+    header = ["run", "epochs", "val/top1", "val/loss", f"best {metric}", "images/s", *(["micro-batch"] if cut else []),
+              *differing]
     rows = [header]
     for run in runs:
         last = run.records[-1]
@@ -111,12 +114,22 @@ def table(runs: list[Run], metric: str, mode: str) -> str:
         speeds = [v for v in run.values("train/images_per_s")[1] if v == v]
         rows.append([run.name, str(last.get("epoch", len(run.records))), _number(last.get("val/top1")),
                      _number(last.get("val/loss")), f"{found[0]:.4f} (epoch {found[1]})" if found else "-",
-                     f"{statistics.median(speeds):.0f}" if speeds else "-",
+                     f"{statistics.median(speeds):.0f}" if speeds else "-", *([micro_batch(run)] if cut else []),
                      *(_value(run.config.get(key)) for key in differing)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def micro_batch(run: Run) -> str:
+    """Samples per forward x forwards per optimizer step at the run's end: what
+    ``train.micro_batch=auto`` settled on (and validation's), else the configured ones."""
+    last = run.records[-1]
+    if "train/micro_batch" in last:
+        return (f"{last['train/micro_batch']} x {last.get('train/micro_batches_per_step', '?')} "
+                f"(val {last.get('train/val_micro_batch', '?')})")
+    return f"{run.config.get('data.batch_size', '?')} x {run.config.get('train.grad_accum_steps', 1)}"
 
 
 def plot(runs: list[Run], metric: str, out: Path) -> None:

@@ -23,6 +23,7 @@ from trainer.parallel import hangs
 from trainer.parallel.distributed import DistEnv
 from trainer.train.inputs import Inputs
 from trainer.train.meter import TrainMeter
+from trainer.train.micro_batch import BackwardOutOfMemory
 from trainer.train.optim import Schedule
 from trainer.train.records import RunRecord
 from trainer.train.step import TrainStep
@@ -128,10 +129,11 @@ class EpochLoop:
         try:
             loss = self.step.micro_batch(images, targets, window, last, stand_in)
         except torch.OutOfMemoryError:
-            batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
-            raise OutOfMemory(f"{self.env.device} ran out of memory at data.batch_size={batch} per process; try "
-                              f"data.batch_size={max(1, batch // 2)} train.grad_accum_steps={accum * 2} "
-                              "(same global batch), or train.precision=bf16") from None
+            raise OutOfMemory(self._out_of_memory()) from None
+        except BackwardOutOfMemory:
+            size, half = self.step.cut.size, self.step.micro_batches.write_note()
+            raise OutOfMemory(f"{self._out_of_memory()}; train.micro_batch=auto: the backward pass ran out at "
+                              f"micro-batch {size}, the next start of this run uses {half}") from None
         if last:
             self.record.global_step += 1
             if not self.stepped:  # bench/startup.py times `python -m trainer` by this line, once per process
@@ -141,6 +143,12 @@ class EpochLoop:
                 log.info("first optimizer step done %.2f s after start", time.monotonic() - STARTED)
                 hangs.set_timeout(self.env, self.cfg.dist.step_timeout_s)  # start-up is over
         return loss
+
+    def _out_of_memory(self) -> str:
+        batch, accum = self.cfg.data.batch_size, self.cfg.train.grad_accum_steps
+        return (f"{self.env.device} ran out of memory at data.batch_size={batch} per process; try "
+                f"data.batch_size={max(1, batch // 2)} train.grad_accum_steps={accum * 2} "
+                "(same global batch), or train.precision=bf16")
 
     def checkpoint_pieces(self) -> dict[str, RankSums]:
         """The loss sums and skip counts, kept per rank and reported summed over ranks."""

@@ -32,6 +32,7 @@ from trainer.train.checkpointing import RunCheckpoints
 from trainer.train.epoch import EpochLoop
 from trainer.train.evaluation import Validation
 from trainer.train.inputs import build_inputs
+from trainer.train.micro_batch import MicroBatchChoice, has_batchnorm
 from trainer.train.records import RunRecord, epoch_line, epoch_record
 from trainer.train.step import TrainStep
 from trainer.train.stopping import StopPolicy
@@ -74,14 +75,16 @@ class Worker:
             training_stages.append(Mixing(len(self.classes), cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                                           cfg.data.mixup_prob, cfg.data.mixup_switch_prob))
         self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, training_stages)
+        self.micro_batches = self._micro_batches()
         self.step = TrainStep(self.net, self.model, self.optimizer, self.parallel, self.task, self.precision,
-                              self.device, cfg.train, ema_module)
+                              self.device, cfg.train, ema_module, self.micro_batches)
         seed_everything(rank_seed(cfg.train.seed, env.rank))  # DDP has broadcast the weights: now masks differ
         self.position, self.record, self.requeue = Position(), RunRecord(cfg.ckpt.metric, cfg.ckpt.mode), False
         self.agreement = LaggedAgreement(env)
         self.policy = StopPolicy(cfg.ckpt, env, stop, self.agreement)
         self.validation = Validation(self.inputs.val_loader, self.task, len(self.classes), self.stages,
-                                     self.precision, self.parallel, env.control, lambda: self.stop.requested)
+                                     self.precision, self.parallel, env.control, lambda: self.stop.requested,
+                                     self.micro_batches.val)
         self.checkpoints = RunCheckpoints(cfg, env, run_dir, self.classes)
         self.sinks = MetricSinks(env, run_dir, cfg.log)
         self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize, self.task)
@@ -96,6 +99,19 @@ class Worker:
         if mode != "none":
             models.checkpoint_activations(models.find_blocks(net, self.cfg.dist.shard_blocks), mode)
         return self.parallel.wrap(net, self._blocks(net))
+
+    def _micro_batches(self) -> MicroBatchChoice:
+        """How batches are cut for the forward pass (``train.micro_batch``); under auto, below what a
+        backward pass out of memory left in the run directory."""
+        cfg = self.cfg
+        auto = cfg.train.micro_batch == "auto"
+        choice = MicroBatchChoice(self.env, auto, cfg.data.batch_size, cfg.data.val_batch_size or cfg.data.batch_size,
+                                  cfg.train.grad_accum_steps, self.run_dir)
+        if auto and self.env.is_main and has_batchnorm(self.net):
+            log.warning("train.micro_batch=auto and the model has BatchNorm: if a batch runs out of memory and is "
+                        "cut into smaller micro-batches, its batch statistics come from fewer samples")
+        choice.read_note()
+        return choice
 
     def _blocks(self, net: torch.nn.Module) -> list[torch.nn.Module]:
         """The units a sharded strategy spreads ``net`` by (none for the others)."""
@@ -168,7 +184,7 @@ class Worker:
         record = epoch_record(epoch, self.record.global_step, train, val, val_ema, lr=self.schedule.lr(),
                               skipped_steps=self.step.skipped(),
                               global_batch=cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps,
-                              **self.loop.peak_memory.read())
+                              **self.micro_batches.record(), **self.loop.peak_memory.read())
         peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
         record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, env.world_size))
         record.update(model_memory_mb(self.net, self.optimizer))
