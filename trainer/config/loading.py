@@ -155,6 +155,9 @@ model cannot do without the others)."""
 
 def _validate_sharding(cfg: Config) -> None:
     if cfg.dist.strategy == "ddp":
+        if cfg.ckpt.format == "dcp":
+            raise ConfigError("ckpt.format=dcp: a sharded checkpoint needs dist.strategy=fsdp or hsdp "
+                              "(under ddp every rank holds the whole model: use ckpt.format=auto or file)")
         return
     for key, given in NOT_YET_SHARDED.items():
         if given(cfg):

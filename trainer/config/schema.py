@@ -121,6 +121,7 @@ class CheckpointConfig:
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
     max_requeues: int = 20
+    format: str = "auto"  # auto (dcp under fsdp/hsdp with a process group, else file) | file | dcp (sharded folders)
 
 
 @dataclass
@@ -179,6 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "ckpt.mode": ("max", "min"),
+    "ckpt.format": ("auto", "file", "dcp"),
     "ckpt.warning_signal": ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"),
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),

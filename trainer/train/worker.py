@@ -83,6 +83,7 @@ class Worker:
         self.validation = Validation(self.inputs.val_loader, self.task, len(self.classes), self.stages,
                                      self.precision, self.parallel, env.control, lambda: self.stop.requested)
         self.checkpoints = RunCheckpoints(cfg, env, run_dir, self.classes)
+        self.parallel.sharded_state = self.checkpoints.sharded
         self.sinks = MetricSinks(env, run_dir, cfg.log)
         self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize, self.task)
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
@@ -122,7 +123,7 @@ class Worker:
             while self.position.epoch < cfg.train.epochs:
                 if (reason := self._early_stop()) is not None:
                     log.info("early stop after epoch %d: %s; best checkpoint: %s", self.position.epoch, reason,
-                             self.checkpoints.folder / "best.pt")
+                             self.checkpoints.best)
                     break
                 train_stats = self.train_epoch()
                 if train_stats is None:
@@ -224,7 +225,7 @@ class Worker:
                           {k: v for k, v in history[-1].items() if k.startswith("val/") and k != "val/samples"})
         log.info("done: %s %.4f (best %s %.4f)", metric, history[-1][metric], metric, self.record.best)
         log.info("logs: %s%s", self.run_dir / "logs", self.sinks.where())
-        log.info("checkpoints: %s, %s", self.checkpoints.folder / "last.pt", self.checkpoints.folder / "best.pt")
+        log.info("checkpoints: %s, %s", self.checkpoints.last, self.checkpoints.best)
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_pieces(self) -> dict[str, checkpoint.Stateful]:
