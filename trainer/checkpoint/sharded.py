@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from trainer.checkpoint import atomic
@@ -106,9 +106,13 @@ def step_name(step: int) -> str:
 
 
 def write_shards(tensors: dict[str, Any], tmp: Path) -> None:
-    """Every rank: its shards of ``tensors`` into ``tmp`` (a collective; DCP writes the metadata last)."""
+    """Every rank: its shards of ``tensors`` into ``tmp`` (a collective; DCP writes the metadata last).
+
+    A tensor every rank holds whole (BatchNorm's running statistics, which each rank updates from
+    its own batches between evaluations) is written from the lowest rank, as the single file
+    holds rank 0's: a resume on as many ranks continues rank 0's statistics bitwise."""
     try:
-        dcp.save(tensors, checkpoint_id=str(tmp))
+        dcp.save(tensors, checkpoint_id=str(tmp), planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     except Exception as exc:  # DCP gathers every rank's failure into one CheckpointException
         raise CheckpointError(f"could not write the shards of checkpoint {tmp.parent} "
                               f"({' '.join(str(exc).split())[:300]}); free space or fix the folder, "
