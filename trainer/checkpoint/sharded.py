@@ -151,12 +151,14 @@ def publish(tmp: Path, folder: Path, step: int, best: bool, save_pieces: Callabl
 
 
 # ----------------------------------------------------------------------------- loading
-def check_files(folder: Path, state: dict[str, Any]) -> None:
-    """Refuse a folder whose DCP files differ from the digests ``pieces.pt`` recorded."""
+def check_files(folder: Path, state: dict[str, Any], part: tuple[int, int] = (0, 1)) -> None:
+    """Refuse a folder whose DCP files differ from the digests ``pieces.pt`` recorded; ``part``
+    ``(i, n)`` checks every n-th file from the i-th (the ranks of a resume share the reading)."""
     recorded = state.pop(SHARDS, None)
     if not isinstance(recorded, dict) or not recorded:
         raise CheckpointError(f"checkpoint {folder} is damaged: {PIECES} records no shard digests")
-    for name, expected in recorded.items():
+    index, count = part
+    for name, expected in sorted(recorded.items())[index::count]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is damaged: its shard {name} is missing; "

@@ -16,19 +16,20 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainer.checkpoint import atomic, digest, sharded
-from trainer.parallel.sharded import keyed_by_position
 from trainer.errors import CheckpointError, StorageError, disk_fix, disk_problem, first_line, stopped_by_write
+from trainer.parallel.sharded import keyed_by_position
 
 log = logging.getLogger("trainer")
 
 STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
 """A step checkpoint: a file ``step_<n>.pt`` or a sharded folder ``step_<n>``."""
 ALIASES = ("last.pt", f"last{sharded.POINTER}")
+Agree = Callable[[str | None], str | None]
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -119,12 +120,14 @@ def latest(run_dir: Path) -> Path | None:
     and pointing ``last`` at it, or a run that went on in the other form)."""
     folder = checkpoint_dir(run_dir)
     steps = step_files(folder)
-    if not steps:
-        return None
-    for alias in (folder / name for name in ALIASES):
-        if alias.is_file() and _same(alias, steps[-1]):
+    aliases = [alias for alias in (folder / name for name in ALIASES) if alias.is_file()]
+    for alias in aliases:
+        if steps and _same(alias, steps[-1]):
             return alias
-    return steps[-1]
+    for alias in aliases:  # a copy (no hard links), or its step pruned: it names no older step, and is used
+        if not any(_same(alias, step) for step in steps[:-1]):
+            return alias
+    return steps[-1] if steps else None
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -140,26 +143,28 @@ def _identity(path: Path) -> tuple[str, Any] | None:
     return ("file", path.stat().st_ino) if path.is_file() else None
 
 
-def load_for_resume(path: Path, fall_back: bool, announce: bool, whole: bool = True) -> tuple[dict[str, Any], Path]:
+def load_for_resume(path: Path, fall_back: bool, announce: bool, whole: bool = True,
+                    part: tuple[int, int] = (0, 1), agree: Agree = lambda problem: problem
+                    ) -> tuple[dict[str, Any], Path]:
     """Load ``path``; if it cannot be read and ``fall_back``, the newest older step checkpoint that can.
 
     One warning line (when ``announce``) names the unreadable files and the one used instead.
     Without a readable one: :class:`CheckpointError`, never a silent fresh start. Not ``whole``: a
     sharded checkpoint's large states stay in its folder (checked, not loaded; see :func:`load`).
+    The ranks of a sharded resume each check a ``part`` of a folder's files and ``agree`` (a
+    collective: the first problem any rank found, on every rank) on each checkpoint tried.
     """
-    try:
-        return load(path, whole), path
-    except CheckpointError as exc:
-        if not fall_back:
-            raise
-        problem = str(exc)
+    state, problem = _attempt(path, whole, part, agree)
+    if problem is None:
+        return state, path
+    if not fall_back:
+        raise CheckpointError(problem)
     unreadable: list[str] = []
     for older in reversed(step_files(path.parent)):
         if _same(older, path):  # last.pt is a hard link to the newest step file, last.ptr names it
             continue
-        try:
-            state = load(older, whole)
-        except CheckpointError:
+        state, failed = _attempt(older, whole, part, agree)
+        if failed is not None:
             unreadable.append(older.name)
             continue
         if announce:
@@ -169,21 +174,31 @@ def load_for_resume(path: Path, fall_back: bool, announce: bool, whole: bool = T
                           "move the folder away to start afresh, or point ckpt.resume at a good checkpoint")
 
 
+def _attempt(path: Path, whole: bool, part: tuple[int, int], agree: Agree) -> tuple[Any, str | None]:
+    """``path`` loaded, or the problem (agreed between the ranks) that stopped it."""
+    try:
+        state, problem = load(path, whole, part), None
+    except CheckpointError as exc:
+        state, problem = None, str(exc)
+    return state, agree(problem)
+
+
 def _also(names: list[str]) -> str:
     return f" ({', '.join(names)} unreadable too)" if names else ""
 
 
-def load(path: Path, whole: bool = True) -> dict[str, Any]:
+def load(path: Path, whole: bool = True, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, refusing anything but tensors and plain values, and any
     file whose contents differ from its digest (one written before digests has none to check).
 
     Whatever torch raises for damaged bytes (its zip reader and unpickler raise many kinds of
     exception) becomes one :class:`CheckpointError` line. A sharded checkpoint (its folder or a
-    pointer) is checked file by file and, when ``whole``, assembled in today's single-file form;
-    otherwise its large states are None and its folder is under ``sharded.FOLDER``.
+    pointer) is checked file by file (its ``part`` of them, see :func:`sharded.check_files`) and,
+    when ``whole``, assembled in today's single-file form;
+    otherwise its large states stay ``sharded.IN_SHARDS`` and its folder is under ``sharded.FOLDER``.
     """
     if sharded.is_sharded(path):
-        return _load_sharded(path, whole)
+        return _load_sharded(path, whole, part)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -207,12 +222,12 @@ def load(path: Path, whole: bool = True) -> dict[str, Any]:
     return state
 
 
-def _load_sharded(path: Path, whole: bool) -> dict[str, Any]:
+def _load_sharded(path: Path, whole: bool, part: tuple[int, int]) -> dict[str, Any]:
     folder = sharded.resolve(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint not found: {folder}")
     state = load(folder / sharded.PIECES)
-    sharded.check_files(folder, state)
+    sharded.check_files(folder, state, part)
     if not whole:
         return {**state, sharded.FOLDER: folder}
     tensors = sharded.read_whole(folder, sharded.held(state))

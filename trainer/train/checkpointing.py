@@ -89,7 +89,9 @@ class RunCheckpoints:
         """Restore ``pieces`` from ``path`` (or, with ``fall_back`` and an unreadable ``path``, from
         the newest older one that reads), whatever changed since: one line says what changed and
         whether the result stays bitwise exact. Returns the checkpoint used."""
-        state, path = checkpoint.load_for_resume(path, fall_back, announce=self.env.is_main, whole=not self.sharded)
+        shared = {"part": (self.env.rank, self.env.world_size), "agree": self._first_problem} if self.sharded else {}
+        state, path = checkpoint.load_for_resume(path, fall_back, announce=self.env.is_main, whole=not self.sharded,
+                                                 **shared)
         checkpoint.check_classes(state, self.classes, path)
         folder = state.pop(sharded.FOLDER, None)
         weights = sharded.shapes(folder, "model") if folder is not None else state["model"]
@@ -110,6 +112,10 @@ class RunCheckpoints:
         log.info(checkpoint.describe_changes(changes, inexact))
         return path
 
+
+    def _first_problem(self, problem: str | None) -> str | None:
+        """The first rank's problem with a checkpoint, on every rank (each checked its part of the files)."""
+        return next((found for found in distributed.all_gather_objects(self.env, problem) if found), None)
 
     @staticmethod
     def _read_shards(state: dict[str, Any], pieces: dict[str, checkpoint.Stateful], folder: Path) -> dict[str, Any]:
