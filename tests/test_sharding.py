@@ -248,10 +248,25 @@ def test_evaluate_reads_a_dcp_checkpoint_as_its_single_file_export(runs: Path) -
     assert evaluate(runs, last) == evaluate(runs, single)
 
 
-def test_dcp_is_refused_under_ddp_in_one_line() -> None:
+@pytest.mark.parametrize("keys", [["ckpt.format=dcp"], ["ckpt.async_save=true"],
+                                  ["dist.strategy=fsdp", "ckpt.format=file", "ckpt.async_save=true"]])
+def test_dcp_is_refused_under_ddp_in_one_line(keys: list[str]) -> None:
     with pytest.raises(ConfigError) as refused:
-        config.load(overrides=["ckpt.format=dcp"])
+        config.load(overrides=keys)
     assert "dist.strategy=fsdp or hsdp" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_async_save_writes_while_training_goes_on_and_a_stop_waits_for_it(runs: Path) -> None:
+    """Every save in the background (the periodic ones while the next steps run), the stop's too:
+    the stopped run's checkpoint is complete, and the resume ends bitwise as the uninterrupted run."""
+    name = "async"
+    sharded_run(runs, name, "fsdp", *PLAIN, "ckpt.async_save=true", STOP_AT_STEP="15")
+    assert last_checkpoint(runs, name)["position"]["consumed"] > 0
+    output = sharded_run(runs, name, "fsdp", *PLAIN, "ckpt.async_save=true")
+    assert "resumed from" in output and not list((run_dir(runs, name) / "checkpoints").glob(".*"))
+    resumed, uninterrupted = last_checkpoint(runs, name), last_checkpoint(runs, "fsdp")
+    for key, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
 
 
 @pytest.mark.parametrize("key", ["model.compile=true", "log.graph=true", "log.histogram_every_epochs=1"])

@@ -119,6 +119,19 @@ def write_shards(tensors: dict[str, Any], tmp: Path) -> None:
                               "then run the same command again (ckpt.resume=auto)") from None
 
 
+def write_shards_later(tensors: dict[str, Any], tmp: Path, group: Any) -> Any:
+    """:func:`write_shards` in the background, from a copy of ``tensors`` taken before it returns
+    (training may change them at once); the returned future's ``result()`` waits for it. ``group``:
+    a process group the training does not use (the background save runs collectives on it)."""
+    try:
+        writing = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=group,
+                                 planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    except Exception as exc:
+        raise CheckpointError(f"could not start writing the shards of checkpoint {tmp.parent} "
+                              f"({' '.join(str(exc).split())[:300]})") from None
+    return getattr(writing, "upload_completion", writing)
+
+
 def digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file DCP wrote in ``folder``."""
     return {path.name: file_digest(path) for path in sorted(folder.iterdir()) if path.name != PIECES}

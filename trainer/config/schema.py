@@ -122,6 +122,7 @@ class CheckpointConfig:
     requeue: bool = True
     max_requeues: int = 20
     format: str = "auto"  # auto (dcp under fsdp/hsdp with a process group, else file) | file | dcp (sharded folders)
+    async_save: bool = False  # dcp: the shards are written in the background while training goes on
 
 
 @dataclass

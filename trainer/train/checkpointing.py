@@ -7,11 +7,13 @@ them (see :mod:`trainer.checkpoint.sharded`); ``last.ptr`` and ``best.ptr`` name
 
 from __future__ import annotations
 
+import copy
 import platform
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torch import nn
 
@@ -33,6 +35,9 @@ class RunCheckpoints:
         self.sharded = sharded_format(cfg, env)
         suffix = sharded.POINTER if self.sharded else ".pt"
         self.last, self.best = self.folder / f"last{suffix}", self.folder / f"best{suffix}"
+        # ckpt.async_save: DCP's background save runs its collectives on a group of its own
+        self.async_group = dist.new_group(backend="gloo") if self.sharded and cfg.ckpt.async_save else None
+        self.pending: tuple[Any, Path, dict[str, Any], int, bool] | None = None
 
     def save(self, pieces: Mapping[str, checkpoint.Stateful], meta: dict[str, Any], step: int,
              best: bool = False) -> None:
@@ -55,7 +60,10 @@ class RunCheckpoints:
     def _save_sharded(self, state: dict[str, Any], step: int, best: bool) -> None:
         """Every rank its shards into rank 0's temporary folder; once all are written (DCP's save is
         a collective that ends with the metadata), rank 0 adds the small pieces and the files'
-        digests, renames the folder into place, points ``last.ptr`` at it and prunes."""
+        digests, renames the folder into place, points ``last.ptr`` at it and prunes. With
+        ``ckpt.async_save`` the shards are written in the background (from a copy taken now) and
+        the folder is put in place by :meth:`wait`: at the next save, or when the run stops or ends."""
+        self.wait()
         tensors = sharded.split(state)
         tmp, problem = None, None
         if self.env.is_main:
@@ -64,7 +72,31 @@ class RunCheckpoints:
             except OSError as exc:
                 problem = f"cannot create a checkpoint folder in {self.folder} ({exc}); free space or fix the folder"
         tmp = self._agree(problem, tmp)
+        if self.async_group is not None:
+            self.pending = (sharded.write_shards_later(tensors, tmp, self.async_group), tmp, copy.deepcopy(state),
+                            step, best)
+            return
         sharded.write_shards(tensors, tmp)
+        self._publish(tmp, state, step, best)
+
+    def wait(self) -> None:
+        """Every rank: finish the save still being written (``ckpt.async_save``), if any, and put it in place."""
+        if self.pending is None:
+            return
+        writing, tmp, state, step, best = self.pending
+        self.pending = None
+        try:
+            writing.result()
+            problem = None
+        except Exception as exc:  # DCP gathers every rank's failure
+            problem = (f"could not write the shards of checkpoint {tmp.parent} ({' '.join(str(exc).split())[:300]}); "
+                       "free space or fix the folder, then run the same command again (ckpt.resume=auto)")
+        if (problem := self._first_problem(problem)) is not None:
+            raise CheckpointError(problem)
+        self._publish(tmp, state, step, best)
+
+    def _publish(self, tmp: Path, state: dict[str, Any], step: int, best: bool) -> None:
+        problem = None
         if self.env.is_main:
             try:
                 shards = sharded.digests(tmp)

@@ -137,6 +137,7 @@ class Worker:
                     return self._stop()
                 self._end_epoch(train_stats, val, val_ema)
                 self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.position.epoch, self.record.global_step)
+            self.checkpoints.wait()
             self._finish()
             return EXIT_OK
         finally:
@@ -151,6 +152,7 @@ class Worker:
         """Save where the loop stopped; on the warning signal, ask for a SLURM requeue after teardown."""
         self.agreement.settle(2)
         self.save_checkpoint()
+        self.checkpoints.wait()  # ckpt.async_save: the shards are on disk before the process exits
         log.warning("stopped by %s at epoch %d, %d of %d samples; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.position.epoch + 1,
                     self.position.consumed, self.inputs.sampler.size, EXIT_STOPPED)
