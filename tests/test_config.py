@@ -156,13 +156,18 @@ def test_unknown_choice_lists_choices_and_suggests(override: str, key: str, sugg
     assert f"did you mean '{suggestion}'" in message
 
 
+CHOICE_CONTEXT = {"ckpt.format": ["dist.strategy=fsdp"]}
+"""What a key's every choice needs beside it (a sharded checkpoint needs a sharding strategy)."""
+
+
 @pytest.mark.parametrize("key", sorted(config.CHOICES))
 def test_every_documented_choice_is_accepted_case_insensitively(key: str) -> None:
     rejected = []
     for value in config.CHOICES[key]:
         for spelling in (value.lower(), value.upper()):
             try:
-                loaded = config.get(config.load([], ["data.root=/data", f"{key}={spelling}"]), key)
+                overrides = ["data.root=/data", *CHOICE_CONTEXT.get(key, []), f"{key}={spelling}"]
+                loaded = config.get(config.load([], overrides), key)
             except ConfigError as exc:
                 loaded = str(exc)
             if loaded != value:

@@ -1,25 +1,28 @@
 """FSDP2 (``dist.strategy=fsdp``) on real gloo process groups: the same training as DDP, a
-fraction of the memory per rank, and checkpoints that resume at any world size.
+fraction of the memory per rank, and sharded (DCP) checkpoints that resume at any world size.
 
 Every run is the user's own model (``sharded_net.py``: three residual ``Block``s with BatchNorm)
 from one shared initial weights file, through ``recording_worker.py`` so that the tests can see
-which samples each rank served.
+which samples each rank served. The fsdp runs write DCP folders (``ckpt.format=auto``), read
+here whole (as the tools read them) by :func:`last_checkpoint`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import last_checkpoint, metrics_lines, run_dir
+from helpers import TESTS, metrics_lines, run, run_dir
 from sharded_net import build
 from test_resume import recorded, recorded_run
 
-from trainer import config
-from trainer.errors import ConfigError
+from trainer import checkpoint, config
+from trainer.checkpoint import sharded
+from trainer.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +35,21 @@ start apart by rounding (without clipping they are bitwise equal), and training 
 more the higher the learning rate and the longer the run."""
 
 
-def sharded_run(tmp: Path, name: str, strategy: str, *extra: str, nproc: int = 2, **faults: str) -> None:
+def sharded_run(tmp: Path, name: str, strategy: str, *extra: str, nproc: int = 2, **faults: str) -> str:
     """A 2-epoch recorded run of the shared model from the shared initial weights; it must finish
-    (or, with ``STOP_AT_STEP``, stop)."""
+    (or, with ``STOP_AT_STEP``, stop). Returns its output."""
     result = recorded_run(tmp, name, f"model.name={MODEL}", f"model.weights={tmp / 'initial.pt'}",
                           f"dist.strategy={strategy}", f"train.epochs={EPOCHS}", *extra, nproc=nproc, **faults)
     stopped = "STOP_AT_STEP" in faults
     assert (result.returncode != 0) == stopped, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def last_checkpoint(tmp: Path, name: str) -> dict:
+    """The run's newest checkpoint, whole (a DCP folder assembled in the single-file form)."""
+    latest = checkpoint.latest(run_dir(tmp, name))
+    assert latest is not None
+    return checkpoint.load(latest)
 
 
 @pytest.fixture(scope="module")
@@ -94,29 +105,110 @@ def test_fsdp_holds_a_world_size_fraction_of_the_training_state(runs: Path) -> N
     assert "(gloo) | fsdp: " in log and "MB of parameters" in log
 
 
+def test_sharded_checkpoints_are_dcp_folders_with_a_digest_per_file(runs: Path) -> None:
+    folder = run_dir(runs, "fsdp") / "checkpoints"
+    steps = checkpoint.step_files(folder)
+    assert all(path.is_dir() for path in steps) and (folder / "last.ptr").read_text().strip() == steps[-1].name
+    best = folder / (folder / "best.ptr").read_text().strip()
+    assert set(steps) == {*steps[-2:], best}  # ckpt.keep_last=2, and the folder best.ptr names kept apart
+    assert not list(folder.glob("*.pt")) and not list(folder.glob(".*"))  # no file form, no leftovers
+    pieces = torch.load(steps[-1] / sharded.PIECES, weights_only=True)
+    assert pieces["model"] == pieces["optimizer"] == pieces["step"]["ema"]["model"] == sharded.IN_SHARDS
+    written = sorted(path.name for path in steps[-1].iterdir() if path.name != sharded.PIECES)
+    assert sorted(pieces[sharded.SHARDS]) == written and {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(written)
+    # the ddp run keeps today's single file
+    assert [path.name for path in checkpoint.step_files(run_dir(runs, "ddp") / "checkpoints")][-1].endswith(".pt")
+
+
 @pytest.fixture(scope="module")
 def stopped(runs: Path) -> dict:
-    """An FSDP run stopped by SIGTERM in the middle of its second epoch."""
+    """An FSDP run stopped by SIGTERM in the middle of its second epoch (DCP checkpoints every 4 steps)."""
     sharded_run(runs, "stopped", "fsdp", *PLAIN, STOP_AT_STEP="15")
     state = last_checkpoint(runs, "stopped")
     assert state["position"]["epoch"] == 1 and state["position"]["consumed"] > 0
+    assert checkpoint.latest(run_dir(runs, "stopped")).name == "last.ptr"
     return state
 
 
-def resume_copy(tmp: Path, name: str, nproc: int) -> None:
-    """Resume a copy of the stopped run (its run directory and its record) on ``nproc`` processes."""
+def resume_copy(tmp: Path, name: str, nproc: int, damage: str | None = None) -> str:
+    """Resume a copy of the stopped run (its run directory and its record) on ``nproc`` processes,
+    after ``damage`` to the newest checkpoint's first shard. Returns the output."""
     shutil.copytree(run_dir(tmp, "stopped"), run_dir(tmp, name))
     shutil.copytree(tmp / "record" / "stopped", tmp / "record" / name)
-    sharded_run(tmp, name, "fsdp", *PLAIN, nproc=nproc)
+    if damage is not None:
+        damage_shard(run_dir(tmp, name), damage)
+    return sharded_run(tmp, name, "fsdp", *PLAIN, nproc=nproc)
+
+
+def damage_shard(run: Path, how: str) -> Path:
+    """Damage the first shard of the run's newest checkpoint folder (``truncated``, ``missing`` or
+    ``flipped``: one bit); returns the folder."""
+    newest = checkpoint.step_files(run / "checkpoints")[-1]
+    shard = newest / "__0_0.distcp"
+    data = shard.read_bytes()
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(data[:len(data) // 2])
+    else:
+        shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    return newest
 
 
 def test_fsdp_resume_on_two_processes_is_bitwise_identical(runs: Path, stopped: dict) -> None:
-    resume_copy(runs, "resumed-2", 2)
+    output = resume_copy(runs, "resumed-2", 2)
+    assert "bitwise identical to an uninterrupted run" in output
     resumed, uninterrupted = last_checkpoint(runs, "resumed-2"), last_checkpoint(runs, "fsdp")
     for key, tensor in uninterrupted["model"].items():
         assert torch.equal(tensor, resumed["model"][key]), key
     for key, tensor in uninterrupted["step"]["ema"]["model"].items():
         assert torch.equal(tensor, resumed["step"]["ema"]["model"][key]), key
+    for index, state in uninterrupted["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "flipped"])
+def test_a_damaged_shard_is_refused_and_the_previous_checkpoint_used(runs: Path, stopped: dict, how: str,
+                                                                     tmp_path: Path) -> None:
+    shutil.copytree(run_dir(runs, "stopped"), tmp_path / "run")
+    newest = damage_shard(tmp_path / "run", how)
+    last = checkpoint.latest(tmp_path / "run")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(last)
+    assert f"checkpoint {newest} is damaged: its shard __0_0.distcp" in str(refused.value)
+    state, used = checkpoint.load_for_resume(last, fall_back=True, announce=False)
+    assert used == checkpoint.step_files(newest.parent)[-2] and state["global_step"] < stopped["global_step"]
+
+
+def test_a_damaged_pointer_is_refused_in_one_line(tmp_path: Path) -> None:
+    pointer = tmp_path / "last.ptr"
+    pointer.write_text("../elsewhere\n")
+    with pytest.raises(CheckpointError, match=r"checkpoint pointer .*last.ptr is damaged \(it names '../elsewhere'"):
+        checkpoint.load(pointer)
+
+
+def test_a_resume_falls_back_past_a_damaged_shard_and_ignores_a_half_written_save(runs: Path, stopped: dict) -> None:
+    """A missing shard in the newest folder, and a newer save killed before its rename (a hidden
+    temporary folder with shards but no pieces): the run resumes from the previous checkpoint,
+    finishes as the uninterrupted run does, and removes the leftover."""
+    name = "fallback"
+    half_written = run_dir(runs, "stopped").parent / "half" / ".step_000000099.tmp.1"
+    shutil.copytree(checkpoint.step_files(run_dir(runs, "stopped") / "checkpoints")[-1], half_written)
+    (half_written / sharded.PIECES).unlink()
+    shutil.copytree(run_dir(runs, "stopped"), run_dir(runs, name))
+    shutil.copytree(runs / "record" / "stopped", runs / "record" / name)
+    folder = run_dir(runs, name) / "checkpoints"
+    shutil.move(half_written, folder / half_written.name)
+    previous = checkpoint.step_files(folder)[-2]
+    damaged = damage_shard(run_dir(runs, name), "missing")
+    output = sharded_run(runs, name, "fsdp", *PLAIN)
+    warning = next(line for line in output.splitlines() if "falling back" in line)
+    assert f"{damaged} is damaged: its shard __0_0.distcp is missing" in warning
+    assert warning.endswith(f"falling back to {previous}")
+    assert not (folder / half_written.name).exists()
+    resumed, uninterrupted = last_checkpoint(runs, name), last_checkpoint(runs, "fsdp")
+    for key, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
 
 
 @pytest.mark.parametrize("nproc", [3, 1])
@@ -136,6 +228,45 @@ def test_fsdp_resume_on_another_world_size_sees_each_sample_once(runs: Path, sto
     assert len(common) >= 4 and all(abs(a - b) <= 1e-9 for a, b in common)
     if nproc == 3:  # a third of the state per rank
         assert memory(runs, name) == pytest.approx(memory(runs, "ddp") / 3, rel=0.1)
+
+
+def evaluate(tmp: Path, path: Path) -> dict:
+    result = run([str(path), "--code", str(TESTS)], module="trainer.evaluate")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_evaluate_reads_a_dcp_checkpoint_as_its_single_file_export(runs: Path) -> None:
+    last = run_dir(runs, "fsdp") / "checkpoints" / "last.ptr"
+    single = runs / "fsdp-single.pt"
+    exported = run([str(last), "--format", "pt", "-o", str(single)], module="trainer.export")
+    assert exported.returncode == 0, exported.stderr
+    whole, from_file = checkpoint.load(last), checkpoint.load(single)
+    assert whole["optimizer"]["state"].keys() == from_file["optimizer"]["state"].keys()
+    for key, tensor in whole["model"].items():
+        assert torch.equal(tensor, from_file["model"][key]), key
+    assert evaluate(runs, last) == evaluate(runs, single)
+
+
+@pytest.mark.parametrize("keys", [["ckpt.format=dcp"], ["ckpt.async_save=true"],
+                                  ["dist.strategy=fsdp", "ckpt.format=file", "ckpt.async_save=true"]])
+def test_dcp_is_refused_under_ddp_in_one_line(keys: list[str]) -> None:
+    with pytest.raises(ConfigError) as refused:
+        config.load(overrides=keys)
+    assert "dist.strategy=fsdp or hsdp" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_async_save_writes_while_training_goes_on_and_a_stop_waits_for_it(runs: Path) -> None:
+    """Every save in the background (the periodic ones while the next steps run), the stop's too:
+    the stopped run's checkpoint is complete, and the resume ends bitwise as the uninterrupted run."""
+    name = "async"
+    sharded_run(runs, name, "fsdp", *PLAIN, "ckpt.async_save=true", STOP_AT_STEP="15")
+    assert last_checkpoint(runs, name)["position"]["consumed"] > 0
+    output = sharded_run(runs, name, "fsdp", *PLAIN, "ckpt.async_save=true")
+    assert "resumed from" in output and not list((run_dir(runs, name) / "checkpoints").glob(".*"))
+    resumed, uninterrupted = last_checkpoint(runs, name), last_checkpoint(runs, "fsdp")
+    for key, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
 
 
 @pytest.mark.parametrize("key", ["model.compile=true", "log.graph=true", "log.histogram_every_epochs=1"])

@@ -4,6 +4,8 @@ Layout under ``run_dir/checkpoints``: ``step_<global step>.pt`` files (the newes
 are kept), ``last.pt`` (the newest) and ``best.pt`` (the best by the configured metric). The
 last two are hard links to a step file where the filesystem allows, so they cost no space.
 A checkpoint holds only tensors and plain Python values: ``torch.load(weights_only=True)`` loads it.
+A sharded run writes ``step_<global step>/`` folders and ``last.ptr``/``best.ptr`` pointers instead
+(see :mod:`trainer.checkpoint.sharded`); retention, ``latest`` and the fallback treat both alike.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from trainer.checkpoint import atomic, digest
+from trainer.checkpoint import atomic, digest, sharded
 from trainer.errors import CheckpointError, StorageError, disk_fix, disk_problem, first_line, stopped_by_write
+from trainer.parallel.sharded import keyed_by_position
 
 log = logging.getLogger("trainer")
 
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
+"""A step checkpoint: a file ``step_<n>.pt`` or a sharded folder ``step_<n>``."""
+ALIASES = ("last.pt", f"last{sharded.POINTER}")
+Agree = Callable[[str | None], str | None]
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -79,56 +85,86 @@ def link_atomic(source: Path, alias: Path) -> None:
 
 
 def step_files(folder: Path) -> list[Path]:
-    """The ``step_*.pt`` files in ``folder``, oldest first."""
+    """The step checkpoints (``step_*.pt`` files and ``step_*`` folders) in ``folder``, oldest first
+    (a file and a folder of one step: the folder last)."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p.is_dir(), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for *_, p in sorted(found)]
 
 
 def prune(folder: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step files, and temp files a killed writer left."""
-    old = step_files(folder)[:-keep_last] if keep_last > 0 else []
+    """Delete all but the newest ``keep_last`` step checkpoints (never a folder ``last.ptr`` or
+    ``best.ptr`` names), and the temporary files and folders a killed writer left."""
+    named = {_named(folder / f"{alias}{sharded.POINTER}") for alias in ("last", "best")}
+    old = [p for p in (step_files(folder)[:-keep_last] if keep_last > 0 else []) if p not in named]
     old += atomic.leftovers(folder)
     for path in old:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return old
 
 
+def _named(pointer: Path) -> Path | None:
+    try:
+        return sharded.resolve(pointer) if pointer.is_file() else None
+    except CheckpointError:
+        return None
+
+
 def latest(run_dir: Path) -> Path | None:
-    """The checkpoint a ``resume: auto`` run continues from, if any: ``last.pt``, unless it names
-    an older step file than the newest (a save killed between writing a step file and pointing
-    ``last.pt`` at it)."""
+    """The checkpoint a ``resume: auto`` run continues from, if any: ``last.pt`` (or ``last.ptr``),
+    unless it names an older step checkpoint than the newest (a save killed between writing a step
+    and pointing ``last`` at it, or a run that went on in the other form)."""
     folder = checkpoint_dir(run_dir)
-    steps, last = step_files(folder), folder / "last.pt"
-    if not last.is_file():
-        return steps[-1] if steps else None
-    linked = last.stat().st_ino
-    if any(step.stat().st_ino == linked for step in steps[:-1]):
-        return steps[-1]
-    return last
+    steps = step_files(folder)
+    aliases = [alias for alias in (folder / name for name in ALIASES) if alias.is_file()]
+    for alias in aliases:
+        if steps and _same(alias, steps[-1]):
+            return alias
+    for alias in aliases:  # a copy (no hard links), or its step pruned: it names no older step, and is used
+        if not any(_same(alias, step) for step in steps[:-1]):
+            return alias
+    return steps[-1] if steps else None
 
 
-def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[str, Any], Path]:
-    """Load ``path``; if it cannot be read and ``fall_back``, the newest older step file that can.
+def _same(a: Path, b: Path) -> bool:
+    """Whether two names (a step, ``last.pt``, ``last.ptr``) are one checkpoint."""
+    return (identity := _identity(a)) is not None and identity == _identity(b)
+
+
+def _identity(path: Path) -> tuple[str, Any] | None:
+    if path.suffix == sharded.POINTER:
+        path = _named(path) or path
+    if path.is_dir():
+        return "folder", path.resolve()
+    return ("file", path.stat().st_ino) if path.is_file() else None
+
+
+def load_for_resume(path: Path, fall_back: bool, announce: bool, whole: bool = True,
+                    part: tuple[int, int] = (0, 1), agree: Agree = lambda problem: problem
+                    ) -> tuple[dict[str, Any], Path]:
+    """Load ``path``; if it cannot be read and ``fall_back``, the newest older step checkpoint that can.
 
     One warning line (when ``announce``) names the unreadable files and the one used instead.
-    Without a readable one: :class:`CheckpointError`, never a silent fresh start.
+    Without a readable one: :class:`CheckpointError`, never a silent fresh start. Not ``whole``: a
+    sharded checkpoint's large states stay in its folder (checked, not loaded; see :func:`load`).
+    The ranks of a sharded resume each check a ``part`` of a folder's files and ``agree`` (a
+    collective: the first problem any rank found, on every rank) on each checkpoint tried.
     """
-    try:
-        return load(path), path
-    except CheckpointError as exc:
-        if not fall_back:
-            raise
-        problem = str(exc)
-    failed = path.stat().st_ino if path.exists() else None
+    state, problem = _attempt(path, whole, part, agree)
+    if problem is None:
+        return state, path
+    if not fall_back:
+        raise CheckpointError(problem)
     unreadable: list[str] = []
     for older in reversed(step_files(path.parent)):
-        if older.stat().st_ino == failed:  # last.pt is a hard link to the newest step file
+        if _same(older, path):  # last.pt is a hard link to the newest step file, last.ptr names it
             continue
-        try:
-            state = load(older)
-        except CheckpointError:
+        state, failed = _attempt(older, whole, part, agree)
+        if failed is not None:
             unreadable.append(older.name)
             continue
         if announce:
@@ -138,17 +174,31 @@ def load_for_resume(path: Path, fall_back: bool, announce: bool) -> tuple[dict[s
                           "move the folder away to start afresh, or point ckpt.resume at a good checkpoint")
 
 
+def _attempt(path: Path, whole: bool, part: tuple[int, int], agree: Agree) -> tuple[Any, str | None]:
+    """``path`` loaded, or the problem (agreed between the ranks) that stopped it."""
+    try:
+        state, problem = load(path, whole, part), None
+    except CheckpointError as exc:
+        state, problem = None, str(exc)
+    return state, agree(problem)
+
+
 def _also(names: list[str]) -> str:
     return f" ({', '.join(names)} unreadable too)" if names else ""
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, whole: bool = True, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, refusing anything but tensors and plain values, and any
     file whose contents differ from its digest (one written before digests has none to check).
 
     Whatever torch raises for damaged bytes (its zip reader and unpickler raise many kinds of
-    exception) becomes one :class:`CheckpointError` line.
+    exception) becomes one :class:`CheckpointError` line. A sharded checkpoint (its folder or a
+    pointer) is checked file by file (its ``part`` of them, see :func:`sharded.check_files`) and,
+    when ``whole``, assembled in today's single-file form;
+    otherwise its large states stay ``sharded.IN_SHARDS`` and its folder is under ``sharded.FOLDER``.
     """
+    if sharded.is_sharded(path):
+        return _load_sharded(path, whole, part)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -170,6 +220,20 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match its digest "
                               "(a flipped bit on disk or in transfer); use an older checkpoint")
     return state
+
+
+def _load_sharded(path: Path, whole: bool, part: tuple[int, int]) -> dict[str, Any]:
+    folder = sharded.resolve(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    state = load(folder / sharded.PIECES)
+    sharded.check_files(folder, state, part)
+    if not whole:
+        return {**state, sharded.FOLDER: folder}
+    tensors = sharded.read_whole(folder, sharded.held(state))
+    if "optimizer" in tensors:  # keyed by parameter position, as a single file's
+        tensors["optimizer"] = keyed_by_position(tensors["optimizer"])
+    return sharded.join(state, tensors)
 
 
 # ----------------------------------------------------------------------------- history

@@ -155,6 +155,12 @@ model cannot do without the others; cutting batches after an out-of-memory is bu
 
 
 def _validate_sharding(cfg: Config) -> None:
+    if cfg.dist.strategy == "ddp" and cfg.ckpt.format == "dcp":
+        raise ConfigError("ckpt.format=dcp: a sharded checkpoint needs dist.strategy=fsdp or hsdp "
+                          "(under ddp every rank holds the whole model: use ckpt.format=auto or file)")
+    if cfg.ckpt.async_save and (cfg.dist.strategy == "ddp" or cfg.ckpt.format == "file"):
+        raise ConfigError("ckpt.async_save: writes sharded checkpoints in the background; it needs "
+                          "dist.strategy=fsdp or hsdp and ckpt.format=auto or dcp")
     if cfg.dist.strategy == "ddp":
         return
     for key, given in NOT_YET_SHARDED.items():

@@ -122,6 +122,8 @@ class CheckpointConfig:
     warning_signal: str = "SIGUSR1"
     requeue: bool = True
     max_requeues: int = 20
+    format: str = "auto"  # auto (dcp under fsdp/hsdp with a process group, else file) | file | dcp (sharded folders)
+    async_save: bool = False  # dcp: the shards are written in the background while training goes on
 
 
 @dataclass
@@ -181,6 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "ckpt.mode": ("max", "min"),
+    "ckpt.format": ("auto", "file", "dcp"),
     "ckpt.warning_signal": ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"),
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),

@@ -3,9 +3,11 @@
 Each block (see :mod:`trainer.models.blocks`) becomes one ``fully_shard`` unit, gathered just before
 its forward and backward and freed after; the root is sharded last and holds what is left (stem,
 head). HSDP shards within a group of processes (a node) and replicates across the groups, on a
-2-D device mesh. Checkpoints hold the full, unsharded state in today's format (the optimizer's
-keyed by parameter position, as ``Optimizer.state_dict`` writes it), so a run saved under one
-strategy or world size resumes under any other, and the tools read it as they read any.
+2-D device mesh. With ``sharded_state`` (``ckpt.format=dcp``) the state methods give and take each
+rank's shards (DTensors, the optimizer's keyed by parameter name), which DCP writes and reshards
+at load to any world size; otherwise the full, unsharded state in today's single-file format (the
+optimizer's keyed by parameter position, as ``Optimizer.state_dict`` writes it), so a run saved
+under one strategy or world size resumes under any other. Either form is loaded back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainer.errors import ConfigError
@@ -31,6 +34,8 @@ SAVED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Gather the full state onto rank 0's CPU memory (the other ranks get an empty state)."""
 LOADED = StateDictOptions(full_state_dict=True)
 """Every rank read the whole checkpoint: each keeps its own shard of it."""
+SHARDS = StateDictOptions()
+"""Each rank's own shards, as DTensors (no gathering)."""
 
 
 class FullyShardedParallel(Parallel):
@@ -74,19 +79,25 @@ class FullyShardedParallel(Parallel):
         broadcast_buffers(model)
 
     def model_state(self, module: nn.Module) -> dict[str, Any]:
-        return get_model_state_dict(module, options=SAVED)
+        return get_model_state_dict(module, options=SHARDS if self.sharded_state else SAVED)
 
     def load_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
-        set_model_state_dict(module, state, options=LOADED)
+        set_model_state_dict(module, state, options=SHARDS if _in_shards(state) else LOADED)
 
     def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Sharded: also the template a sharded load fills (the state is initialised if still empty)."""
+        if self.sharded_state:
+            return get_optimizer_state_dict(module, optimizer, options=SHARDS)
         state = get_optimizer_state_dict(module, optimizer, options=SAVED)
-        return _keyed_by_position(state) if state else state
+        return keyed_by_position(state) if state else state
 
     def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict[str, Any]) -> None:
         configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        set_optimizer_state_dict(module, optimizer, _keyed_by_name(state, module, optimizer), options=LOADED)
+        if _keyed_by_names(state):
+            set_optimizer_state_dict(module, optimizer, state, options=SHARDS)
+        else:
+            set_optimizer_state_dict(module, optimizer, _keyed_by_name(state, module, optimizer), options=LOADED)
         for group, own in zip(optimizer.param_groups, configured):
             group.update(own)
 
@@ -101,7 +112,18 @@ def _mesh(env: DistEnv, shard_size: int | None) -> DeviceMesh:
     return init_device_mesh(device, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
-def _keyed_by_position(state: dict[str, Any]) -> dict[str, Any]:
+def _in_shards(state: dict[str, Any]) -> bool:
+    """Whether a model state is each rank's shards (DTensors) rather than whole tensors."""
+    return any(isinstance(value, DTensor) for value in state.values())
+
+
+def _keyed_by_names(state: dict[str, Any]) -> bool:
+    """Whether an optimizer state is keyed by parameter name (shards) rather than by position (whole)."""
+    keys = [*state["state"], *(key for group in state["param_groups"] for key in group["params"])]
+    return any(isinstance(key, str) and not key.isdigit() for key in keys)
+
+
+def keyed_by_position(state: dict[str, Any]) -> dict[str, Any]:
     """The optimizer state with parameter names replaced by their position across the groups,
     as ``Optimizer.state_dict`` numbers them."""
     position = {name: i for i, name in enumerate(n for group in state["param_groups"] for n in group["params"])}
@@ -111,7 +133,7 @@ def _keyed_by_position(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keyed_by_name(state: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The inverse of :func:`_keyed_by_position` for this optimizer's parameters."""
+    """The inverse of :func:`keyed_by_position` for this optimizer's parameters."""
     names = {id(parameter): name for name, parameter in module.named_parameters()}
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {"state": {ordered[int(i)]: value for i, value in state["state"].items()},

@@ -36,6 +36,9 @@ class Parallel:
     collective_forward = False
     """Whether a forward pass is a collective (sharded: it gathers parameters), so that every rank
     must run as many, evaluation included."""
+    sharded_state = False
+    """Whether the state methods give each rank's shards (``ckpt.format=dcp``) instead of the whole
+    state; only a sharding strategy has shards to give."""
 
     def __init__(self, env: DistEnv, compile_model: bool = False) -> None:
         self.env, self.compile_model = env, compile_model

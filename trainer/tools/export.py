@@ -1,4 +1,4 @@
-"""``python -m trainer.export CHECKPOINT --format safetensors|pt2 [-o OUT]``: a checkpoint's model
+"""``python -m trainer.export CHECKPOINT --format safetensors|pt2|pt [-o OUT]``: a checkpoint's model
 for use outside this project.
 
 - ``safetensors``: the weights alone (no pickle), with the class names and the config in the
@@ -6,6 +6,8 @@ for use outside this project.
 - ``pt2``: a ``torch.export`` program (the graph and the weights, any batch size), with the class
   names and data settings inside; ``python -m trainer.predict FILE.pt2 IMAGES`` runs it without
   the model's Python code.
+- ``pt``: a sharded checkpoint (a ``step_<n>/`` folder or ``last.ptr``) as one single file of
+  today's form, optimizer included: it resumes (``ckpt.resume=FILE``) and reads as any ``.pt``.
 """
 
 from __future__ import annotations
@@ -92,16 +94,20 @@ def load_program(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="e.g. runs/default/checkpoints/best.pt")
-    parser.add_argument("--format", choices=("safetensors", "pt2"), required=True)
-    parser.add_argument("-o", "--output", type=Path, help="default: the checkpoint's path with the format's suffix")
+    parser.add_argument("--format", choices=("safetensors", "pt2", "pt"), required=True)
+    parser.add_argument("-o", "--output", type=Path, help="default: the checkpoint's path with the format's suffix "
+                        "(pt: NAME-single.pt, never taken for a step checkpoint of the run)")
     parser.add_argument("--code", action="append", default=[], metavar="DIR",
                         help="folder with the package of an import-path model.name (pt2)")
     args = parser.parse_args(argv)
-    out = args.output or args.checkpoint.with_suffix(f".{args.format}")
+    single = args.checkpoint.with_name(f"{args.checkpoint.stem}-single.pt")
+    out = args.output or (single if args.format == "pt" else args.checkpoint.with_suffix(f".{args.format}"))
     try:
         user_code.add_code_dirs(args.code)
         state = checkpoint.load(args.checkpoint)
-        if args.format == "safetensors":
+        if args.format == "pt":
+            checkpoint.save_atomic(state, out)
+        elif args.format == "safetensors":
             export_safetensors(state, out)
         else:
             export_program(state, args.checkpoint, out)

@@ -86,6 +86,7 @@ class Worker:
                                      self.precision, self.parallel, env.control, lambda: self.stop.requested,
                                      self.micro_batches.val)
         self.checkpoints = RunCheckpoints(cfg, env, run_dir, self.classes)
+        self.parallel.sharded_state = self.checkpoints.sharded
         self.sinks = MetricSinks(env, run_dir, cfg.log)
         self.visuals = RunVisuals(cfg, env, run_dir, self.classes, self.normalize, self.task)
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
@@ -138,7 +139,7 @@ class Worker:
             while self.position.epoch < cfg.train.epochs:
                 if (reason := self._early_stop()) is not None:
                     log.info("early stop after epoch %d: %s; best checkpoint: %s", self.position.epoch, reason,
-                             self.checkpoints.folder / "best.pt")
+                             self.checkpoints.best)
                     break
                 train_stats = self.train_epoch()
                 if train_stats is None:
@@ -153,6 +154,7 @@ class Worker:
                     return self._stop()
                 self._end_epoch(train_stats, val, val_ema)
                 self.visuals.at_epoch_end(self.sinks, evidence, self.net, self.position.epoch, self.record.global_step)
+            self.checkpoints.wait()
             self._finish()
             return EXIT_OK
         finally:
@@ -167,6 +169,7 @@ class Worker:
         """Save where the loop stopped; on the warning signal, ask for a SLURM requeue after teardown."""
         self.agreement.settle(2)
         self.save_checkpoint()
+        self.checkpoints.wait()  # ckpt.async_save: the shards are on disk before the process exits
         log.warning("stopped by %s at epoch %d, %d of %d samples; checkpoint saved, exit code %d",
                     self.stop.signal_name or "a signal on another rank", self.position.epoch + 1,
                     self.position.consumed, self.inputs.sampler.size, EXIT_STOPPED)
@@ -241,7 +244,7 @@ class Worker:
                           {k: v for k, v in history[-1].items() if k.startswith("val/") and k != "val/samples"})
         log.info("done: %s %.4f (best %s %.4f)", metric, history[-1][metric], metric, self.record.best)
         log.info("logs: %s%s", self.run_dir / "logs", self.sinks.where())
-        log.info("checkpoints: %s, %s", self.checkpoints.folder / "last.pt", self.checkpoints.folder / "best.pt")
+        log.info("checkpoints: %s, %s", self.checkpoints.last, self.checkpoints.best)
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_pieces(self) -> dict[str, checkpoint.Stateful]:
