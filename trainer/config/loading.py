@@ -114,6 +114,9 @@ def validate(cfg: Config) -> None:
         check_metric(cfg, TASK_METRICS[cfg.task.name])
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
+    if not 0 <= cfg.sched.warmup_start_factor <= 1:
+        raise ConfigError(f"sched.warmup_start_factor: a fraction of the peak rate in [0, 1], e.g. 0.01, "
+                          f"got {cfg.sched.warmup_start_factor}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
     if not 0 <= cfg.data.random_erase <= 1:

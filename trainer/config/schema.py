@@ -51,7 +51,9 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.1
+    lr: float = 0.1  # the peak rate for a global batch of lr_base_batch samples (see train/optim.py: PeakLr)
+    lr_base_batch: int = 256  # 0: optim.lr is the rate itself, whatever the batch
+    lr_scaling: str = "auto"  # how the rate follows the global batch: auto (sqrt for adaptive optimizers) | linear | sqrt
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -65,6 +67,8 @@ class OptimConfig:
 class SchedConfig:
     name: str = "cosine"
     warmup_epochs: float = 1.0
+    warmup_samples_min: int = 0  # the warmup lasts at least this many training samples (a floor for small sets)
+    warmup_start_factor: float = 0.0  # the warmup rises linearly from this fraction of the peak rate
     min_lr_ratio: float = 0.0
     step_epochs: float = 10.0
     gamma: float = 0.1
@@ -162,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
+    "optim.lr_scaling": ("auto", "linear", "sqrt"),
     "log.wandb_mode": ("offline", "online"),
 }
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
@@ -179,6 +184,7 @@ POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_ac
             "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
+                "sched.warmup_samples_min", "optim.lr_base_batch",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",

@@ -55,9 +55,11 @@ class Worker:
         self.parallel = strategy.build(env, cfg.model.compile, cfg.dist.find_unused_parameters)
         fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
         head = models.head_parameter_names(self.net) if fine_tuning else set()
-        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
+        self.peak = optim.PeakLr(cfg.optim, optim.global_batch(cfg, env.world_size))  # a resume may keep another
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head, self.peak.value)
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
-        self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
+        self.schedule = optim.Schedule(self.optimizer, optim.with_warmup_floor(cfg.sched, self.inputs.sampler.size),
+                                       cfg.train.epochs, frozen_epochs, self.peak)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)
         erasing = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
         self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, erasing)
@@ -142,7 +144,7 @@ class Worker:
         cfg, env, epoch = self.cfg, self.env, self.position.epoch + 1
         record = epoch_record(epoch, self.record.global_step, train, val, val_ema, lr=self.schedule.lr(),
                               skipped_steps=self.step.skipped(),
-                              global_batch=cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps,
+                              global_batch=optim.global_batch(cfg, env.world_size),
                               **self.loop.peak_memory.read())
         peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
         record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, env.world_size))
@@ -174,7 +176,10 @@ class Worker:
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
                  flops.short(self.flops_per_image), self.precision.name, self.task.name, len(self.classes),
                  self.inputs.sampler.size, len(self.inputs.val_loader.dataset), cfg.data.batch_size,
-                 cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
+                 optim.global_batch(cfg, env.world_size))
+        sched = self.schedule.cfg
+        log.info("%s | warmup %.3g epoch(s) from %g x peak, then %s to epoch %d", self.peak.describe(),
+                 min(sched.warmup_epochs, cfg.train.epochs), sched.warmup_start_factor, sched.name, cfg.train.epochs)
 
     def _finish(self) -> None:
         metric, history = self.cfg.ckpt.metric, self.record.history
