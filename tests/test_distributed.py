@@ -64,9 +64,9 @@ COMMON = ["dist.device=cpu", "train.precision=fp32", "data.num_workers=0", "data
           "data.hflip=false", "log.progress_bar=off", "ckpt.resume=never", "train.ema_decay=0",
           "train.grad_accum_steps=1", "train.clip_grad_norm=0"]
 # The training recipe of the baseline (test a), tuned for it; see that test's docstring.
-RECIPE = ["model.name=smallcnn", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true",
-          "optim.weight_decay=0.0005", "sched.name=cosine", "sched.warmup_epochs=0.3", "train.label_smoothing=0.1",
-          "train.seed=0"]
+RECIPE = ["model.name=smallcnn", "optim.name=sgd", "optim.lr=0.1", "optim.lr_base_batch=0", "optim.momentum=0.9",
+          "optim.nesterov=true", "optim.weight_decay=0.0005", "sched.name=cosine", "sched.warmup_epochs=0.3",
+          "train.label_smoothing=0.1", "train.seed=0"]
 
 
 def child_env(hf_home: Path) -> dict[str, str]:
