@@ -89,7 +89,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0
     on_nonfinite_loss: str = "stop"
-    ema_decay: float = 0.0
+    ema_decay: float = 0.0  # per optimizer step, whatever ema_steps
+    ema_steps: int = 1  # blend the weights into the average every this many optimizer steps
+    ema_warmup: bool = False  # cap the decay early on, as timm's ModelEmaV3 (1 - (1 + step) ** -2/3)
     cudnn_benchmark: bool = True
     tf32: bool = True
     deterministic: bool = False
@@ -181,7 +183,7 @@ OPEN_CHOICES: dict[str, tuple[str, ...]] = {
 builder (``my_pkg.module:build``), checked when it is imported."""
 
 POSITIVE = ("data.batch_size", "data.image_size", "train.epochs", "train.grad_accum_steps",
-            "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
+            "train.ema_steps", "optim.lr", "dist.timeout_s", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.warmup_samples_min", "optim.lr_base_batch",

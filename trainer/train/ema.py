@@ -8,19 +8,39 @@ import torch
 from torch import nn
 
 
-class ModelEma:
-    """An exponential moving average of a model's weights and floating-point buffers.
+WARMUP_POWER = 2 / 3
+"""timm's ModelEmaV3 warmup: the decay after t optimizer steps is at most 1 - (1 + t) ** -WARMUP_POWER."""
 
+
+class ModelEma:
+    """An exponential moving average of a model's weights and floating-point buffers, blended in
+    every ``every`` optimizer steps.
+
+    ``decay`` is per optimizer step, so the average's horizon (in steps) does not depend on the
+    interval: an update ``every`` steps blends with ``decay ** every``. With ``warmup`` the decay
+    is capped by timm's ramp (:data:`WARMUP_POWER`), so the first weights, still random, fade fast.
     ``torch.optim.swa_utils.AveragedModel`` keeps its update count in a device tensor and reads it
-    on every update (a host sync per step); here the count is a Python int and the blend is one
+    on every update (a host sync per step); here the counts are Python ints and the blend is one
     foreach lerp over all tensors.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = False) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
+        self.decay, self.every, self.warmup = decay, every, warmup
         self.updates = 0
+        self.steps = 0  # optimizer steps seen
         self._source = model
+
+    def step(self) -> None:
+        """One optimizer step done: blend the weights in if it is the ``every``-th."""
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.update()
+
+    def blend_decay(self) -> float:
+        """The decay of the next update."""
+        per_step = min(self.decay, 1 - (1 + self.steps) ** -WARMUP_POWER) if self.warmup else self.decay
+        return per_step ** self.every
 
     def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(ema floats, model floats, ema others, model others), parameters and buffers alike."""
@@ -38,7 +58,7 @@ class ModelEma:
         if self.updates == 0:
             torch._foreach_copy_(ema_floats, floats)
         else:
-            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_floats, floats, 1.0 - self.blend_decay())
         for mine, theirs in zip(ema_others, others):  # e.g. BatchNorm's num_batches_tracked
             mine.copy_(theirs)
         self.updates += 1
