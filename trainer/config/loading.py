@@ -114,6 +114,9 @@ def validate(cfg: Config) -> None:
         check_metric(cfg, TASK_METRICS[cfg.task.name])
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
+    if cfg.model.drop_path is not None and not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path: a rate in [0, 1), e.g. 0.1 (null: the model's default), "
+                          f"got {cfg.model.drop_path}")
     if not 0 <= cfg.sched.warmup_start_factor <= 1:
         raise ConfigError(f"sched.warmup_start_factor: a fraction of the peak rate in [0, 1], e.g. 0.01, "
                           f"got {cfg.sched.warmup_start_factor}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelConfig:
     compile: bool = False
     weights: str = "none"
     freeze: str = "none"
+    drop_path: Optional[float] = None  # stochastic depth rate (torchvision stochastic_depth_prob, timm drop_path_rate)
 
 
 @dataclass
@@ -176,7 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 OPEN_CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
     "task.name": ("classification", "multilabel"),
-    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
+    "optim.name": ("sgd", "adam", "adamw", "adagrad", "lamb", "lars", "lion"),
     "sched.name": ("cosine", "step", "constant"),
 }
 """Keys that take a built-in name (matched case-insensitively) or the import path of the user's

@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from trainer.config import OPEN_CHOICES, Config, OptimConfig, SchedConfig, user_code
+from trainer.errors import ConfigError
+from trainer.models.catalog import TIMM_MISSING
 
 BUILTIN_OPTIMIZERS = OPEN_CHOICES["optim.name"]
 BUILTIN_SCHEDULES = OPEN_CHOICES["sched.name"]
 ADAPTIVE = ("adam", "adamw", "adagrad", "lamb")
 """Optimizers whose rate follows the square root of the batch under ``optim.lr_scaling=auto`` (as timm's)."""
+FROM_TIMM = ("lamb", "lars", "lion")
+"""Built-in names that torch has no optimizer for: timm.optim's (an optional dependency)."""
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -60,8 +64,9 @@ class PeakLr:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                     head: Collection[str] = (), lr: float | None = None) -> torch.optim.Optimizer:
-    """SGD, Adam, AdamW, Adagrad or the user's (``optim.name=my_pkg.optim:build``, called with the
-    parameter groups and the optim config); norm and bias parameters skip weight decay unless configured.
+    """SGD, Adam, AdamW, Adagrad, timm's LAMB, LARS and Lion, or the user's (``optim.name=my_pkg.optim:build``,
+    called with the parameter groups and the optim config); norm and bias parameters skip weight
+    decay unless configured.
 
     ``lr`` is the peak rate (:class:`PeakLr`; ``optim.lr`` itself when not given). The parameters
     named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group records whether it
@@ -79,6 +84,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
     if cfg.name not in BUILTIN_OPTIMIZERS:  # the user's: build(param_groups, cfg) -> Optimizer
         return user_code.load_callable(cfg.name, "optim.name")(groups, cfg)
+    if cfg.name in FROM_TIMM:
+        return _from_timm(groups, cfg, lr)
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
@@ -87,6 +94,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **fast)
     return torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
+
+
+def _from_timm(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """LAMB (timm's defaults otherwise: its own gradient-norm clip at 1), LARS (SGD with a layer-wise
+    trust ratio; ``optim.momentum``, ``optim.nesterov``) or Lion (``optim.betas``, e.g. [0.9, 0.99])."""
+    try:
+        from timm import optim as timm_optim
+    except ImportError:
+        raise ConfigError(f"optim.name={cfg.name}: {TIMM_MISSING}") from None
+    if cfg.name == "lamb":
+        return timm_optim.Lamb(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "lars":
+        return timm_optim.Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               eps=cfg.eps)
+    return timm_optim.Lion(groups, lr=lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(start: float, end: float, cfg: SchedConfig, epochs: int) -> float:
