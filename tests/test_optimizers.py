@@ -79,3 +79,23 @@ def test_drop_path_reaches_torchvision_and_timm_models() -> None:
             built(f"model.name={name}", "model.drop_path=0.1")
     with pytest.raises(ConfigError, match=r"model.drop_path: a rate in \[0, 1\)"):
         config.load([], ["model.drop_path=1.5"])
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_layer_decay_gives_each_vit_block_its_rate(name: str) -> None:
+    cfg = config.load([], [f"model.name={name}", "data.image_size=32", "optim.layer_decay=0.5", "optim.lr=1",
+                           "optim.lr_base_batch=0"])
+    model = models.build_for_training(cfg, 3)
+    optimizer = optim.build_optimizer(model, cfg.optim, torch.device("cpu"))
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    blocks = 12
+    first_block = "blocks.0.norm1.weight" if name.startswith("timm:") else "encoder.layers.encoder_layer_0.ln_1.weight"
+    last_block = first_block.replace("0", str(blocks - 1), 1)
+    embedding = "patch_embed.proj.weight" if name.startswith("timm:") else "conv_proj.weight"
+    head = "head.weight" if name.startswith("timm:") else "heads.head.weight"
+    assert rate[id(named[head])] == 1.0 and rate[id(named[last_block])] == 0.5
+    assert rate[id(named[first_block])] == 0.5 ** blocks and rate[id(named[embedding])] == 0.5 ** (blocks + 1)
+    assert optimizer.param_groups[0]["lr"] == 1.0  # the logged rate is the full one
+    with pytest.raises(ConfigError, match="optim.layer_decay: the model has no ViT blocks"):
+        optim.build_optimizer(torch.nn.Linear(2, 1), cfg.optim, torch.device("cpu"))

@@ -117,6 +117,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.drop_path is not None and not 0 <= cfg.model.drop_path < 1:
         raise ConfigError(f"model.drop_path: a rate in [0, 1), e.g. 0.1 (null: the model's default), "
                           f"got {cfg.model.drop_path}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: in (0, 1], e.g. 0.65 for a ViT-B fine-tuning (1: off), "
+                          f"got {cfg.optim.layer_decay}")
     if not 0 <= cfg.sched.warmup_start_factor <= 1:
         raise ConfigError(f"sched.warmup_start_factor: a fraction of the peak rate in [0, 1], e.g. 0.01, "
                           f"got {cfg.sched.warmup_start_factor}")

@@ -63,6 +63,7 @@ class OptimConfig:
     eps: float = 1e-8
     decay_norm_and_bias: bool = False
     head_lr_mult: float = 1.0
+    layer_decay: float = 1.0  # ViTs: each block deeper from the head learns at this fraction of the next one's rate
 
 
 @dataclass

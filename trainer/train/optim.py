@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Collection
 
 import torch
@@ -70,18 +71,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
     ``lr`` is the peak rate (:class:`PeakLr`; ``optim.lr`` itself when not given). The parameters
     named in ``head`` (the classifier) get ``lr * head_lr_mult``; every group records whether it
-    is the head, so that the schedule can hold a frozen backbone still.
+    is the head, so that the schedule can hold a frozen backbone still. With ``optim.layer_decay``
+    below 1 each ViT layer's parameters get their own groups (:func:`layer_scales`); the first
+    group is always one at the full rate (the rate the logs show).
     Uses the fused implementation on CUDA and CPU (SGD, Adam, AdamW), the foreach one elsewhere.
     """
     lr = cfg.lr if lr is None else lr
-    groups: dict[tuple[bool, bool], dict] = {}
+    scales = layer_scales(model, cfg.layer_decay) if cfg.layer_decay < 1 else {}
+    groups: dict[tuple[bool, float, bool], dict] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             is_head, decayed = name in head, not (param.ndim <= 1 and not cfg.decay_norm_and_bias)
-            groups.setdefault((is_head, decayed), {
+            scale = scales.get(name, 1.0)
+            groups.setdefault((is_head, scale, decayed), {
                 "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "head": is_head,
-                "lr": lr * (cfg.head_lr_mult if is_head else 1.0)})["params"].append(param)
-    groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # type: ignore[assignment]
+                "lr": lr * scale * (cfg.head_lr_mult if is_head else 1.0)})["params"].append(param)
+    groups = [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1], not k[2]))]  # type: ignore[assignment]
     if cfg.name not in BUILTIN_OPTIMIZERS:  # the user's: build(param_groups, cfg) -> Optimizer
         return user_code.load_callable(cfg.name, "optim.name")(groups, cfg)
     if cfg.name in FROM_TIMM:
@@ -94,6 +99,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **fast)
     return torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, foreach=True)
+
+
+VIT_BLOCK = re.compile(r"^(?:blocks\.|encoder\.layers\.encoder_layer_)(\d+)\.")
+"""A ViT block's parameters: timm's ``blocks.<i>.`` (ViT, DeiT, BEiT, EVA), torchvision's ``encoder.layers.encoder_layer_<i>.``."""
+
+
+def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Layer-wise rate decay for a ViT (as BEiT and timm's ``layer_decay``): of ``L`` blocks, block
+    ``i`` learns at ``decay ** (L - i)`` of the rate, what comes before the first block (patch and
+    position embeddings, class token) at ``decay ** (L + 1)``, the rest (final norm, head) at 1."""
+    names = [name for name, _ in model.named_parameters()]
+    blocks = {name: int(match.group(1)) for name in names if (match := VIT_BLOCK.match(name))}
+    if not blocks:
+        raise ConfigError("optim.layer_decay: the model has no ViT blocks (timm's blocks.<i>, torchvision's "
+                          "encoder.layers.encoder_layer_<i>); set optim.layer_decay=1")
+    depth, first = max(blocks.values()) + 1, names.index(next(iter(blocks)))
+    layers = {name: blocks[name] + 1 if name in blocks else (0 if position < first else depth + 1)
+              for position, name in enumerate(names)}
+    return {name: decay ** (depth + 1 - layer) for name, layer in layers.items()}
 
 
 def _from_timm(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
