@@ -55,7 +55,7 @@ class PeakLr:
         return self.cfg.lr * (math.sqrt(ratio) if self.rule == "sqrt" else ratio)
 
     def describe(self) -> str:
-        """E.g. ``peak lr 0.025 (optim.lr 0.1 x 64/256, linear)``."""
+        """E.g. ``peak lr 0.025 (optim.lr 0.1 x 64/256, global batch 64)``, ``... x sqrt(64/256) ...`` for sqrt."""
         if self.rule == "absolute":
             return f"peak lr {self.value:.4g} (optim.lr, absolute: optim.lr_base_batch=0)"
         ratio = f"{self.batch}/{self.cfg.lr_base_batch}"
