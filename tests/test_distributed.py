@@ -228,8 +228,8 @@ def linear_runs(tmp: Path) -> LinearRuns:
     1 process x batch 32, and 2 processes x batch 16 under torchrun and under accelerate."""
     def args(name: str, batch: int) -> list[str]:
         return ["-m", "trainer", *spec_args(SMALL_SPEC), *COMMON, f"data.cache_dir={tmp / 'cache'}",
-                "model.name=linear", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=0",
-                "sched.name=cosine", "sched.warmup_epochs=1", "train.label_smoothing=0",
+                "model.name=linear", "optim.name=sgd", "optim.lr=0.1", "optim.lr_base_batch=0", "optim.momentum=0.9",
+                "optim.weight_decay=0", "sched.name=cosine", "sched.warmup_epochs=1", "train.label_smoothing=0",
                 f"data.batch_size={batch}", "train.epochs=2", "train.seed=3",
                 f"log.output_dir={tmp / 'runs'}", f"log.name={name}", "dist.timeout_s=120"]
 
