@@ -55,7 +55,7 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.1  # the peak rate for a global batch of lr_base_batch samples (see train/optim.py: PeakLr)
     lr_base_batch: int = 256  # 0: optim.lr is the rate itself, whatever the batch
-    lr_scaling: str = "auto"  # how the rate follows the global batch: auto (sqrt for adaptive optimizers) | linear | sqrt
+    lr_scaling: str = "auto"  # how the rate follows the batch: auto (sqrt for adaptive optimizers) | linear | sqrt
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4

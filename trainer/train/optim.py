@@ -102,7 +102,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
 
 
 VIT_BLOCK = re.compile(r"^(?:blocks\.|encoder\.layers\.encoder_layer_)(\d+)\.")
-"""A ViT block's parameters: timm's ``blocks.<i>.`` (ViT, DeiT, BEiT, EVA), torchvision's ``encoder.layers.encoder_layer_<i>.``."""
+"""A ViT block's parameters: timm's ``blocks.<i>.`` (ViT, DeiT, BEiT, EVA), torchvision's
+``encoder.layers.encoder_layer_<i>.``."""
 
 
 def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
