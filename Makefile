@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast fuzz bench faults clean-venv
+.PHONY: install demo test test-fast fuzz bench faults converge clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ bench: install
 # 1000 checkpoint saves SIGKILLed at random moments (CI kills 30; tests/test_faults.py).
 faults: install
 	KILLED_SAVES=1000 $(BIN)/python -m pytest -q -s tests/test_faults.py -k kill
+
+# Do the defaults converge on a small real set? scikit-learn's digits, seeds 0-3 on 1 process and 0 on 2.
+converge: install
+	$(BIN)/python -m bench.converge
 
 clean-venv:
 	rm -rf $(VENV)

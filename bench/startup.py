@@ -53,8 +53,8 @@ def measure(workdir: Path, repeats: int, workers: int = 2, goal: float = 1.1) ->
         f"data.synthetic_classes={classes}", "data.synthetic_train_per_class=100",
         "data.synthetic_val_per_class=20", f"data.num_workers={workers}", "data.random_resized_crop=true",
         "data.crop_scale_min=0.35", "data.hflip=true", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
-        "optim.lr=0.05", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.0005",
-        "train.label_smoothing=0.1", f"data.cache_dir={workdir / 'cache'}",
+        "optim.lr=0.05", "optim.lr_base_batch=0", "optim.momentum=0.9", "optim.nesterov=true",
+        "optim.weight_decay=0.0005", "train.label_smoothing=0.1", f"data.cache_dir={workdir / 'cache'}",
         f"log.output_dir={workdir / 'runs'}", "log.progress_bar=on", "dist.device=cpu", "train.precision=fp32"]
     root = _prepare_data(overrides)
     counter = iter(range(10 ** 6))

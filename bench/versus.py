@@ -66,8 +66,8 @@ class Workload:
                 "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", f"dist.device={self.device}",
                 f"train.precision={'bf16' if self.bf16 else 'fp32'}",
                 f"model.channels_last={str(self.channels_last).lower()}", f"model.compile={str(self.compile).lower()}",
-                "train.label_smoothing=0", f"optim.lr={self.lr}", "optim.momentum=0.9", "optim.nesterov=true",
-                "optim.weight_decay=0.0005", "sched.name=constant", "sched.warmup_epochs=0",
+                "train.label_smoothing=0", f"optim.lr={self.lr}", "optim.lr_base_batch=0", "optim.momentum=0.9",
+                "optim.nesterov=true", "optim.weight_decay=0.0005", "sched.name=constant", "sched.warmup_epochs=0",
                 f"train.epochs={self.epochs}", "log.trackers=[jsonl]", "log.pictures=false", "log.progress_bar=off",
                 "ckpt.resume=never", *self.extra]
 

@@ -175,7 +175,8 @@ def test_fine_tuning_from_a_weights_file_beats_scratch(code_dir: Path, tmp_path:
     """resnet18 learns the colour task, then one epoch on a recoloured variant at a learning rate too
     small to learn it from scratch: only weights that really reached the model can score."""
     common = ["--code", str(code_dir), "--model", "resnet18", "data.image_size=16", "--batch-size", "16",
-              "--workers", "0", "log.output_dir=runs", "log.progress_bar=off", "sched.warmup_epochs=0"]
+              "--workers", "0", "log.output_dir=runs", "log.progress_bar=off", "sched.warmup_epochs=0",
+              "optim.lr_base_batch=0"]  # the rates below are the rates
     pretrain = run(tmp_path, "trainer", *common, "data.source=mypkg.data:build", "--epochs", "2", "--name", "pre",
                    "optim.name=adamw", "--lr", "0.002")
     assert pretrain.returncode == 0, pretrain.stderr

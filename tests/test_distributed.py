@@ -64,9 +64,9 @@ COMMON = ["dist.device=cpu", "train.precision=fp32", "data.num_workers=0", "data
           "data.hflip=false", "log.progress_bar=off", "ckpt.resume=never", "train.ema_decay=0",
           "train.grad_accum_steps=1", "train.clip_grad_norm=0"]
 # The training recipe of the baseline (test a), tuned for it; see that test's docstring.
-RECIPE = ["model.name=smallcnn", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true",
-          "optim.weight_decay=0.0005", "sched.name=cosine", "sched.warmup_epochs=0.3", "train.label_smoothing=0.1",
-          "train.seed=0"]
+RECIPE = ["model.name=smallcnn", "optim.name=sgd", "optim.lr=0.1", "optim.lr_base_batch=0", "optim.momentum=0.9",
+          "optim.nesterov=true", "optim.weight_decay=0.0005", "sched.name=cosine", "sched.warmup_epochs=0.3",
+          "train.label_smoothing=0.1", "train.seed=0"]
 
 
 def child_env(hf_home: Path) -> dict[str, str]:
@@ -228,8 +228,8 @@ def linear_runs(tmp: Path) -> LinearRuns:
     1 process x batch 32, and 2 processes x batch 16 under torchrun and under accelerate."""
     def args(name: str, batch: int) -> list[str]:
         return ["-m", "trainer", *spec_args(SMALL_SPEC), *COMMON, f"data.cache_dir={tmp / 'cache'}",
-                "model.name=linear", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=0",
-                "sched.name=cosine", "sched.warmup_epochs=1", "train.label_smoothing=0",
+                "model.name=linear", "optim.name=sgd", "optim.lr=0.1", "optim.lr_base_batch=0", "optim.momentum=0.9",
+                "optim.weight_decay=0", "sched.name=cosine", "sched.warmup_epochs=1", "train.label_smoothing=0",
                 f"data.batch_size={batch}", "train.epochs=2", "train.seed=3",
                 f"log.output_dir={tmp / 'runs'}", f"log.name={name}", "dist.timeout_s=120"]
 

@@ -128,7 +128,8 @@ def test_overrides_given_at_a_resume_apply_from_the_resume_point() -> None:
 # --- the last accumulation window ------------------------------------------------------------------------
 
 EXACT_LINEAR = ["model.name=linear", "train.label_smoothing=0", "optim.weight_decay=0", "optim.momentum=0",
-                "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0"]
+                "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0",
+                "optim.lr_base_batch=0"]
 LR = 0.5
 
 

@@ -122,6 +122,7 @@ def test_resume_on_another_world_size_or_batch_sees_each_sample_once_on_the_same
     changed = next(line for line in resumed.stdout.splitlines() if line.startswith("changed since the checkpoint"))
     assert "world size 2 -> " in changed or "data.batch_size 8 -> 4" in changed
     assert "not bitwise identical" in changed
+    assert "(optim.lr 0.1 x 16/256, global batch 16) kept from the start of the run" in changed  # not rescaled
 
     served = Counter((s["epoch"], s["index"]) for s in recorded(tmp, name, "served") if s["size"] == TRAIN_SIZE)
     for e in range(EPOCHS):

@@ -60,7 +60,7 @@ def write_multilabel_set(root: Path, train: int = 96, val: int = 30, seed: int =
 
 def multilabel_args(tmp: Path, root: Path, *extra: str) -> list[str]:
     return small_run(tmp, "task.name=multilabel", "data.source=imagefolder", f"data.root={root}", "train.epochs=3",
-                     "optim.lr=0.05", "log.pictures=true", *extra)
+                     "optim.lr=0.05", "optim.lr_base_batch=0", "log.pictures=true", *extra)
 
 
 def last_json(stdout: str) -> dict[str, Any]:
@@ -287,6 +287,7 @@ def test_optimizer_schedule_and_tracker_take_import_paths(tmp_path: Path) -> Non
                env=child_env(), timeout=120)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [json.loads(line) for line in (run_dir(tmp_path, "parts") / "lines.jsonl").read_text().splitlines()]
-    assert [line["lr"] for line in lines] == [0.1, 0.05]  # the user's schedule, seen by the user's sink
+    peak = 0.1 * 8 / 256  # optim.lr for 256 samples, scaled to the global batch of 8: a user's optimizer too
+    assert [line["lr"] for line in lines] == [pytest.approx(peak), pytest.approx(peak / 2)]  # the user's schedule
     saved = torch.load(run_dir(tmp_path, "parts") / "checkpoints" / "last.pt", weights_only=True)
     assert all("momentum_buffer" not in state for state in saved["optimizer"]["state"].values())  # plain SGD

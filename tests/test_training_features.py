@@ -17,7 +17,8 @@ from trainer.parallel.signals import StopRequest
 from trainer.train.worker import Worker
 
 EXACT_LINEAR = ["model.name=linear", "train.label_smoothing=0", "optim.weight_decay=0", "optim.momentum=0",
-                "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0"]
+                "data.random_resized_crop=false", "data.hflip=false", "sched.name=constant", "sched.warmup_epochs=0",
+                "optim.lr_base_batch=0"]
 
 
 def small(tmp: Path, *extra: str) -> list[str]:

@@ -121,6 +121,15 @@ def validate(cfg: Config) -> None:
         check_metric(cfg, TASK_METRICS[cfg.task.name])
     if cfg.train.ema_decay >= 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), e.g. 0.999 (0: off), got {cfg.train.ema_decay}")
+    if cfg.model.drop_path is not None and not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path: a rate in [0, 1), e.g. 0.1 (null: the model's default), "
+                          f"got {cfg.model.drop_path}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: in (0, 1], e.g. 0.65 for a ViT-B fine-tuning (1: off), "
+                          f"got {cfg.optim.layer_decay}")
+    if not 0 <= cfg.sched.warmup_start_factor <= 1:
+        raise ConfigError(f"sched.warmup_start_factor: a fraction of the peak rate in [0, 1], e.g. 0.01, "
+                          f"got {cfg.sched.warmup_start_factor}")
     if not 0 < cfg.data.crop_scale_min <= 1 or not 0 < cfg.data.val_crop_fraction <= 1:
         raise ConfigError("data.crop_scale_min and data.val_crop_fraction must be in (0, 1]")
     if not 0 <= cfg.data.randaugment_magnitude <= 30:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 
 @dataclass
@@ -59,12 +60,15 @@ class ModelConfig:
     compile: bool = False
     weights: str = "none"
     freeze: str = "none"
+    drop_path: Optional[float] = None  # stochastic depth rate (torchvision stochastic_depth_prob, timm drop_path_rate)
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.1
+    lr: float = 0.1  # the peak rate for a global batch of lr_base_batch samples (see train/optim.py: PeakLr)
+    lr_base_batch: int = 256  # 0: optim.lr is the rate itself, whatever the batch
+    lr_scaling: str = "auto"  # how the rate follows the batch: auto (sqrt for adaptive optimizers) | linear | sqrt
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -72,12 +76,15 @@ class OptimConfig:
     eps: float = 1e-8
     decay_norm_and_bias: bool = False
     head_lr_mult: float = 1.0
+    layer_decay: float = 1.0  # ViTs: each block deeper from the head learns at this fraction of the next one's rate
 
 
 @dataclass
 class SchedConfig:
     name: str = "cosine"
     warmup_epochs: float = 1.0
+    warmup_samples_min: int = 0  # the warmup lasts at least this many training samples (a floor for small sets)
+    warmup_start_factor: float = 0.0  # the warmup rises linearly from this fraction of the peak rate
     min_lr_ratio: float = 0.0
     step_epochs: float = 10.0
     gamma: float = 0.1
@@ -100,7 +107,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0
     on_nonfinite_loss: str = "stop"
-    ema_decay: float = 0.0
+    ema_decay: float = 0.0  # per optimizer step, whatever ema_steps
+    ema_steps: int = 1  # blend the weights into the average every this many optimizer steps
+    ema_warmup: bool = False  # cap the decay early on, as timm's ModelEmaV3 (1 - (1 + step) ** -2/3)
     activation_checkpointing: str = "none"
     cudnn_benchmark: bool = True
     tf32: bool = True
@@ -192,6 +201,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.micro_batch": ("fixed", "auto"),
     "log.progress_bar": ("auto", "on", "off"),
     "model.freeze": ("none", "backbone"),
+    "optim.lr_scaling": ("auto", "linear", "sqrt"),
     "log.wandb_mode": ("offline", "online"),
     "task.loss": ("auto", "ce", "bce"),
 }
@@ -200,18 +210,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 OPEN_CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
     "task.name": ("classification", "multilabel"),
-    "optim.name": ("sgd", "adam", "adamw", "adagrad"),
+    "optim.name": ("sgd", "adam", "adamw", "adagrad", "lamb", "lars", "lion"),
     "sched.name": ("cosine", "step", "constant"),
 }
 """Keys that take a built-in name (matched case-insensitively) or the import path of the user's
 builder (``my_pkg.module:build``), checked when it is imported."""
 
 POSITIVE = ("data.batch_size", "data.image_size", "data.ra_reps", "data.randaugment_ops", "train.epochs",
-            "train.grad_accum_steps", "optim.lr", "dist.timeout_s", "dist.step_timeout_s", "log.every_steps",
-            "ckpt.keep_last")
+            "train.grad_accum_steps", "train.ema_steps", "optim.lr", "dist.timeout_s", "dist.step_timeout_s",
+            "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_size", "data.val_crop_size",
                 "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
+                "sched.warmup_samples_min", "optim.lr_base_batch",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",
                 "ckpt.every_minutes", "train.ema_decay", "ckpt.max_requeues", "train.freeze_epochs",
                 "optim.head_lr_mult", "train.early_stop_patience", "train.early_stop_min_delta",

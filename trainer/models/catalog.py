@@ -87,11 +87,13 @@ def torchvision_options(name: str, image_size: int) -> dict[str, Any]:
     return {}
 
 
-def build_model(name: str, num_classes: int, image_size: int, init: str = "default") -> nn.Module:
+def build_model(name: str, num_classes: int, image_size: int, init: str = "default",
+                drop_path: float | None = None) -> nn.Module:
     """A freshly initialised classifier with ``num_classes`` outputs (no pretrained weights); a
-    torchvision model is checked to take ``image_size`` images and return a tensor of logits."""
+    torchvision model is checked to take ``image_size`` images and return a tensor of logits.
+    ``drop_path`` is the stochastic depth rate of a model that has one (None: the model's own default)."""
     key = resolve_name(name)
-    model = _construct(key, num_classes, image_size, pretrained_tag=None)
+    model = _construct(key, num_classes, image_size, pretrained_tag=None, drop_path=drop_path)
     if not (key in BUILTIN or key.startswith(TIMM_PREFIX) or user_code.is_import_path(key)):
         check_forward(model, key, image_size)
     initialise(model, init)
@@ -128,10 +130,11 @@ def build_for_training(config: Config, num_classes: int) -> nn.Module:
     cfg, image_size = config.model, config.data.image_size
     key, weights = resolve_name(cfg.name), cfg.weights
     if key.startswith(TIMM_PREFIX) and not is_file_spec(weights) and weights.lower() != "none":
-        model = _construct(key, num_classes, image_size, pretrained_tag=weights)  # timm replaces its head
+        model = _construct(key, num_classes, image_size, pretrained_tag=weights,  # timm replaces its head
+                           drop_path=cfg.drop_path)
         log.info("model.weights=%s: timm pretrained weights for %s", weights, key)
     else:
-        model = build_model(key, num_classes, image_size, cfg.init)
+        model = build_model(key, num_classes, image_size, cfg.init, cfg.drop_path)
         if weights.lower() != "none":
             log.info("%s", load_weights(model, _weight_tensors(key, weights), weights))
     if cfg.freeze == "backbone" and config.train.freeze_epochs == 0:
@@ -141,18 +144,25 @@ def build_for_training(config: Config, num_classes: int) -> nn.Module:
     return model
 
 
-def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str | None) -> nn.Module:
+def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str | None,
+               drop_path: float | None = None) -> nn.Module:
+    if drop_path is not None and (key in BUILTIN or user_code.is_import_path(key)):
+        raise ConfigError(f"model.drop_path: applies to torchvision and timm models, not {key}; "
+                          "leave it unset (null)")
     if key in BUILTIN:
         return BUILTIN[key](num_classes, image_size)
     if key.startswith(TIMM_PREFIX):
         import timm
 
         arch = key[len(TIMM_PREFIX):]
+        depth = {} if drop_path is None else {"drop_path_rate": drop_path}
         if pretrained_tag is None:
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+            return _with_drop_path(key, drop_path, lambda: timm.create_model(arch, pretrained=False,
+                                                                             num_classes=num_classes, **depth))
         full = arch if pretrained_tag.upper() == "DEFAULT" or "." in arch else f"{arch}.{pretrained_tag}"
         try:
-            return timm.create_model(full, pretrained=True, num_classes=num_classes)
+            return _with_drop_path(key, drop_path, lambda: timm.create_model(full, pretrained=True,
+                                                                             num_classes=num_classes, **depth))
         except (OSError, RuntimeError, ValueError) as exc:  # no network, unknown tag, no cached file
             raise ConfigError(f"model.weights: cannot get timm weights '{full}' ({first_line(exc)}); "
                               f"tags: {', '.join(_timm_tags(arch)) or 'none'}; offline, copy the Hugging "
@@ -161,11 +171,24 @@ def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str 
         return _call_user_builder(key, num_classes, image_size)
     from torchvision import models
 
+    depth = {} if drop_path is None else {"stochastic_depth_prob": drop_path}
     try:
-        return models.get_model(key, weights=None, num_classes=num_classes, **torchvision_options(key, image_size))
+        return _with_drop_path(key, drop_path, lambda: models.get_model(
+            key, weights=None, num_classes=num_classes, **torchvision_options(key, image_size), **depth))
     except (ValueError, AssertionError) as exc:  # e.g. a ViT size that is no multiple of its patch size
         raise ConfigError(f"model.name={key} cannot be built for data.image_size={image_size} "
                           f"({first_line(exc)}); choose another image size") from None
+
+
+def _with_drop_path(key: str, drop_path: float | None, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``; a model whose constructor takes no stochastic depth rate is named in the error."""
+    try:
+        return build()
+    except TypeError as exc:
+        if drop_path is None or "unexpected keyword" not in str(exc):
+            raise
+        raise ConfigError(f"model.drop_path: {key} has no stochastic depth ({first_line(exc)}); "
+                          "leave it unset (null)") from None
 
 
 def _call_user_builder(spec: str, num_classes: int, image_size: int) -> nn.Module:

@@ -24,6 +24,7 @@ from trainer.errors import CheckpointError
 from trainer.observe.console import log
 from trainer.parallel import distributed
 from trainer.parallel.distributed import DistEnv
+from trainer.train import optim
 
 
 class RunCheckpoints:
@@ -138,6 +139,11 @@ class RunCheckpoints:
                 self.cfg.optim.name, self.cfg.optim.decay_norm_and_bias):
             pieces = {name: piece for name, piece in pieces.items() if name != "optimizer"}
             changes.append("optimizer state not restored (another optimizer or parameter grouping)")
+        kept = (state.get("schedule") or {}).get("lr_batch")
+        now = optim.global_batch(self.cfg, self.env.world_size)
+        if kept is not None and kept != now and self.cfg.optim.lr_base_batch:
+            changes.append(f"{optim.PeakLr(self.cfg.optim, kept).describe()} kept from the start of the run "
+                           f"(global batch {now} now)")
         if folder is not None:
             state = self._read_shards(state, pieces, folder)
         checkpoint.restore(pieces, state, path)

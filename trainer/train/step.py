@@ -41,7 +41,8 @@ class TrainStep:
         self.net, self.model, self.optimizer, self.parallel, self.task = net, model, optimizer, parallel, task
         self.precision, self.device, self.cfg = precision, device, cfg
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
-        self.ema = ModelEma(net, cfg.ema_decay, ema_module) if cfg.ema_decay > 0 else None
+        self.ema = (ModelEma(net, cfg.ema_decay, cfg.ema_steps, cfg.ema_warmup, ema_module)
+                    if cfg.ema_decay > 0 else None)
         self.skipped_steps = 0  # non-finite gradients skipped (train.on_nonfinite_loss=skip)
         self.scaler_skips = torch.zeros((), dtype=torch.int32, device=device)  # read once per epoch
         self.window_has_data = False  # a micro-batch of this accumulation window was not a stand-in
@@ -129,14 +130,15 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update()
+            self.ema.step()
 
     def skipped(self) -> int:
         """Optimizer steps skipped so far: non-finite gradients and scaler overflows (reads the device)."""
         return self.skipped_steps + int(self.scaler_skips)
 
     def state_dict(self) -> dict[str, Any]:
-        ema = {"model": self.parallel.model_state(self.ema.module), "updates": self.ema.updates} if self.ema else None
+        ema = ({"model": self.parallel.model_state(self.ema.module), "updates": self.ema.updates,
+                "steps": self.ema.steps} if self.ema else None)
         return {"scaler": self.scaler.state_dict(), "ema": ema,
                 "skipped_steps": self.skipped_steps, "scaler_skips": int(self.scaler_skips),
                 "micro_batch": self.micro_batches.state_dict()}
@@ -149,6 +151,7 @@ class TrainStep:
         if self.ema is not None and state.get("ema") is not None:
             self.parallel.load_model_state(self.ema.module, state["ema"]["model"])
             self.ema.updates = int(state["ema"]["updates"])
+            self.ema.steps = int(state["ema"].get("steps", self.ema.updates))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.scaler_skips.fill_(int(state.get("scaler_skips", 0)))
         self.micro_batches.load_state_dict(state.get("micro_batch"))

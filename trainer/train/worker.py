@@ -65,10 +65,12 @@ class Worker:
         ema_module = self.parallel.spread_copy(ema_copy, self._blocks(ema_copy)) if ema_copy is not None else None
         fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
         head = models.head_parameter_names(self.net) if fine_tuning else set()
+        self.peak = optim.PeakLr(cfg.optim, optim.global_batch(cfg, env.world_size))  # a resume may keep another
         # After sharding: fully_shard replaces the parameters the optimizer must hold.
-        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head)
+        self.optimizer = optim.build_optimizer(self.net, cfg.optim, self.device, head, self.peak.value)
         frozen_epochs = cfg.train.freeze_epochs if cfg.model.freeze == "backbone" else 0
-        self.schedule = optim.Schedule(self.optimizer, cfg.sched, cfg.train.epochs, frozen_epochs)
+        self.schedule = optim.Schedule(self.optimizer, optim.with_warmup_floor(cfg.sched, self.inputs.sampler.size),
+                                       cfg.train.epochs, frozen_epochs, self.peak)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)
         training_stages = [RandomErasing(cfg.data.random_erase)] if cfg.data.random_erase > 0 else []
         if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:  # after erasing, as in torchvision's recipes
@@ -186,7 +188,7 @@ class Worker:
         cfg, env, epoch = self.cfg, self.env, self.position.epoch + 1
         record = epoch_record(epoch, self.record.global_step, train, val, val_ema, lr=self.schedule.lr(),
                               skipped_steps=self.step.skipped(),
-                              global_batch=cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps,
+                              global_batch=optim.global_batch(cfg, env.world_size),
                               **self.micro_batches.record(), **self.loop.peak_memory.read())
         peak = flops.peak_tflops(self.device, self.precision.name, cfg.train.tf32, cfg.log.peak_tflops)
         record.update(flops.throughput(self.flops_per_image, train["images_per_s"], peak, env.world_size))
@@ -228,7 +230,10 @@ class Worker:
                  models.resolve_name(cfg.model.name), f"{models.count_parameters(self.net):,}",
                  flops.short(self.flops_per_image), self.precision.name, self.task.name, len(self.classes),
                  self.inputs.sampler.size, len(self.inputs.val_loader.dataset), cfg.data.batch_size,
-                 cfg.data.batch_size * env.world_size * cfg.train.grad_accum_steps)
+                 optim.global_batch(cfg, env.world_size))
+        sched = self.schedule.cfg
+        log.info("%s | warmup %.3g epoch(s) from %g x peak, then %s to epoch %d", self.peak.describe(),
+                 min(sched.warmup_epochs, cfg.train.epochs), sched.warmup_start_factor, sched.name, cfg.train.epochs)
 
     def _held(self) -> str:
         """What each process holds of the model, e.g. ``fsdp: 21.3 MB of parameters and 21.3 MB of
