@@ -54,6 +54,12 @@ class Parallel:
         """Around a micro-batch's backward: reduce gradients only at the accumulation ``boundary``."""
         return nullcontext()
 
+    def on_reduction(self, handed_over: Callable[[], None]) -> bool:
+        """Call ``handed_over`` as each gradient bucket of this rank enters the reduction (after
+        :meth:`wrap`); whether this strategy can. Its last call in a step ends the rank's own work,
+        before it waits for its peers (see :mod:`trainer.observe.stragglers`)."""
+        return False
+
     def spread_copy(self, copy: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         """``copy`` (of the model, taken before :meth:`wrap`, with its own ``blocks``) spread as the
         model is, for an evaluation-only twin such as the EMA; here, as it is."""
@@ -107,6 +113,21 @@ class DataParallel(Parallel):
 
     def no_sync(self, boundary: bool) -> AbstractContextManager[Any]:
         return nullcontext() if boundary or self.ddp is None else self.ddp.no_sync()
+
+    def on_reduction(self, handed_over: Callable[[], None]) -> bool:
+        """A comm hook that calls ``handed_over``, then averages the bucket as DDP's built-in reduction
+        does (scaled by 1/world size first, then summed: the same bits as without the hook)."""
+        if self.ddp is None:
+            return False
+        scale = 1.0 / self.env.world_size
+
+        def reduce(group, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations, not strings
+            handed_over()
+            work = dist.all_reduce(bucket.buffer().mul_(scale), async_op=True)
+            return work.get_future().then(lambda done: done.value()[0])
+
+        self.ddp.register_comm_hook(None, reduce)
+        return True
 
     def agree_buffers(self, model: nn.Module) -> None:
         broadcast_buffers(model)
