@@ -139,18 +139,21 @@ def test_a_rank_is_named_after_two_intervals_in_a_row_over_the_ratio_and_cleared
     assert [pair.judge([1.0, 1.9])[1] for _ in range(2)] == [[], [1]]
 
 
-def test_own_time_leaves_out_the_wait_after_the_last_bucket_and_before_the_forward() -> None:
-    clock, net = OwnTime(torch.device("cpu")), nn.Linear(4, 4)
+class SlowLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)  # the rank's own compute
+        return super().forward(x)
+
+
+def test_own_time_leaves_out_the_waits_before_the_forward_and_after_the_last_gradient() -> None:
+    clock, net = OwnTime(torch.device("cpu")), SlowLinear(4, 4)
     clock.attach(net, compiled=False)
-    for boundary in (False, True):  # an accumulating micro-batch, then the one that reduces
+    for boundary in (False, True):  # an accumulating micro-batch, then the one that steps
         clock.waited(0.05)
         clock.micro_batch_starts()
         time.sleep(0.05)  # before the forward: DDP's buffer broadcast, which may wait for a peer
         net(torch.randn(2, 4)).sum().backward()
-        time.sleep(0.03)  # own work (an accumulating step has no reduction to end it)
-        if boundary:
-            clock.handed_over()
-            time.sleep(0.2)  # waiting for the peers in the all-reduce
+        time.sleep(0.2)  # after the last gradient: the all-reduce's wait for the peers, the optimizer step
         clock.micro_batch_ends(boundary)
     own, wait, compute = clock.take()  # one optimizer step
     assert wait == pytest.approx(0.1) and 0.06 <= compute < 0.15 and own == pytest.approx(wait + compute), compute

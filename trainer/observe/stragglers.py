@@ -37,12 +37,12 @@ class OwnTime:
     """This rank's data wait and compute per optimizer step, over the current reporting interval.
 
     Data wait is host time blocked on the loader (``next(loader)``): when it is long the rank's
-    device idles, whatever the device. Compute runs from the start of the model's forward pass
-    (:meth:`attach` hooks it, so DDP's buffer broadcast before it is not counted) to the moment
-    this rank hands its last gradient bucket to the all-reduce (:meth:`handed_over`, called by the
-    Parallel's reduction hook), or to the end of the micro-batch when no reduction runs in it
-    (accumulation). The wait for the peers in the all-reduce, and the optimizer step after it (the
-    same work on every rank), are left out. On CUDA the two ends are CUDA events, read once per
+    device idles, whatever the device. Compute runs from the start of the model's forward pass to
+    its last gradient: :meth:`attach` hooks both ends, so DDP's buffer broadcast before the forward
+    is not counted, nor is the wait for the peers in the gradient all-reduce (launched bucket by
+    bucket during the backward, waited for at its end), nor the optimizer step after it (the same
+    work on every rank). The last gradient is taken to be the first trainable parameter's, in
+    registration order: the backward reaches the model's first layer last. On CUDA the two ends are CUDA events, read once per
     interval, when the loss meter reads the device anyway: host timestamps would measure kernel
     launches, not the device's work. The device copy and normalisation before the forward count in
     neither (small, and on CUDA asynchronous).
@@ -54,16 +54,22 @@ class OwnTime:
         self.computes: list[float] = []  # per step, host clock (CPU)
         self._wait = self._compute = 0.0  # the step in progress
         self._start: float | None = None  # host clock: the micro-batch's forward began
-        self._end: float | None = None  # host clock: its last bucket went to the all-reduce
+        self._end: float | None = None  # host clock: its last gradient was computed
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: kept from interval to interval
         self._event_steps: list[int] = []  # CUDA: the step (index in the interval) of each pair used
         self._open = False  # CUDA: the next pair has its start recorded
         self._closed = False  # CUDA: ... and its end
 
     def attach(self, net: nn.Module, compiled: bool) -> None:
-        """Start the compute clock at ``net``'s forward pass (kept out of torch.compile's graphs)."""
-        hook = torch.compiler.disable(self._forward_starts) if compiled else self._forward_starts
-        net.register_forward_pre_hook(hook)
+        """Start the compute clock at ``net``'s forward pass and stop it at its last gradient (both
+        hooks kept out of torch.compile's graphs): one Python call each per micro-batch."""
+        def guard(hook: Any) -> Any:
+            return torch.compiler.disable(hook) if compiled else hook
+
+        net.register_forward_pre_hook(guard(self._forward_starts))
+        first = next((param for param in net.parameters() if param.requires_grad), None)
+        if first is not None:
+            first.register_post_accumulate_grad_hook(guard(self._last_gradient))
 
     def waited(self, seconds: float) -> None:
         """The loader kept this rank waiting ``seconds`` for a micro-batch."""
@@ -84,12 +90,12 @@ class OwnTime:
         self._events[len(self._event_steps)][0].record()
         self._open = True
 
-    def handed_over(self) -> None:
-        """A gradient bucket went to the all-reduce; the last one of a step ends its compute."""
+    def _last_gradient(self, param: torch.Tensor) -> None:
+        """The backward is done on this rank: what follows is the wait for the all-reduce."""
         if not self.cuda:
             self._end = time.perf_counter()
         elif self._open:
-            self._events[len(self._event_steps)][1].record()  # a later bucket records the same event again
+            self._events[len(self._event_steps)][1].record()
             self._closed = True
 
     def micro_batch_ends(self, optimizer_step: bool) -> None:

@@ -36,6 +36,10 @@ class Parallel:
     collective_forward = False
     """Whether a forward pass is a collective (sharded: it gathers parameters), so that every rank
     must run as many, evaluation included."""
+    waits_outside_compute = False
+    """Whether a rank waits for its peers only before its forward pass (DDP's buffer broadcast) and
+    after its last gradient (the all-reduce it overlapped), so that its own compute can be timed
+    in between (trainer/observe/stragglers.py). Sharded strategies gather and reduce inside both."""
 
     def __init__(self, env: DistEnv, compile_model: bool = False) -> None:
         self.env, self.compile_model = env, compile_model
@@ -53,12 +57,6 @@ class Parallel:
     def no_sync(self, boundary: bool) -> AbstractContextManager[Any]:
         """Around a micro-batch's backward: reduce gradients only at the accumulation ``boundary``."""
         return nullcontext()
-
-    def on_reduction(self, handed_over: Callable[[], None]) -> bool:
-        """Call ``handed_over`` as each gradient bucket of this rank enters the reduction (after
-        :meth:`wrap`); whether this strategy can. Its last call in a step ends the rank's own work,
-        before it waits for its peers (see :mod:`trainer.observe.stragglers`)."""
-        return False
 
     def spread_copy(self, copy: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         """``copy`` (of the model, taken before :meth:`wrap`, with its own ``blocks``) spread as the
@@ -99,6 +97,7 @@ class DataParallel(Parallel):
     """DistributedDataParallel: every rank holds the whole model and averages gradients."""
 
     lockstep = True
+    waits_outside_compute = True
 
     def __init__(self, env: DistEnv, compile_model: bool = False, find_unused_parameters: bool = False) -> None:
         super().__init__(env, compile_model)
@@ -113,21 +112,6 @@ class DataParallel(Parallel):
 
     def no_sync(self, boundary: bool) -> AbstractContextManager[Any]:
         return nullcontext() if boundary or self.ddp is None else self.ddp.no_sync()
-
-    def on_reduction(self, handed_over: Callable[[], None]) -> bool:
-        """A comm hook that calls ``handed_over``, then averages the bucket as DDP's built-in reduction
-        does (scaled by 1/world size first, then summed: the same bits as without the hook)."""
-        if self.ddp is None:
-            return False
-        scale = 1.0 / self.env.world_size
-
-        def reduce(group, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations, not strings
-            handed_over()
-            work = dist.all_reduce(bucket.buffer().mul_(scale), async_op=True)
-            return work.get_future().then(lambda done: done.value()[0])
-
-        self.ddp.register_comm_hook(None, reduce)
-        return True
 
     def agree_buffers(self, model: nn.Module) -> None:
         broadcast_buffers(model)

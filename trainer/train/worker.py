@@ -103,12 +103,12 @@ class Worker:
         cfg, env = self.cfg, self.env
         if cfg.log.straggler_ratio == 0 or not env.is_distributed or env.world_size < 2:
             return None
-        clock = OwnTime(self.device)
-        if not self.parallel.on_reduction(clock.handed_over):
+        if not self.parallel.waits_outside_compute:
             log.info("log.straggler_ratio: no rank is named under dist.strategy=%s: its forward and backward "
                      "gather and reduce across ranks, so every rank's compute holds the slowest one's",
                      cfg.dist.strategy)
             return None
+        clock = OwnTime(self.device)
         clock.attach(self.net, cfg.model.compile)
         return StragglerWatch(env, cfg.log.straggler_ratio, clock)
 
