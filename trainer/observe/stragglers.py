@@ -42,10 +42,10 @@ class OwnTime:
     is not counted, nor is the wait for the peers in the gradient all-reduce (launched bucket by
     bucket during the backward, waited for at its end), nor the optimizer step after it (the same
     work on every rank). The last gradient is taken to be the first trainable parameter's, in
-    registration order: the backward reaches the model's first layer last. On CUDA the two ends are CUDA events, read once per
-    interval, when the loss meter reads the device anyway: host timestamps would measure kernel
-    launches, not the device's work. The device copy and normalisation before the forward count in
-    neither (small, and on CUDA asynchronous).
+    registration order: the backward reaches the model's first layer last. On CUDA the two ends
+    are CUDA events, read once per interval, when the loss meter reads the device anyway: host
+    timestamps would measure kernel launches, not the device's work. The device copy and
+    normalisation before the forward count in neither (small, and on CUDA asynchronous).
     """
 
     def __init__(self, device: torch.device) -> None:
