@@ -140,6 +140,7 @@ def test_wrong_type_in_yaml_file_names_key_type_and_file(tmp_path: Path) -> None
     ("optim.lr=-0.1", "optim.lr: must be > 0"),
     ("data.batch_size=0", "data.batch_size: must be > 0"),
     ("optim.weight_decay=-1", "optim.weight_decay: must be >= 0"),
+    ("log.straggler_ratio=1", "log.straggler_ratio: must be > 1"),
 ])
 def test_out_of_range_values_are_rejected(override: str, expected: str) -> None:
     assert load_error([override]).startswith(expected)

@@ -149,6 +149,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.root: required for data.source={cfg.data.source}, e.g. data.root=/data/{cfg.data.source}")
     if not cfg.log.name or "/" in cfg.log.name:
         raise ConfigError(f"log.name: {cfg.log.name!r} must be a non-empty folder name without '/'")
+    if cfg.log.straggler_ratio != 0 and not cfg.log.straggler_ratio > 1:
+        raise ConfigError(f"log.straggler_ratio: must be > 1, e.g. 1.3 (0: off), got {cfg.log.straggler_ratio}")
     cfg.log.trackers = _validate_trackers(cfg.log.trackers)
     profile_range(cfg.log.profile_steps)
     _validate_sharding(cfg)

@@ -164,6 +164,7 @@ class LogConfig:
     graph: bool = False
     profile_steps: str = ""
     peak_tflops: float = 0.0
+    straggler_ratio: float = 1.3  # name a rank whose own time per step exceeds the median rank's by this (0: off)
 
 
 @dataclass

@@ -39,6 +39,10 @@ class Parallel:
     sharded_state = False
     """Whether the state methods give each rank's shards (``ckpt.format=dcp``) instead of the whole
     state; only a sharding strategy has shards to give."""
+    waits_outside_compute = False
+    """Whether a rank waits for its peers only before its forward pass (DDP's buffer broadcast) and
+    after its last gradient (the all-reduce it overlapped), so that its own compute can be timed
+    in between (trainer/observe/stragglers.py). Sharded strategies gather and reduce inside both."""
 
     def __init__(self, env: DistEnv, compile_model: bool = False) -> None:
         self.env, self.compile_model = env, compile_model
@@ -96,6 +100,7 @@ class DataParallel(Parallel):
     """DistributedDataParallel: every rank holds the whole model and averages gradients."""
 
     lockstep = True
+    waits_outside_compute = True
 
     def __init__(self, env: DistEnv, compile_model: bool = False, find_unused_parameters: bool = False) -> None:
         super().__init__(env, compile_model)

@@ -19,6 +19,7 @@ from trainer.observe.console import ProgressBar, log
 from trainer.observe.memory import PeakMemory
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
+from trainer.observe.stragglers import StragglerWatch
 from trainer.parallel import hangs
 from trainer.parallel.distributed import DistEnv
 from trainer.train.inputs import Inputs
@@ -36,10 +37,10 @@ class EpochLoop:
 
     def __init__(self, cfg: Config, env: DistEnv, inputs: Inputs, stages: DeviceStages, step: TrainStep,
                  schedule: Schedule, record: RunRecord, policy: StopPolicy, sinks: MetricSinks,
-                 profiler: StepProfiler, save: Callable[[], None]) -> None:
+                 profiler: StepProfiler, save: Callable[[], None], stragglers: StragglerWatch | None = None) -> None:
         self.cfg, self.env, self.inputs, self.stages, self.step = cfg, env, inputs, stages, step
         self.schedule, self.record, self.policy, self.sinks, self.profiler = schedule, record, policy, sinks, profiler
-        self.save = save
+        self.save, self.stragglers = save, stragglers
         self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory = PeakMemory(env.device)
         self.skipped_samples = 0
@@ -74,12 +75,17 @@ class EpochLoop:
         started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
         window_start = position.consumed  # where the current accumulation window began
         batches = iter(self.inputs.train_loader)
+        own_time = self.stragglers.clock if self.stragglers is not None else None
         for index, global_size in enumerate(global_batches):
             self.profiler.update(self.record.global_step)
             hangs.TRAIL.at("data", self.record.global_step + 1)
             wait_start = time.perf_counter()
             batch = next(batches)
-            waited += time.perf_counter() - wait_start
+            wait = time.perf_counter() - wait_start
+            waited += wait
+            if own_time is not None:
+                own_time.waited(wait)
+                own_time.micro_batch_starts()
             hangs.TRAIL.at("step", self.record.global_step + 1)
             self.skipped_samples += batch.skipped
             if index % accum == 0:
@@ -93,6 +99,8 @@ class EpochLoop:
                 done = position.epochs_done(sampler.size)
                 self.schedule.set_window(position.epoch + window_start / sampler.size, done)
             loss = self._train_step(images, targets, window, boundary, stand_in)
+            if own_time is not None:
+                own_time.micro_batch_ends(boundary)
             if not stand_in:
                 self.meter.update(loss, targets.shape[0], self.record.global_step)
             bar.update()
@@ -100,8 +108,10 @@ class EpochLoop:
                 self.flush_meter(position.epoch)
                 running = self.meter.mean_loss()
                 bar.set_postfix(loss=f"{running:.4f}")
-                self.sinks.scalars({"train/loss_running": running, "train/lr": self.schedule.lr()},
-                                   self.record.global_step)
+                scalars = {"train/loss_running": running, "train/lr": self.schedule.lr()}
+                if self.stragglers is not None:  # a collective, after the meter's read of the device
+                    scalars.update(self.stragglers.report(self.record.global_step))
+                self.sinks.scalars(scalars, self.record.global_step)
             if boundary and index + 1 < len(global_batches):
                 hangs.TRAIL.at("agreement", self.record.global_step)
                 stop, save = self.policy.poll(self.record.global_step)

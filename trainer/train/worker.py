@@ -21,6 +21,7 @@ from trainer.observe.console import log
 from trainer.observe.memory import model_memory_mb
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
+from trainer.observe.stragglers import OwnTime, StragglerWatch
 from trainer.observe.visuals import RunVisuals
 from trainer.parallel import distributed, hangs, strategy
 from trainer.parallel.distributed import DistEnv, LaggedAgreement
@@ -94,7 +95,7 @@ class Worker:
         self.profiler = StepProfiler(profile_range(cfg.log.profile_steps), env.rank, self.device, run_dir,
                                      quiesce=self.agreement.quiesce)
         self.loop = EpochLoop(cfg, env, self.inputs, self.stages, self.step, self.schedule, self.record, self.policy,
-                              self.sinks, self.profiler, self.save_checkpoint)
+                              self.sinks, self.profiler, self.save_checkpoint, self._straggler_watch())
 
     def _distribute(self, net: torch.nn.Module) -> torch.nn.Module:
         """The model as the step runs it: blocks checkpointed, then spread over the ranks."""
@@ -115,6 +116,20 @@ class Worker:
                         "cut into smaller micro-batches, its batch statistics come from fewer samples")
         choice.read_note()
         return choice
+
+    def _straggler_watch(self) -> StragglerWatch | None:
+        """Each rank's own time per step, compared every ``log.every_steps`` (``log.straggler_ratio``)."""
+        cfg, env = self.cfg, self.env
+        if cfg.log.straggler_ratio == 0 or not env.is_distributed or env.world_size < 2:
+            return None
+        if not self.parallel.waits_outside_compute:
+            log.info("log.straggler_ratio: no rank is named under dist.strategy=%s: its forward and backward "
+                     "gather and reduce across ranks, so every rank's compute holds the slowest one's",
+                     cfg.dist.strategy)
+            return None
+        clock = OwnTime(self.device)
+        clock.attach(self.net, cfg.model.compile)
+        return StragglerWatch(env, cfg.log.straggler_ratio, clock)
 
     def _blocks(self, net: torch.nn.Module) -> list[torch.nn.Module]:
         """The units a sharded strategy spreads ``net`` by (none for the others)."""
