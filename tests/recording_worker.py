@@ -92,7 +92,22 @@ def scalars_then_kill(self, values: dict, step: int) -> None:  # type: ignore[no
             sink.calls.put(("run_id", ()))
         while not all(sink.calls.empty() for sink in threaded):
             time.sleep(0.01)
+        wait_for_wandb_run_record(threaded)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for_wandb_run_record(threaded: list) -> None:  # type: ignore[type-arg]
+    """wandb's service writes the run record of an offline run on its own time (seconds later on a
+    busy machine); a kill before it would leave a folder that names no run. Wait for it (30 s at most)."""
+    for sink in threaded:
+        if sink.name != "wandb" or (run_id := sink.run_id()) is None:
+            continue
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            files = list(Path(sink.inner.run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+            if files and run_id.encode() in files[0].read_bytes():
+                return
+            time.sleep(0.1)
 
 
 loaders.SeededTransformDataset.__getitem__ = recording_getitem  # type: ignore[method-assign]

@@ -98,17 +98,24 @@ def _run(argv: list[str] | None) -> int:
             traceback.print_exc()
         if topology.rank == 0 or not isinstance(exc, ConfigError):
             prefix = "error" if topology.rank == 0 else f"error [rank {topology.rank}]"
-            print(f"{prefix}: {one_line(exc)}", file=sys.stderr)
+            _error_line(f"{prefix}: {one_line(exc)}")
         return EXIT_USER_ERROR
     except Exception as exc:
         if env is None or not env.is_distributed or not peers.is_peer_failure(exc) or debug:
             raise
         if watchdog is not None and (verdict := _hang_verdict(watchdog, exc)) is not None:
-            print(f"error [rank {topology.rank}]: {verdict}", file=sys.stderr, flush=True)
+            _error_line(f"error [rank {topology.rank}]: {verdict}")
             hangs.tell_torchrun(verdict)
             return EXIT_HANG
-        print(f"error [rank {topology.rank}]: {peers.describe(env, exc)}", file=sys.stderr)
+        _error_line(f"error [rank {topology.rank}]: {peers.describe(env, exc)}")
         return EXIT_FAILURE
+
+
+def _error_line(line: str) -> None:
+    """``line`` on stderr in one write: the ranks of a job share the stream, and ``print`` writes
+    the newline apart, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _hang_verdict(watchdog: hangs.Watchdog, exc: BaseException) -> str | None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from trainer.errors import EXIT_HANG
 from trainer.parallel.distributed import DistEnv
 
-REPORT_WAIT_S = 8.0
+REPORT_WAIT_S = 10.0
 """How long the rank that timed out waits for the others' reports (a watchdog looks every second,
 then gives its loader workers a second to write their stacks)."""
 WORKER_SIGNAL = signal.SIGRTMIN + 2
@@ -160,8 +160,8 @@ class Watchdog:
         deadline = time.monotonic() + REPORT_WAIT_S + 10
         while time.monotonic() < deadline:
             if self.store.check(["hang/verdict"]):
-                print(f"error [rank {self.env.rank}]: {self.store.get('hang/verdict').decode()}",
-                      file=sys.stderr, flush=True)
+                sys.stderr.write(f"error [rank {self.env.rank}]: {self.store.get('hang/verdict').decode()}\n")
+                sys.stderr.flush()
                 break
             time.sleep(0.2)
         for pid in _loader_workers():
