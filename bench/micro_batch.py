@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from trainer import config
-from trainer.parallel import distributed, strategy
+from trainer.parallel import choice, distributed
 from trainer.tasks.classification import Classification
 from trainer.train import precision
 from trainer.train.micro_batch import MicroBatchChoice
@@ -44,7 +44,7 @@ def step_cost(env: distributed.DistEnv, steps: int, rounds: int) -> dict[str, fl
     cfg = config.load(overrides=["dist.device=cpu"])
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
-    parallel = strategy.build(env, cfg.dist, False, "fp32")
+    parallel = choice.build(env, cfg.dist, False, "fp32")
     model = parallel.wrap(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     step = TrainStep(net, model, optimizer, parallel, Classification(), precision.resolve("fp32", env.device),

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import DistConfig
 from trainer.parallel.distributed import DistEnv
 
 
@@ -124,16 +123,3 @@ def broadcast_buffers(model: nn.Module) -> None:
     """Rank 0's buffers on every rank."""
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-
-
-def build(env: DistEnv, cfg: DistConfig, compile_model: bool, precision: str) -> Parallel:
-    """``cfg.strategy`` when there is a process group, else the model as it is (one process
-    holds it all whatever the strategy)."""
-    if not env.is_distributed:
-        return Parallel(env, compile_model)
-    if cfg.strategy == "ddp":
-        return DataParallel(env, compile_model, cfg.find_unused_parameters)
-    from trainer.parallel.sharded import FullyShardedParallel
-
-    shard_size = (cfg.hsdp_shard_size or env.topology.local_world_size) if cfg.strategy == "hsdp" else None
-    return FullyShardedParallel(env, precision, cfg.reshard_after_forward, shard_size)

@@ -23,7 +23,7 @@ from trainer.observe.profiling import StepProfiler
 from trainer.observe.sinks import MetricSinks
 from trainer.observe.stragglers import OwnTime, StragglerWatch
 from trainer.observe.visuals import RunVisuals
-from trainer.parallel import distributed, hangs, strategy
+from trainer.parallel import choice, distributed, hangs
 from trainer.parallel.distributed import DistEnv, LaggedAgreement
 from trainer.parallel.seeding import RankRng, rank_seed, seed_everything
 from trainer.parallel.signals import StopRequest
@@ -60,7 +60,7 @@ class Worker:
         # Counted on the meta device before any hook or sharding touches the model.
         self.flops_per_image = (flops.training_flops_per_image(self.net, train_crop_size(cfg.data))
                                 if env.is_main else None)
-        self.parallel = strategy.build(env, cfg.dist, cfg.model.compile, self.precision.name)
+        self.parallel = choice.build(env, cfg.dist, cfg.model.compile, self.precision.name)
         ema_copy = copy.deepcopy(self.net) if cfg.train.ema_decay > 0 else None  # before hooks and shards
         self.model = self._distribute(self.net)
         ema_module = self.parallel.spread_copy(ema_copy, self._blocks(ema_copy)) if ema_copy is not None else None
