@@ -92,9 +92,10 @@ def test_sharded_runs_train_the_same_weights_as_ddp(runs: Path, pair: tuple[str,
         assert_close_weights(ddp["step"]["ema"]["model"], fsdp["step"]["ema"]["model"])
         assert ddp["history"][-1]["val_ema/top1"] == fsdp["history"][-1]["val_ema/top1"]
     # the optimizer state is saved in one format whatever the strategy: any run resumes under the other
+    # (momentum sums every step's gradients, and with them every step's rounding: a looser bound)
     assert ddp["optimizer"]["state"].keys() == fsdp["optimizer"]["state"].keys()
     assert_close_weights({str(i): s["momentum_buffer"] for i, s in ddp["optimizer"]["state"].items()},
-                         {str(i): s["momentum_buffer"] for i, s in fsdp["optimizer"]["state"].items()}, rel=1e-4)
+                         {str(i): s["momentum_buffer"] for i, s in fsdp["optimizer"]["state"].items()}, rel=1e-3)
 
 
 def memory(tmp: Path, name: str) -> float:
