@@ -223,16 +223,56 @@ def _turned_off(name: str, method: str, detail: str) -> None:
     log.warning("%s is off for the rest of this run: %s failed (%s); training goes on", name, method, detail[:300])
 
 
-class GuardedSink(Sink):
+class ForwardingSink(Sink):
+    """A wrapper that hands every call of the sink API to ``inner`` through :meth:`_forward`, which
+    says how (guarded on the caller's thread, or queued to a thread of its own). Mutable arguments
+    are copied: the caller may change them once the call returns."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner, self.name = inner, inner.name
+        self.failed = False
+
+    def _forward(self, method: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
+        self._forward("open", config, config_yaml, resume_id, step)
+
+    def run_id(self) -> str | None:
+        return self.inner.run_id()  # chosen before the run opens: no waiting
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self._forward("scalars", dict(values), step)
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        self._forward("epoch", dict(record), step)
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        self._forward("image", tag, image, step)
+
+    def table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self._forward("table", tag, columns, rows, step)
+
+    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
+        self._forward("histogram", tag, histogram, step)
+
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        self._forward("graph", model, example)
+
+    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        self._forward("finish", dict(hparams), dict(final))
+
+
+class GuardedSink(ForwardingSink):
     """Runs a local sink's calls on the caller's thread; the first failed write (an OSError: a
     full or read-only disk) turns it off with one warning naming the disk, as :class:`BackgroundSink`
     does for any error of the sinks it runs."""
 
     def __init__(self, inner: Sink, folder: Path) -> None:
-        self.inner, self.name, self.folder = inner, inner.name, folder
-        self.failed = False
+        super().__init__(inner)
+        self.folder = folder
 
-    def _call(self, method: str, *args: Any) -> None:
+    def _forward(self, method: str, *args: Any) -> None:
         if self.failed:
             return
         try:
@@ -241,51 +281,23 @@ class GuardedSink(Sink):
             self.failed = True
             _turned_off(self.name, method, disk_problem(exc, self.folder))
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
-        self._call("open", config, config_yaml, resume_id, step)
-
-    def run_id(self) -> str | None:
-        return self.inner.run_id()
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        self._call("scalars", values, step)
-
-    def epoch(self, record: dict[str, Any], step: int) -> None:
-        self._call("epoch", record, step)
-
-    def image(self, tag: str, image: Image.Image, step: int) -> None:
-        self._call("image", tag, image, step)
-
-    def table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        self._call("table", tag, columns, rows, step)
-
-    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
-        self._call("histogram", tag, histogram, step)
-
-    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        self._call("graph", model, example)
-
-    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        self._call("finish", hparams, final)
-
     def close(self) -> None:
         if self.failed:  # release its files; what it would still write has nowhere to go
             with suppress(OSError):
                 self.inner.close()
         else:
-            self._call("close")
+            self._forward("close")
 
 
-class BackgroundSink(Sink):
+class BackgroundSink(ForwardingSink):
     """Runs another sink's calls, in order, on a thread of its own.
 
     The first exception turns the sink off with one warning; the calls still queued are dropped.
     """
 
     def __init__(self, inner: Sink) -> None:
-        self.inner, self.name = inner, inner.name
+        super().__init__(inner)
         self.calls: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self.failed = False
         self.thread = threading.Thread(target=self._serve, name=f"sink-{inner.name}", daemon=True)
         self.thread.start()
 
@@ -301,33 +313,12 @@ class BackgroundSink(Sink):
                     self.failed = True
                     _turned_off(self.name, method, " ".join(str(exc).split()) or type(exc).__name__)
 
-    def _submit(self, method: str, *args: Any) -> None:
+    def _forward(self, method: str, *args: Any) -> None:
         if not self.failed:
             self.calls.put((method, args))
 
-    def open(self, config: dict[str, Any], config_yaml: str, resume_id: str | None, step: int) -> None:
-        self._submit("open", config, config_yaml, resume_id, step)
-
-    def run_id(self) -> str | None:
-        return self.inner.run_id()  # chosen before the thread opens the run: no waiting
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        self._submit("scalars", dict(values), step)
-
-    def epoch(self, record: dict[str, Any], step: int) -> None:
-        self._submit("epoch", dict(record), step)
-
-    def image(self, tag: str, image: Image.Image, step: int) -> None:
-        self._submit("image", tag, image, step)
-
-    def table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        self._submit("table", tag, columns, rows, step)
-
-    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
-        self._submit("histogram", tag, histogram, step)
-
-    def finish(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        self._submit("finish", dict(hparams), dict(final))
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """Not forwarded: tracing on another thread would race the training that uses the model."""
 
     def close(self) -> None:
         self.calls.put(("close", ()))

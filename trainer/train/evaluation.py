@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer.data.stages import DeviceStages
-from trainer.errors import OutOfMemory
+from trainer.errors import DataError, OutOfMemory
 from trainer.parallel.strategy import Parallel
 from trainer.tasks.base import Task
 from trainer.train.micro_batch import MicroBatches
@@ -143,5 +143,7 @@ def _image_shape(loader: DataLoader) -> torch.Size:
     """The shape of one validation image (for a rank that evaluated none)."""
     sample = loader.dataset[(0, 0)]
     if sample is None:
-        raise RuntimeError("the first validation sample is unreadable and this rank has no other")
+        raise DataError("this rank has no readable validation sample, and the first one (index 0) cannot be "
+                        "read to size the blank forwards that keep the ranks in step: fix that sample or "
+                        "validate on fewer processes")
     return sample[0].shape
