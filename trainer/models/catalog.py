@@ -255,9 +255,9 @@ def sketch(cfg: ModelConfig, image_size: int) -> nn.Module | None:
     take is refused here. None for the user's builders (their code may not expect meta tensors) and
     for models that cannot be built on meta: their real build reports any problem."""
     key = resolve_name(cfg.name)
-    if cfg.drop_path is not None and (key in BUILTIN or user_code.is_import_path(key)):
-        _construct(key, 2, image_size, pretrained_tag=None, drop_path=cfg.drop_path)  # refuses
     if user_code.is_import_path(key):
+        if cfg.drop_path is not None:  # refused by its name, before the user's code is called
+            _construct(key, 2, image_size, pretrained_tag=None, drop_path=cfg.drop_path)
         return None
     try:
         with torch.device("meta"):
