@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import small_run
+from helpers import run, small_run
 from test_tasks import in_process_worker
 
 from trainer import config, models
@@ -47,6 +47,9 @@ def test_without_timm_the_optimizer_is_refused_in_one_line(monkeypatch: pytest.M
     with pytest.raises(ConfigError, match=r"^optim.name=lion: timm is not installed; pip install "
                                           r"'torch-launchpad\[timm\]'$"):
         optim.build_optimizer(torch.nn.Linear(2, 1), OptimConfig(name="lion"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^optim.name=lamb: timm is not installed"):  # at start-up
+        optim.check_available(OptimConfig(name="lamb"))
+    optim.check_available(OptimConfig(name="sgd"))
 
 
 def test_a_run_with_lamb_trains_at_the_square_root_scaled_rate(tmp_path: Path) -> None:
@@ -99,3 +102,19 @@ def test_layer_decay_gives_each_vit_block_its_rate(name: str) -> None:
     assert optimizer.param_groups[0]["lr"] == 1.0  # the logged rate is the full one
     with pytest.raises(ConfigError, match="optim.layer_decay: the model has no ViT blocks"):
         optim.build_optimizer(torch.nn.Linear(2, 1), cfg.optim, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["model.name=resnet50", "model.drop_path=0.05"],
+     "error: model.drop_path: resnet50 has no stochastic depth (ResNet.__init__() got an unexpected keyword "
+     "argument 'stochastic_depth_prob'); leave it unset (null)"),
+    (["model.name=resnet18", "optim.layer_decay=0.65"],
+     "error: optim.layer_decay: the model has no ViT blocks (timm's blocks.<i>, torchvision's "
+     "encoder.layers.encoder_layer_<i>); set optim.layer_decay=1"),
+])
+def test_model_options_the_model_cannot_take_are_refused_before_any_work(tmp_path: Path, options: list[str],
+                                                                         message: str) -> None:
+    """Found on the model built on the meta device at start-up: no data read, no run directory made."""
+    done = run(small_run(tmp_path, *options, f"data.root={tmp_path / 'nowhere'}", "data.source=imagefolder"))
+    assert (done.returncode, done.stderr.strip()) == (2, message)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

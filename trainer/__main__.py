@@ -66,6 +66,7 @@ def _run(argv: list[str] | None) -> int:
         models.resolve_name(cfg.model.name)
         sources.check_source(cfg.data.source)
         models.check_weights(cfg.model)
+        _check_model_and_optimizer(cfg)
         env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
         log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
@@ -109,6 +110,20 @@ def _run(argv: list[str] | None) -> int:
             return EXIT_HANG
         _error_line(f"error [rank {topology.rank}]: {peers.describe(env, exc)}")
         return EXIT_FAILURE
+
+
+def _check_model_and_optimizer(cfg: config.Config) -> None:
+    """What the model and the optimizer would refuse when they are built, found before the process
+    group, the data and the run directory: a timm optimizer without timm, a ``model.drop_path``
+    the model does not take, ``optim.layer_decay`` for a model without ViT blocks."""
+    from trainer.train import optim
+
+    optim.check_available(cfg.optim)
+    if cfg.model.drop_path is None and cfg.optim.layer_decay == 1:
+        return
+    shape = models.sketch(cfg.model, cfg.data.image_size)
+    if shape is not None and cfg.optim.layer_decay < 1:
+        optim.layer_scales(shape, cfg.optim.layer_decay)
 
 
 def _error_line(line: str) -> None:

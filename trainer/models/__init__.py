@@ -4,10 +4,10 @@ below are the package's public face."""
 
 from trainer.models.blocks import checkpoint_activations, find_blocks
 from trainer.models.catalog import (available, build_for_training, build_model, check_weights, implied_settings,
-                                    resolve_name)
+                                    resolve_name, sketch)
 from trainer.models.modules import (count_parameters, evaluation_mode, head_parameter_names, initialise,
                                     memory_format, unwrap)
 
 __all__ = ["available", "build_for_training", "build_model", "check_weights", "checkpoint_activations",
            "count_parameters", "evaluation_mode", "find_blocks", "head_parameter_names", "implied_settings",
-           "initialise", "memory_format", "resolve_name", "unwrap"]
+           "initialise", "memory_format", "resolve_name", "sketch", "unwrap"]

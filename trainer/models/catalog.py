@@ -249,6 +249,25 @@ def _torchvision_weights(key: str, weights: str) -> Any:
     return enum[match] if match != "DEFAULT" else enum.DEFAULT
 
 
+def sketch(cfg: ModelConfig, image_size: int) -> nn.Module | None:
+    """The configured architecture built on the meta device (no memory, no weights read), so that
+    options which depend on it are checked before any work; a ``model.drop_path`` the model does not
+    take is refused here. None for the user's builders (their code may not expect meta tensors) and
+    for models that cannot be built on meta: their real build reports any problem."""
+    key = resolve_name(cfg.name)
+    if user_code.is_import_path(key):
+        if cfg.drop_path is not None:  # refused by its name, before the user's code is called
+            _construct(key, 2, image_size, pretrained_tag=None, drop_path=cfg.drop_path)
+        return None
+    try:
+        with torch.device("meta"):
+            return _construct(key, 2, image_size, pretrained_tag=None, drop_path=cfg.drop_path)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. a constructor reading a value off a tensor (.tolist() on meta)
+        return None
+
+
 def check_weights(cfg: ModelConfig) -> None:
     """Before any work: the weights file ``model.weights`` names exists (torchvision's is
     downloaded into ``$TORCH_HOME`` now if it can be), else a ConfigError."""

@@ -4,6 +4,7 @@ cosine, step or constant), by progress."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from typing import Callable, Collection
@@ -22,6 +23,12 @@ ADAPTIVE = ("adam", "adamw", "adagrad", "lamb")
 """Optimizers whose rate follows the square root of the batch under ``optim.lr_scaling=auto`` (as timm's)."""
 FROM_TIMM = ("lamb", "lars", "lion")
 """Built-in names that torch has no optimizer for: timm.optim's (an optional dependency)."""
+
+
+def check_available(cfg: OptimConfig) -> None:
+    """Before any work: timm's optimizers need timm installed (looked up, not imported)."""
+    if cfg.name in FROM_TIMM and importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"optim.name={cfg.name}: {TIMM_MISSING}")
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
