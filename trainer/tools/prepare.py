@@ -214,8 +214,9 @@ def _write_split(folder: Path, split: str, dataset: IndexedImageFolder, num_clas
     with open(folder / shards.samples_name(split), "wb") as file:
         np.save(file, table, allow_pickle=False)
     per_class = np.bincount(table["target"], minlength=num_classes).tolist()
-    say(f"{split}: {len(table)} images in {len(shard_list)} shards ({sum(s['filesize'] for s in shard_list) / 2**20:.1f}"
-        f" MiB) in {time.monotonic() - started:.1f} s" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    mib = sum(s["filesize"] for s in shard_list) / 2**20
+    say(f"{split}: {len(table)} images in {len(shard_list)} shards ({mib:.1f} MiB) in "
+        f"{time.monotonic() - started:.1f} s" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
     return {"per_class": per_class, "skipped": skipped}
 
 
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
     parser.add_argument("--cache-dir", default=config.DataConfig.cache_dir, help="where the source's index is kept")
     parser.add_argument("--verify", action="store_true",
-                        help="only check DST: every shard's SHA-256 and every sample (python -m trainer.prepare --verify DST)")
+                        help="only check DST: every shard's SHA-256 and every sample (--verify DST)")
     args = parser.parse_args(argv)
     try:
         if args.verify:
@@ -325,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.src is None or args.short_side is None:
             raise UserError("give SRC, DST and --short-side N, e.g. python -m trainer.prepare /data/imagenet "
                             "/data/imagenet-256 --short-side 256")
-        for name, value, low, high in (("--short-side", args.short_side, 1, None), ("--quality", args.quality, 1, 95),
-                                       ("--shard-size-mb", args.shard_size_mb, 1, None), ("--workers", args.workers, 1, None)):
+        limits = (("--short-side", args.short_side, 1, None), ("--quality", args.quality, 1, 95),
+                  ("--shard-size-mb", args.shard_size_mb, 1, None), ("--workers", args.workers, 1, None))
+        for name, value, low, high in limits:
             if value < low or (high is not None and value > high):
                 raise UserError(f"{name}: must be in [{low}, {high or 'any'}], got {value}")
         options = Options(args.short_side, args.quality, args.shard_size_mb * 2**20, args.workers, args.skip_bad,
