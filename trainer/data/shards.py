@@ -42,7 +42,30 @@ SPLITS = ("train", "val")
 HEADER = tarfile.BLOCKSIZE
 """Every member has one 512-byte ustar header (keys are short: no long-name extension)."""
 SAMPLE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("target", "<i4")])
-"""One row of ``<split>.samples.npy``; ``offset`` is where the ``.jpg`` member's header starts."""
+"""One row of ``<split>.samples.npy``; ``offset`` is where the ``.jpg`` member's header starts (its
+``.cls`` member follows it)."""
+
+
+def padded(size: int) -> int:
+    """A member's data size rounded up to whole tar blocks."""
+    return size + (-size % HEADER)
+
+
+def member_span(size: int) -> int:
+    """The bytes of one sample in its shard: the ``.jpg`` header and data, the ``.cls`` header and its block."""
+    return HEADER + padded(size) + 2 * HEADER
+
+
+def _member_problem(data: bytes, at: int, name: str, size: int, offset: int) -> str | None:
+    """What is wrong with the tar member expected at ``data[at:]``, if anything."""
+    try:
+        info = tarfile.TarInfo.frombuf(data[at:at + HEADER], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        return f"no valid tar header at byte {offset + at} ({exc})"
+    if (info.name, info.size) != (name, size):
+        return (f"the member at byte {offset + at} is {info.name!r} of {info.size} bytes, "
+                f"the index says {name!r} of {size}")
+    return None
 
 
 def key(index: int) -> str:
@@ -177,7 +200,7 @@ def _table_problem(table: np.ndarray, shards: list[Shard], per_class: list[int])
         return "shard numbers out of range or out of order"
     if np.bincount(shard, minlength=len(shards)).tolist() != [s.samples for s in shards]:
         return "samples per shard differ from the shard list"
-    ends = offset + HEADER + size
+    ends = offset + 3 * HEADER + size + (-size % HEADER)
     if offset.min() < 0 or size.min() <= 0 or np.any(offset % HEADER) \
             or np.any(ends > np.asarray([s.size for s in shards], dtype=np.int64)[shard]):
         return "a sample lies outside its shard"
@@ -213,23 +236,22 @@ class PreparedImages(Dataset):
         return f"{self.shards[int(self.samples['shard'][index])].path}:{key(index)}.jpg"
 
     def read(self, index: int) -> bytes:
-        """The JPEG bytes of sample ``index``, after checking its tar header and CRC-32."""
+        """The JPEG bytes of sample ``index``, after checking its two tar headers (names, sizes,
+        checksums), the CRC-32 of its bytes and its class in the ``.cls`` member."""
         row = self.samples[index]
-        shard = self.shards[int(row["shard"])]
-        size = int(row["size"])
-        data = os.pread(self._file(int(row["shard"])), HEADER + size, int(row["offset"]))
-        name = f"{key(index)}.jpg"
-        try:
-            info = tarfile.TarInfo.frombuf(data[:HEADER], "utf-8", "surrogateescape")
-            problem = (f"the member at byte {int(row['offset'])} is {info.name!r} of {info.size} bytes, "
-                       f"the index says {name!r} of {size}" if (info.name, info.size) != (name, size) else None)
-        except tarfile.HeaderError as exc:
-            problem = f"no valid tar header at byte {int(row['offset'])} ({exc})"
-        if problem is None and (len(data) != HEADER + size or zlib.crc32(data[HEADER:]) != int(row["crc"])):
-            problem = f"the bytes of {name} differ from those prepared (CRC-32)"
+        shard, offset, size = self.shards[int(row["shard"])], int(row["offset"]), int(row["size"])
+        data = os.pread(self._file(int(row["shard"])), member_span(size), offset)
+        name, target = key(index), int(row["target"])
+        problem = (_member_problem(data, 0, f"{name}.jpg", size, offset)
+                   or _member_problem(data, HEADER + padded(size), f"{name}.cls", len(str(target)), offset))
+        if problem is None and zlib.crc32(data[HEADER:HEADER + size]) != int(row["crc"]):
+            problem = f"the bytes of {name}.jpg differ from those prepared (CRC-32)"
+        cls_at = 2 * HEADER + padded(size)
+        if problem is None and data[cls_at:cls_at + len(str(target))] != str(target).encode():
+            problem = f"{name}.cls does not hold class {target} of the index"
         if problem:
             raise DataError(f"prepared shard {shard.path} is damaged: {problem}; {again(self.root)}")
-        return data[HEADER:]
+        return data[HEADER:HEADER + size]
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.open(io.BytesIO(self.read(index))), int(self.targets[index])

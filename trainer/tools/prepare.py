@@ -94,7 +94,7 @@ class ShardWriter:
     def add(self, jpeg: bytes, target: int) -> None:
         name = shards.key(len(self.rows))
         members = [(f"{name}.jpg", jpeg), (f"{name}.cls", str(target).encode())]
-        size = sum(shards.HEADER + _padded(len(data)) for _, data in members)
+        size = sum(shards.HEADER + shards.padded(len(data)) for _, data in members)
         if self.file is None or (self.written > 0 and self.written + size > self.target):
             self._next_shard()
         self.rows.append((len(self.shards) - 1, self.written, len(jpeg), zlib.crc32(jpeg), target))
@@ -102,7 +102,7 @@ class ShardWriter:
             info = tarfile.TarInfo(member)
             info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
             self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-            self._write(data + bytes(_padded(len(data)) - len(data)))
+            self._write(data + bytes(shards.padded(len(data)) - len(data)))
         self.shards[-1]["nsamples"] += 1
 
     def close(self) -> tuple[list[dict], np.ndarray]:
@@ -132,10 +132,6 @@ class ShardWriter:
         self.file.write(data)
         self.digest.update(data)
         self.written += len(data)
-
-
-def _padded(size: int) -> int:
-    return size + (-size % shards.HEADER)
 
 
 def open_source(src: Path, cache_dir: str) -> sources.Splits:
