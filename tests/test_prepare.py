@@ -5,7 +5,6 @@ size serving every sample once; a damaged shard is refused in one line, exit 2."
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import shutil
