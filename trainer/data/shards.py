@@ -179,7 +179,7 @@ def read_samples(manifest: Manifest, split: str, shards: list[Shard]) -> np.ndar
         table = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path} is missing; {again(root)}") from None
-    except (OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # numpy parses a damaged header with ast and tokenize: SyntaxError, TokenError...
         raise DataError(f"cannot read the sample table {path} ({_first(exc)}); {again(root)}") from None
     problem = _table_problem(table, shards, manifest.counts[split])
     if problem:
