@@ -163,7 +163,8 @@ def read_shard_list(manifest: Manifest, split: str) -> list[Shard]:
         try:
             size = shard.path.stat().st_size
         except OSError as exc:
-            raise DataError(f"shard {shard.path} is missing or unreadable ({_first(exc)}); {again(root)}") from None
+            raise DataError(f"shard {shard.path} is missing or unreadable ({exc.strerror or _first(exc)}); "
+                            f"{again(root)}") from None
         if size != shard.size:
             raise DataError(f"shard {shard.path} has {size} bytes, {path.name} says {shard.size} "
                             f"(cut short or rewritten); {again(root)}")

@@ -137,7 +137,10 @@ class ShardWriter:
 def open_source(src: Path, cache_dir: str) -> sources.Splits:
     """SRC's train and val splits as ``data.source=imagefolder`` reads them (one-line errors)."""
     cfg = config.load([], ["data.source=imagefolder", f"data.root={src}", f"data.cache_dir={cache_dir}"])
-    return sources.load_splits(cfg.data)
+    try:
+        return sources.load_splits(cfg.data)
+    except DataError as exc:  # the trainer's words, for the trainer's key
+        raise DataError(str(exc).replace("data.root", "SRC")) from None
 
 
 def fingerprint(splits: sources.Splits) -> str:
