@@ -152,7 +152,7 @@ def paths(train: Path, size: int, scale_min: float) -> dict[str, Dataset]:
 def _prepared(train: Path) -> Dataset:
     """The photo folder through ``python -m trainer.prepare --short-side 256``: its training split."""
     folder = train.parent.with_name(f"photos-prepared-{PREPARED_SIDE}")
-    prepare.prepare(train.parent, folder, prepare.Options(PREPARED_SIDE, workers=len(os.sched_getaffinity(0))),
+    prepare.prepare(train.parent, folder, prepare.Options(PREPARED_SIDE, workers=prepare.available_cores()),
                     say=lambda line: None)
     return shards.load_splits(folder)[0]
 

@@ -106,7 +106,10 @@ def test_round_trip_keeps_classes_and_counts_and_bounds_every_short_side(prepare
 
 def test_the_same_bytes_with_one_worker_and_the_shard_list_is_wids(prepared, tmp_path: Path) -> None:
     src, dst, _ = prepared
+    killed = tmp_path / ".again.tmp.4194999"  # a staging folder whose process is gone (above Linux's pid_max)
+    killed.mkdir()
     assert prepare.prepare(src, tmp_path / "again", options(tmp_path, workers=1), say=lambda line: None)
+    assert not killed.exists()
     names = sorted(p.name for p in dst.iterdir())
     assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
     for name in names:
@@ -137,6 +140,7 @@ def test_an_unreadable_image_leaves_no_destination_or_is_skipped(tmp_path: Path)
     with pytest.raises(DataError, match=f"cannot read {bad}: .*--skip-bad"):
         prepare.prepare(tmp_path / "src", tmp_path / "dst", options(tmp_path), say=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "src"]  # no DST, no staging folder left
+    (tmp_path / "dst").mkdir()  # an empty folder is no preparation: it is replaced
     assert prepare.prepare(tmp_path / "src", tmp_path / "dst", options(tmp_path, skip_bad=True), say=lambda line: None)
     manifest = shards.read_manifest(tmp_path / "dst")
     assert manifest.counts["train"] == [2, 1, 2] and manifest.raw["splits"]["train"]["skipped"] == ["dog/001.jpg"]

@@ -57,6 +57,11 @@ class Options:
     cache_dir: str = config.DataConfig.cache_dir
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def reencode(path: str, short_side: int, quality: int) -> bytes:
     """The image at ``path`` as RGB JPEG bytes, its short side shrunk to ``short_side`` if longer."""
     with Image.open(path) as image:
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality, 1-95 (default %(default)s)")
     parser.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_MB,
                         help="about this many MiB per tar shard (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=int, default=available_cores(),
                         help="encoding processes (default: the cores this process may use, %(default)s)")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
     parser.add_argument("--cache-dir", default=config.DataConfig.cache_dir, help="where the source's index is kept")
