@@ -8,7 +8,8 @@ Cases (each compares medians of interleaved rounds of fresh processes, see docs/
 * scaling: the Worker in 2 processes (torchrun, gloo) vs 1 process on the same total work;
 * overhead: us/step on tiny steps (one Linear layer), logging and progress bar on;
 * startup: seconds from process start to the first finished step, ``python -m trainer`` vs a script;
-* decode: images/s per loader worker of each JPEG decode path, the tutorial pipeline as baseline;
+* decode: images/s per core (one loader worker, one thread) of each JPEG decode path and of prepared
+  shards, the tutorial pipeline on the original photos as baseline;
 * scale: a 200,000-image folder: first and cached scan, a cached 4-process start, loader worker memory.
 
 The hand-written side is always ``bench/plain_loop.py`` run by path, as a user's script: it imports
@@ -138,7 +139,7 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         rows.append(boot.row)
         notes += report.startup_details(boot)
     if "decode" in p.cases and args.device == "cpu":
-        _say("decode: images/s per loader worker, JPEG 224 px")
+        _say("decode: images/s per core (one loader worker, one thread), JPEG 224 px")
         decode_plan = decode.Plan(images=8, repeats=2) if args.quick else decode.Plan()
         details["decode"] = decoded = decode.measure(workdir, decode_plan)
         rows += decoded.rows

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -40,11 +41,11 @@ from refusals import error_line, snapshot, snapshot_diff, trainer_env
 from trainer import checkpoint, config
 from trainer.checkpoint import digest, runlock
 from trainer.config.cli import parse_command_line
-from trainer.data import image_index, labels, loaders
+from trainer.data import image_index, labels, loaders, shards
 from trainer.errors import CheckpointError, ConfigError, DataError, UserError
 from trainer.models import build_model
 from trainer.models.weights import checkpoint_data_settings, load_weights, read_weight_file
-from trainer.tools import export, predict, report
+from trainer.tools import export, predict, prepare, report
 
 SMALL_RUN = ["data.synthetic_classes=3", "data.synthetic_train_per_class=8", "data.synthetic_val_per_class=2",
              "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "log.progress_bar=off",
@@ -374,6 +375,66 @@ def test_image_index_cache(image_tree: tuple[Path, bytes, image_index.ImageIndex
         else:  # other contents under a valid key: at least every sample is a path and a class
             assert all(0 <= t < len(result.classes) for t in result.targets.tolist())
             assert all(isinstance(result.relative_path(i), str) for i in range(len(result)))
+
+
+# ------------------------------------------------------------------------------ prepared shards
+
+@pytest.fixture(scope="module")
+def prepared_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes], Any]:
+    """A tiny prepared folder (python -m trainer.prepare), its files' bytes and what it reads as."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    for split, count in (("train", 3), ("val", 1)):
+        for name in ("cat", "dog"):
+            (tmp / "src" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12 + i, 9), (40 * i, 90, 200)).save(tmp / "src" / split / name / f"{i}.png")
+    prepare.prepare(tmp / "src", tmp / "dst", prepare.Options(8, shard_bytes=4096, cache_dir=str(tmp / "cache")),
+                    say=lambda line: None)
+    files = {p.name: p.read_bytes() for p in (tmp / "dst").iterdir()}
+    return tmp / "dst", files, _read_prepared(tmp / "dst")
+
+
+def _read_prepared(root: Path) -> tuple[list[str], list[list[bytes]], list[list[int]]]:
+    """data.source=prepared: open both splits and read every sample."""
+    train, val, classes = shards.load_splits(root)
+    return classes, [[s.read(i) for i in range(len(s))] for s in (train, val)], [s.targets.tolist() for s in (train, val)]
+
+
+def _npy(rows: list[tuple[int, ...]]) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array(rows, dtype=shards.SAMPLE))
+    return buffer.getvalue()
+
+
+sample_rows = st.lists(st.tuples(st.integers(-1, 2), st.sampled_from([-512, 0, 512, 1024, 2048, 4096]),
+                                 st.integers(-1, 700), st.integers(0, 2**32 - 1), st.integers(-1, 2)), max_size=6)
+shard_lists = st.fixed_dictionaries({"__kind__": st.sampled_from(["wids-shard-index-v1", "other"]),
+                                     "shardlist": st.lists(st.fixed_dictionaries({
+                                         "url": st.sampled_from(["train-000000.tar", "val-000000.tar", "../x.tar",
+                                                                 "/etc/hostname", "", "."]),
+                                         "nsamples": st.one_of(st.integers(-1, 7), values),
+                                         "filesize": st.one_of(st.integers(0, 10240), values),
+                                         "sha256": values}), max_size=3)})
+
+
+@fuzz_settings(80)
+@given(data=st.data())
+def test_prepared_shards(prepared_folder: tuple[Path, dict[str, bytes], Any], data: st.DataObject) -> None:
+    """data.source=prepared: the manifest, the wids shard lists, the sample tables and the tar
+    shards. Opened and read through, or one line naming the folder; never other bytes or classes."""
+    dst, files, expected = prepared_folder
+    name = data.draw(st.sampled_from(sorted(files)))
+    wrong = (sample_rows.map(_npy) if name.endswith(".npy") else shard_lists.map(lambda v: json.dumps(v).encode())
+             if name.endswith(".json") and name != shards.MANIFEST else st.nothing())
+    content = data.draw(st.one_of(damaged(files[name]), wrong))
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "dst"
+        shutil.copytree(dst, root)
+        (root / name).write_bytes(content)
+        result = check_reader("prepared shards (data.source=prepared)", lambda: _read_prepared(root), DataError,
+                              str(root), root)
+        if not isinstance(result, BaseException):  # a class name in the manifest may change; samples never
+            assert result[1:] == expected[1:], f"{name} damaged, yet read with other contents"
 
 
 # -------------------------------------------------------------------------------- multi-label files

@@ -209,7 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """Keys restricted to a set of values (matched case-insensitively, stored as spelled here)."""
 
 OPEN_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist"),
+    "data.source": ("synthetic", "imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist", "prepared"),
     "task.name": ("classification", "multilabel"),
     "optim.name": ("sgd", "adam", "adamw", "adagrad", "lamb", "lars", "lion"),
     "sched.name": ("cosine", "step", "constant"),

@@ -25,7 +25,7 @@ from torchvision import transforms
 from trainer.config import DataConfig
 from trainer.data import decode, policies
 from trainer.data.stages import Batch
-from trainer.errors import DataError
+from trainer.errors import DataError, UserError
 from trainer.parallel import hangs
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class SeededTransformDataset(Dataset):
         try:
             try:
                 image, target = self.base[index]
+            except UserError:  # the data set's own verdict (a damaged prepared shard), not one bad sample
+                raise
             except Exception as exc:  # any decoder error: PIL.UnidentifiedImageError, OSError, SyntaxError...
                 return self._unreadable(index, exc)
             try:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision import datasets
 
 from trainer.config import DataConfig, user_code
-from trainer.data import image_index, labels
+from trainer.data import image_index, labels, shards
 from trainer.errors import DataError
 from trainer.parallel import distributed
 from trainer.parallel.distributed import DistEnv
@@ -96,6 +96,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         return _image_folder_splits(_synthetic_root(cfg, create=False), cache)
     if cfg.source == "imagefolder":
         return _image_folder_splits(Path(os.path.expanduser(cfg.root)), cache)
+    if cfg.source == "prepared":
+        return Splits(*shards.load_splits(cfg.root))
     return _torchvision_splits(cfg.source, os.path.expanduser(cfg.root), downloaded_by_rank0=cfg.download)
 
 
