@@ -20,7 +20,7 @@ from trainer.config import cli, user_code
 from trainer.data import sources
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError, one_line
 from trainer.observe.console import add_rank_file, log, setup_console
-from trainer.parallel import distributed, hangs, openmp, peers, slurm
+from trainer.parallel import distributed, flight_recorder, hangs, openmp, peers, slurm
 from trainer.parallel.signals import StopRequest
 
 
@@ -66,7 +66,8 @@ def _run(argv: list[str] | None) -> int:
         models.resolve_name(cfg.model.name)
         sources.check_source(cfg.data.source)
         models.check_weights(cfg.model)
-        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s,
+                                before_group=lambda backend: _record_collectives(cfg, backend))
         log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir, lock = _agree_run_dir(env, cfg)
@@ -109,6 +110,14 @@ def _run(argv: list[str] | None) -> int:
             return EXIT_HANG
         _error_line(f"error [rank {topology.rank}]: {peers.describe(env, exc)}")
         return EXIT_FAILURE
+
+
+def _record_collectives(cfg: config.Config, backend: str) -> None:
+    """Turn torch's flight recorder on or off as ``dist.flight_recorder`` says (before the group exists)."""
+    kept = flight_recorder.configure(cfg.dist.flight_recorder, cfg.dist.flight_recorder_entries, backend == "nccl",
+                                     cfg.run_dir.resolve())
+    if kept:
+        log.debug("flight recorder: %s from the environment", ", ".join(kept))
 
 
 def _error_line(line: str) -> None:

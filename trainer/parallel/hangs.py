@@ -35,6 +35,7 @@ from typing import Iterator
 import torch.distributed as dist
 
 from trainer.errors import EXIT_HANG
+from trainer.parallel import flight_recorder
 from trainer.parallel.distributed import DistEnv
 
 REPORT_WAIT_S = 10.0
@@ -53,7 +54,7 @@ class Trail:
     PHASES = {"start": "start-up", "data": "waiting for its data of step {step}",
               "step": "the forward, backward and gradient all-reduce of step {step}",
               "agreement": "the stop agreement after step {step}", "checkpoint": "the checkpoint at step {step}",
-              "validation": "the validation after step {step}", "finish": "the end of the run"}
+              "validation": "the validation after step {step}"}
 
     def __init__(self) -> None:
         self.phase, self.step = "start", 0
@@ -109,6 +110,7 @@ class Watchdog:
         self.answered = threading.Lock()
         self.done = False
         self.store.set(f"hang/host/{env.rank}", f"{socket.gethostname()} pid {os.getpid()}")
+        flight_recorder.prepare()
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
@@ -151,6 +153,7 @@ class Watchdog:
                 if first.startswith("innermost: ") and first != "innermost: none":
                     worker = path.stem.rpartition("_")[2]
                     frame = f"{first[len('innermost: '):]} (loader worker {worker})"
+            flight_recorder.dump(self.env.rank, self.env.backend == "nccl")
             report = {"trail": TRAIL.describe(), "frame": frame}
             self.store.set(f"hang/report/{self.env.rank}", json.dumps(report))
 
@@ -195,8 +198,11 @@ class Watchdog:
                 parts.append(f"{where} never entered it: {reports[rank]['trail']}"
                              + (f", at {frame}" if frame else ""))
         who = "; ".join(parts) or "every rank entered it and still answers (a transient network failure?)"
+        prefix = flight_recorder.dump_prefix()
+        recorded = flight_recorder.summary(prefix, world) if prefix is not None else None
         line = (f"hang: {mine} did not complete within {timeout_s:g} s ({_detail(exc)}); {who}; "
-                f"stacks in {STACKS_DIR}; start the run again: it resumes from its last checkpoint")
+                f"stacks in {STACKS_DIR}; " + (f"{recorded}; " if recorded else "")
+                + "start the run again: it resumes from its last checkpoint")
         return store.compare_set("hang/verdict", "", line).decode()
 
 

@@ -1,0 +1,147 @@
+"""PyTorch's flight recorder: each process keeps its process groups' last collectives in a ring
+buffer (name, sequence number, sizes, state, Python frames), which it dumps when a collective
+times out, so that a hang can be traced to the collective the ranks disagree on.
+
+:func:`configure` sets torch's variables before the process group exists (torch reads them when
+the first group is made); a variable the user set is kept. :func:`dump` writes this rank's buffer
+into the run directory when the hang verdict is made (NCCL's own watchdog also dumps there on a
+timeout), and :func:`summary` turns the dumps into a phrase of the verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, MutableMapping
+
+FOLDER = Path("logs") / "flight_recorder"
+"""Where, in the run directory, the dumps go (``rank_<r>``, the file name torch's analyser expects)."""
+PREFIX = "rank_"
+BUFFER_SIZE = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+"""Entries kept per process: torch's current name, then the older one, which torch still reads
+(with a deprecation warning) and a user may have set."""
+DUMP_FILE = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+"""The dump's path, less the rank: the current name, then the older one."""
+DUMP_ON_TIMEOUT = ("TORCH_NCCL_DUMP_ON_TIMEOUT",)
+"""NCCL's watchdog dumps every rank's buffer when a collective times out."""
+ANALYSER = "torchfrtrace"
+
+
+def settings(mode: str, entries: int, nccl: bool, run_dir: Path) -> dict[tuple[str, ...], str]:
+    """What ``dist.flight_recorder`` asks of torch: ``on`` (``auto`` on NCCL) records ``entries``
+    collectives and dumps them on a timeout, ``off`` records none, ``auto`` elsewhere keeps torch's
+    own buffer size; wherever it records, the dumps go into the run directory."""
+    if mode == "off":
+        return {BUFFER_SIZE: "0", DUMP_ON_TIMEOUT: "0"}
+    where = {DUMP_FILE: str(run_dir / FOLDER / PREFIX)}
+    if mode == "auto" and not nccl:
+        return where
+    return {BUFFER_SIZE: str(entries), DUMP_ON_TIMEOUT: "1", **where}
+
+
+def configure(mode: str, entries: int, nccl: bool, run_dir: Path,
+              environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Export :func:`settings` under torch's current names, except those the user set under any
+    of their names; returns the user's, which win."""
+    kept = []
+    for names, value in settings(mode, entries, nccl, run_dir).items():
+        given = [name for name in names if name in environ]
+        if given:
+            kept += given
+        else:
+            environ[names[0]] = value
+    return kept
+
+
+def dump_prefix(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """The dump path in force, less the rank (None where :func:`configure` did not set one, nor the user)."""
+    return next((environ[name] for name in DUMP_FILE if environ.get(name)), None)
+
+
+def dump(rank: int, nccl: bool) -> Path | None:
+    """Write this process's buffer to ``<prefix><rank>`` unless NCCL's watchdog already did; the
+    path, or None when there is nothing to write."""
+    prefix = dump_prefix()
+    if prefix is None:
+        return None
+    path = Path(f"{prefix}{rank}")
+    if path.exists():
+        return path
+    try:
+        from torch._C._distributed_c10d import _dump_fr_trace, _dump_nccl_trace
+
+        raw = _dump_nccl_trace() if nccl else _dump_fr_trace()
+    except (ImportError, RuntimeError):
+        return None
+    if not pickle.loads(raw).get("entries"):
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+    except OSError:
+        return None
+    return path
+
+
+def prepare(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Create the dumps' folder, where NCCL's watchdog writes on a timeout (it creates none)."""
+    prefix = dump_prefix(environ)
+    if prefix is not None and environ.get(DUMP_ON_TIMEOUT[0]) == "1":
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+
+
+def summary(prefix: str, world_size: int) -> str | None:
+    """One phrase from the dumps at ``prefix<rank>``: for each process group where the ranks' last
+    collectives differ, the last one each rank entered (the rank furthest behind named when every
+    rank dumped), and the ranks without a dump; None without dumps."""
+    dumps = _read(prefix, world_size)
+    if not dumps:
+        return None
+    last: dict[str, dict[int, tuple[int, str]]] = defaultdict(dict)  # group -> rank -> (sequence number, name)
+    nccl = False
+    for rank, content in dumps.items():
+        for entry in content.get("entries", []):
+            if entry.get("is_p2p"):
+                continue
+            name, desc = entry["process_group"]
+            seq, op = entry["collective_seq_id"], entry["profiling_name"]
+            nccl = nccl or op.startswith("nccl:")
+            if seq >= last[desc or name].get(rank, (-1, ""))[0]:
+                last[desc or name][rank] = (seq, op)
+    parts = []
+    for group, ranks in sorted(last.items()):
+        if len(set(ranks.values())) > 1:
+            each = ", ".join(f"rank {rank} {op} #{seq}" for rank, (seq, op) in sorted(ranks.items()))
+            lowest = min(seq for seq, _ in ranks.values())
+            behind = [rank for rank, (seq, _) in ranks.items() if seq == lowest]
+            complete = len(ranks) == world_size and len(behind) < world_size
+            parts.append(f"the last collective each rank entered in {group}: {each}"
+                         + (f" ({_ranks(behind)} furthest behind)" if complete else ""))
+    missing = [rank for rank in range(world_size) if rank not in dumps]
+    found = "; ".join(parts) or "every dump ends at the same collective"
+    folder, name = Path(prefix).parent, Path(prefix).name
+    line = f"flight recorder: {found}" + (f"; no dump from {_ranks(missing)}" if missing else "")
+    read = f"{ANALYSER} {folder} --prefix {name} --allow-incomplete-ranks" if nccl else str(folder)
+    return f"{line} (dumps: {read})"
+
+
+def _read(prefix: str, world_size: int) -> dict[int, dict[str, Any]]:
+    found = {}
+    base = Path(prefix)
+    pattern = re.compile(re.escape(base.name) + r"(\d+)$")
+    if not base.parent.is_dir():
+        return found
+    for path in base.parent.iterdir():
+        if (match := pattern.match(path.name)) and int(match.group(1)) < world_size:
+            try:
+                found[int(match.group(1))] = pickle.loads(path.read_bytes())
+            except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+                continue
+    return found
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
