@@ -161,7 +161,7 @@ def test_a_rank_stuck_in_its_data_is_named_with_its_frame_and_every_rank_ends(hu
     assert "__getitem__" in "".join(p.read_text() for p in stacks.glob("rank_2*.txt"))
     assert exit_codes(run) == {0: EXIT_HANG, 1: EXIT_HANG, 2: EXIT_HANG}, run.stderr[-3000:]
     assert re.search(r"; flight recorder: the last collective each rank entered in default_pg: rank 0 .*, rank 2 "
-                     r"gloo:\w+ #\d+ \(rank 2 furthest behind\) \(dumps: \S+/flight_recorder\); start", line), line
+                     r"gloo:\w+ #\d+; furthest behind: rank 2 \(dumps: \S+/flight_recorder\); start", line), line
     if case.startswith("launcher"):
         assert run.process.returncode == EXIT_HANG
         assert run.stderr.splitlines()[-1] == f"launcher: {line.removeprefix('error [rank 0]: ')}"

@@ -119,7 +119,7 @@ def summary(prefix: str, world_size: int) -> str | None:
             behind = [rank for rank, (seq, _) in ranks.items() if seq == lowest]
             complete = len(ranks) == world_size and len(behind) < world_size
             parts.append(f"the last collective each rank entered in {group}: {each}"
-                         + (f" ({_ranks(behind)} furthest behind)" if complete else ""))
+                         + (f"; furthest behind: {_ranks(behind)}" if complete else ""))
     missing = [rank for rank in range(world_size) if rank not in dumps]
     found = "; ".join(parts) or "every dump ends at the same collective"
     folder, name = Path(prefix).parent, Path(prefix).name
