@@ -31,6 +31,8 @@ class HangReaper:
 
     def __init__(self) -> None:
         self._error_files: dict[int, str] = {}  # worker pid -> its TORCHELASTIC_ERROR_FILE
+        self._handled: set[str] = set()  # error files whose verdict was acted on (a restart writes new ones)
+        self._killed: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hang-reaper", daemon=True)
 
@@ -50,16 +52,17 @@ class HangReaper:
             for pid in workers:
                 if pid not in self._error_files:  # read while it lives: a dead one's environment is gone
                     self._error_files[pid] = _error_file(pid) or ""
-            verdict = next(filter(None, map(_verdict, set(filter(None, self._error_files.values())))), None)
-            if verdict is not None:
-                self._kill_silent(verdict, set(workers))
-                return
+            for path in set(self._error_files.values()) - self._handled - {""}:
+                if (verdict := _verdict(path)) is not None:
+                    self._handled.add(path)
+                    self._kill_silent(verdict, set(workers))
 
     def _kill_silent(self, verdict: str, workers: set[int]) -> None:
         host = socket.gethostname()
         for rank, named_host, pid in SILENT_RANK.findall(verdict):
-            if named_host != host or int(pid) not in workers:
+            if named_host != host or int(pid) not in workers or int(pid) in self._killed:
                 continue
+            self._killed.add(int(pid))
             for process in [*children(int(pid)), int(pid)]:
                 try:
                     os.kill(process, signal.SIGKILL)

@@ -14,12 +14,14 @@ Every run goes at once, in one fixture (they mostly wait), and the module's time
 Each launcher covers a blocking case; the launcher's cases assert everything bare torchrun's would,
 the launcher's own last line, exit code and the kill of the stopped rank besides. A stopped rank
 under bare torchrun is left to torchrun's own shutdown wait (30 s, documented in the README), which
-nothing here could shorten. The stopped run is then resumed on 3 processes and each sample of the
-interrupted epoch is read once.
+nothing here could shorten. The stopped run is then resumed on 3 processes (while the others end)
+and each sample of its epoch is read once.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import re
 import signal
@@ -33,6 +35,7 @@ from pathlib import Path
 import pytest
 from helpers import TESTS, child_env, command, last_checkpoint, small_run
 
+from launcher.reaper import HangReaper
 from trainer.errors import EXIT_HANG
 
 pytestmark = pytest.mark.slow
@@ -91,7 +94,7 @@ def run_args(tmp: Path, name: str, workers: int) -> list[str]:
     recorder = ["dist.flight_recorder=on", f"dist.flight_recorder_entries={RECORDED}"] \
         if name == "launcher-main-process" else []  # the others: torch's own buffer (dist.flight_recorder=auto)
     return ["--code", str(TESTS), *small_run(tmp, f"log.name={name}", "data.source=hanging_data:build",
-                                             f"data.num_workers={workers}", "train.epochs=2", "ckpt.every_steps=2",
+                                             f"data.num_workers={workers}", "train.epochs=1", "ckpt.every_steps=2",
                                              f"dist.step_timeout_s={STEP_TIMEOUT_S}", "log.pictures=false", *recorder)]
 
 
@@ -203,18 +206,45 @@ def test_the_stopped_run_resumes_on_3_processes_and_reads_each_sample_once(hung:
     tmp, resumed = hung["tmp"], hung["resumed"]
     assert resumed.process.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    assert last_checkpoint(tmp, "launcher-stopped")["epoch"] == 2
+    assert last_checkpoint(tmp, "launcher-stopped")["epoch"] == 1
     position = hung["position"]  # where the hung run's last checkpoint was
     assert position["epoch"] == 0 and position["consumed"] > 0, position
     record = tmp / "record" / "launcher-stopped"
     pids = {rank: sorted(record.glob(f"rank{rank}_pid*.txt"), key=lambda p: p.stat().st_mtime) for rank in range(3)}
     assert all(len(files) == 2 for files in pids.values()), pids  # the hung run's, then the resumed one's
-    per_rank = TRAIN_SIZE // WORLD
-    before = position["consumed"] // WORLD
+    before = position["consumed"] // WORLD  # each rank's reads up to the checkpoint (no loader workers: in order)
     hung_reads = {rank: files[0].read_text().split() for rank, files in pids.items()}
     resumed_reads = {rank: files[1].read_text().split() for rank, files in pids.items()}
-    assert all(len(reads) == per_rank - before + per_rank for reads in resumed_reads.values()), resumed_reads
-    first_epoch = [int(i) for rank in range(3)
-                   for i in hung_reads[rank][:before] + resumed_reads[rank][:per_rank - before]]
-    second_epoch = [int(i) for rank in range(3) for i in resumed_reads[rank][per_rank - before:]]
-    assert sorted(first_epoch) == list(range(TRAIN_SIZE)) and sorted(second_epoch) == list(range(TRAIN_SIZE))
+    assert all(len(reads) == TRAIN_SIZE // WORLD - before for reads in resumed_reads.values()), resumed_reads
+    served = [int(i) for rank in range(3) for i in hung_reads[rank][:before] + resumed_reads[rank]]
+    assert sorted(served) == list(range(TRAIN_SIZE))
+
+
+def test_the_launcher_kills_only_its_own_workers_on_its_own_host(tmp_path: Path) -> None:
+    """A verdict naming, as not answering, a child of this process (killed), a grandchild and a
+    child on another host (both left alone): the reaper of launcher/reaper.py, in this process."""
+    error_file = tmp_path / "error.json"
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    child = subprocess.Popen(["sleep", "60"], env=env)
+    elsewhere = subprocess.Popen(["sleep", "60"])
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    grandchild = int(parent.stdout.readline())
+    host = socket.gethostname()
+    verdict = (f"hang: ...; rank 2 (node 0, {host} pid {child.pid}) did not answer: stopped; rank 3 (node 0, {host} "
+               f"pid {grandchild}) did not answer: stopped; rank 4 (node 1, not-{host} pid {elsewhere.pid}) did not "
+               "answer: stopped; stacks in ...")
+    reaper = HangReaper()
+    reaper.start()
+    try:
+        time.sleep(1.0)  # the reaper reads the child's error file path while it runs
+        error_file.write_text(json.dumps({"message": {"message": verdict, "extraInfo": {}}}))
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        time.sleep(1.0)
+        assert elsewhere.poll() is None and parent.poll() is None
+        os.kill(grandchild, 0)  # still there
+    finally:
+        reaper.stop()
+        for process in (elsewhere, parent):
+            process.kill()
+            process.wait()
+        os.kill(grandchild, signal.SIGKILL)
