@@ -4,8 +4,8 @@ entered it, on which hosts, and where their code was (or that they did not answe
 Each rank keeps a trail in memory (the step it is on and what it is doing) and runs a watchdog
 thread that looks at the rendezvous store once a second. The rank whose collective times out
 asks every rank, through the store, to write its stacks (``logs/stacks/rank_<r>.txt``, its loader
-workers ``rank_<r>_worker_<w>.txt``) and report its trail and innermost frame of user or project
-code. A rank stuck outside any collective answers from its watchdog thread (its main thread is
+workers ``rank_<r>_worker_<w>.txt``), dump its flight recorder (trainer/parallel/flight_recorder.py)
+and report its trail and innermost frame of user or project code. A rank stuck outside any collective answers from its watchdog thread (its main thread is
 blocked), then prints the verdict and exits; a stopped or dead rank stays silent, and the verdict
 says so. Every rank that can prints the same line and exits with :data:`EXIT_HANG`.
 
