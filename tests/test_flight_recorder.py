@@ -87,5 +87,6 @@ def test_the_summary_names_each_ranks_last_collective_and_points_at_torchs_analy
     assert line == ("flight recorder: the last collective each rank entered in default_pg: rank 0 nccl:all_reduce "
                     "#7, rank 1 nccl:all_reduce #7, rank 2 nccl:all_reduce #5; no dump from rank 3 (dumps: "
                     f"torchfrtrace {tmp_path} --prefix rank_ --allow-incomplete-ranks)")
-    assert "rank 2 nccl:all_reduce #5; furthest behind: rank 2 (dumps: " in flight_recorder.summary(str(tmp_path / "rank_"), 3)
+    complete = flight_recorder.summary(str(tmp_path / "rank_"), 3)
+    assert "rank 2 nccl:all_reduce #5; furthest behind: rank 2 (dumps: " in complete
     assert flight_recorder.summary(str(tmp_path / "nothing" / "rank_"), 3) is None

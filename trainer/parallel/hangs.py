@@ -7,7 +7,8 @@ asks every rank, through the store, to write its stacks (``logs/stacks/rank_<r>.
 workers ``rank_<r>_worker_<w>.txt``), dump its flight recorder (trainer/parallel/flight_recorder.py)
 and report its trail and innermost frame of user or project code. A rank stuck outside any
 collective answers from its watchdog thread (its main thread is blocked), then prints the verdict
-and exits; a stopped or dead rank stays silent, and the verdict says so. Every rank that can prints the same line and exits with :data:`EXIT_HANG`.
+and exits; a stopped or dead rank stays silent, and the verdict says so. Every rank that can
+prints the same line and exits with :data:`EXIT_HANG`.
 
 Two timeouts, as torchtitan has: ``dist.timeout_s`` for start-up, the first step and whatever
 follows rank-0-only work (checkpoints, pictures, validation), ``dist.step_timeout_s`` between
