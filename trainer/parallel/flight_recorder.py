@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, MutableMapping
@@ -93,11 +92,12 @@ def prepare(environ: MutableMapping[str, str] = os.environ) -> None:
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
 
 
-def summary(prefix: str, world_size: int) -> str | None:
-    """One phrase from the dumps at ``prefix<rank>``: for each process group where the ranks' last
-    collectives differ, the last one each rank entered (the rank furthest behind named when every
-    rank dumped), and the ranks without a dump; None without dumps."""
-    dumps = _read(prefix, world_size)
+def summary(prefix: str, wanted: list[int]) -> str | None:
+    """One phrase from the dumps of the ``wanted`` ranks at ``prefix<rank>`` (those a verdict names
+    and one it does not: reading every rank's dump would not scale): for each process group where
+    their last collectives differ, the last one each entered (the furthest behind named when every
+    one dumped), and those without a dump; None without dumps."""
+    dumps = _read(prefix, wanted)
     if not dumps:
         return None
     last: dict[str, dict[int, tuple[int, str]]] = defaultdict(dict)  # group -> rank -> (sequence number, name)
@@ -112,15 +112,15 @@ def summary(prefix: str, world_size: int) -> str | None:
             if seq >= last[desc or name].get(rank, (-1, ""))[0]:
                 last[desc or name][rank] = (seq, op)
     parts = []
-    for group, ranks in sorted(last.items()):
-        if len(set(ranks.values())) > 1:
-            each = ", ".join(f"rank {rank} {op} #{seq}" for rank, (seq, op) in sorted(ranks.items()))
-            lowest = min(seq for seq, _ in ranks.values())
-            behind = [rank for rank, (seq, _) in ranks.items() if seq == lowest]
-            complete = len(ranks) == world_size and len(behind) < world_size
+    for group, reached in sorted(last.items()):
+        if len(set(reached.values())) > 1:
+            each = ", ".join(f"rank {rank} {op} #{seq}" for rank, (seq, op) in sorted(reached.items()))
+            lowest = min(seq for seq, _ in reached.values())
+            behind = [rank for rank, (seq, _) in reached.items() if seq == lowest]
+            complete = len(reached) == len(set(wanted))
             parts.append(f"the last collective each rank entered in {group}: {each}"
                          + (f"; furthest behind: {_ranks(behind)}" if complete else ""))
-    missing = [rank for rank in range(world_size) if rank not in dumps]
+    missing = sorted(set(wanted) - set(dumps))
     found = "; ".join(parts) or "every dump ends at the same collective"
     folder, name = Path(prefix).parent, Path(prefix).name
     line = f"flight recorder: {found}" + (f"; no dump from {_ranks(missing)}" if missing else "")
@@ -128,18 +128,13 @@ def summary(prefix: str, world_size: int) -> str | None:
     return f"{line} (dumps: {read})"
 
 
-def _read(prefix: str, world_size: int) -> dict[int, dict[str, Any]]:
+def _read(prefix: str, ranks: list[int]) -> dict[int, dict[str, Any]]:
     found = {}
-    base = Path(prefix)
-    pattern = re.compile(re.escape(base.name) + r"(\d+)$")
-    if not base.parent.is_dir():
-        return found
-    for path in base.parent.iterdir():
-        if (match := pattern.match(path.name)) and int(match.group(1)) < world_size:
-            try:
-                found[int(match.group(1))] = pickle.loads(path.read_bytes())
-            except (OSError, pickle.UnpicklingError, EOFError, ValueError):
-                continue
+    for rank in ranks:
+        try:
+            found[rank] = pickle.loads(Path(f"{prefix}{rank}").read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            continue
     return found
 
 

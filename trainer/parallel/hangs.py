@@ -187,11 +187,13 @@ class Watchdog:
         while time.monotonic() < deadline and not all(store.check([key]) for key in keys):
             time.sleep(0.1)
         reports = {rank: json.loads(store.get(key)) for rank, key in enumerate(keys) if store.check([key])}
-        parts = []
+        parts, named = [], []
         per_node = self.env.topology.local_world_size
         for rank in range(world):
             host = store.get(f"hang/host/{rank}").decode() if store.check([f"hang/host/{rank}"]) else "?"
             where = f"rank {rank} (node {rank // per_node}, {host})"
+            if rank not in reports or reports[rank]["trail"] != mine:
+                named.append(rank)
             if rank not in reports:
                 parts.append(f"{where} did not answer: stopped, dead or cut off from the network")
             elif reports[rank]["trail"] != mine:
@@ -200,7 +202,7 @@ class Watchdog:
                              + (f", at {frame}" if frame else ""))
         who = "; ".join(parts) or "every rank entered it and still answers (a transient network failure?)"
         prefix = flight_recorder.dump_prefix()
-        recorded = flight_recorder.summary(prefix, world) if prefix is not None else None
+        recorded = flight_recorder.summary(prefix, [self.env.rank, *named]) if prefix and named else None
         line = (f"hang: {mine} did not complete within {timeout_s:g} s ({_detail(exc)}); {who}; "
                 f"stacks in {STACKS_DIR}; " + (f"{recorded}; " if recorded else "")
                 + "start the run again: it resumes from its last checkpoint")
