@@ -80,15 +80,16 @@ def dump_file(folder: Path, rank: int, *collectives: tuple[int, str]) -> None:
 
 
 def test_the_summary_names_each_ranks_last_collective_and_points_at_torchs_analyser_for_nccl(tmp_path: Path) -> None:
+    """Dumps torch's analyser cannot read (no group table): the verdict's own reading of them."""
     dump_file(tmp_path, 0, (6, "nccl:broadcast"), (7, "nccl:all_reduce"))
     dump_file(tmp_path, 1, (6, "nccl:broadcast"), (7, "nccl:all_reduce"))
     dump_file(tmp_path, 2, (5, "nccl:all_reduce"))
-    line = flight_recorder.summary(str(tmp_path / "rank_"), [0, 1, 2, 3])
+    line = flight_recorder.summary(str(tmp_path / "rank_"), [0, 1, 2, 3], 4)
     assert line == ("flight recorder: the last collective each rank entered in default_pg: rank 0 nccl:all_reduce "
                     "#7, rank 1 nccl:all_reduce #7, rank 2 nccl:all_reduce #5; no dump from rank 3 (dumps: "
                     f"torchfrtrace {tmp_path} --prefix rank_ --allow-incomplete-ranks)")
-    complete = flight_recorder.summary(str(tmp_path / "rank_"), [0, 2])
+    complete = flight_recorder.summary(str(tmp_path / "rank_"), [0, 2], 3)
     assert complete.startswith("flight recorder: the last collective each rank entered in default_pg: "
                                "rank 0 nccl:all_reduce #7, rank 2 nccl:all_reduce #5; furthest behind: rank 2 "
                                "(dumps: "), complete
-    assert flight_recorder.summary(str(tmp_path / "nothing" / "rank_"), [0, 2]) is None
+    assert flight_recorder.summary(str(tmp_path / "nothing" / "rank_"), [0, 2], 3) is None

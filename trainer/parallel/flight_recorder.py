@@ -10,6 +10,7 @@ timeout), and :func:`summary` turns the dumps into a phrase of the verdict.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections import defaultdict
@@ -27,6 +28,8 @@ DUMP_FILE = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 DUMP_ON_TIMEOUT = ("TORCH_NCCL_DUMP_ON_TIMEOUT",)
 """NCCL's watchdog dumps every rank's buffer when a collective times out."""
 ANALYSER = "torchfrtrace"
+ANALYSE_UP_TO = 64
+"""torch's analyser reads every rank's dump: the verdict runs it up to this many ranks."""
 
 
 def settings(mode: str, entries: int, nccl: bool, run_dir: Path) -> dict[tuple[str, ...], str]:
@@ -72,17 +75,30 @@ def dump(rank: int, nccl: bool) -> Path | None:
     try:
         from torch._C._distributed_c10d import _dump_fr_trace, _dump_nccl_trace
 
-        raw = _dump_nccl_trace() if nccl else _dump_fr_trace()
+        content = pickle.loads(_dump_nccl_trace() if nccl else _dump_fr_trace())
     except (ImportError, RuntimeError):
         return None
-    if not pickle.loads(raw).get("entries"):
+    if not content.get("entries"):
         return None
+    if "" in content.get("pg_config", {}):
+        content["pg_config"] = _group_table(content["entries"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
+        path.write_bytes(pickle.dumps(content))
     except OSError:
         return None
     return path
+
+
+def _group_table(entries: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Each process group of ``entries`` by name, with its description and ranks: torch 2.14's gloo
+    dumps list a single nameless group, which its analyser cannot match collectives against."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    ranks = {name: dist.get_process_group_ranks(group) for group, name in _world.pg_names.items()}
+    names = {entry["process_group"][0]: entry["process_group"][1] for entry in entries}
+    return {name: {"name": name, "desc": desc, "ranks": str(ranks.get(name, []))} for name, desc in names.items()}
 
 
 def prepare(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -92,11 +108,12 @@ def prepare(environ: MutableMapping[str, str] = os.environ) -> None:
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
 
 
-def summary(prefix: str, wanted: list[int]) -> str | None:
-    """One phrase from the dumps of the ``wanted`` ranks at ``prefix<rank>`` (those a verdict names
-    and one it does not: reading every rank's dump would not scale): for each process group where
-    their last collectives differ, the last one each entered (the furthest behind named when every
-    one dumped), and those without a dump; None without dumps."""
+def summary(prefix: str, wanted: list[int], world_size: int) -> str | None:
+    """One phrase from the dumps at ``prefix<rank>``: torch's analyser's first finding (up to
+    :data:`ANALYSE_UP_TO` ranks), else, from the ``wanted`` ranks' dumps (those a verdict names and
+    one it does not), for each process group where their last collectives differ, the last one each
+    entered (the furthest behind named when every one dumped); and those without a dump; None
+    without dumps."""
     dumps = _read(prefix, wanted)
     if not dumps:
         return None
@@ -120,12 +137,45 @@ def summary(prefix: str, wanted: list[int]) -> str | None:
             complete = len(reached) == len(set(wanted))
             parts.append(f"the last collective each rank entered in {group}: {each}"
                          + (f"; furthest behind: {_ranks(behind)}" if complete else ""))
-    missing = sorted(set(wanted) - set(dumps))
-    found = "; ".join(parts) or "every dump ends at the same collective"
+    found = analyse(prefix, world_size) or "; ".join(parts)
+    if not found and len(dumps) > 1:
+        found = "every dump ends at the same collective"
+    if missing := sorted(set(wanted) - set(dumps)):
+        found = "; ".join(filter(None, [found, f"no dump from {_ranks(missing)}"]))
     folder, name = Path(prefix).parent, Path(prefix).name
-    line = f"flight recorder: {found}" + (f"; no dump from {_ranks(missing)}" if missing else "")
     read = f"{ANALYSER} {folder} --prefix {name} --allow-incomplete-ranks" if nccl else str(folder)
-    return f"{line} (dumps: {read})"
+    return f"flight recorder: {found} (dumps: {read})"
+
+
+def analyse(prefix: str, world_size: int) -> str | None:
+    """The first collective that torch's analyser finds some ranks never entered, or entered
+    differently (None without the analyser, beyond :data:`ANALYSE_UP_TO` ranks, or without a finding)."""
+    if world_size > ANALYSE_UP_TO:
+        return None
+    logging.getLogger("Flight Recorder").disabled = True  # its tables and warnings are not the verdict
+    try:
+        from torch.distributed.flight_recorder.components.builder import build_db
+        from torch.distributed.flight_recorder.components.config_manager import JobConfig
+        from torch.distributed.flight_recorder.components.loader import read_dump
+    except ImportError:
+        return None
+    folder, name = Path(prefix).parent, Path(prefix).name
+    paths = [folder / f"{name}{rank}" for rank in range(world_size)]
+    try:
+        details = {path.name: read_dump(name, str(path)) for path in paths if path.exists()}
+        if not details:
+            return None
+        args = JobConfig().parse_args([str(folder), "--prefix", name, "--allow-incomplete-ranks"])
+        database = build_db(details, args, str(next(iter(details.values()))["version"]))
+    except Exception:  # noqa: BLE001 - another library's analysis of partial dumps must not cost the verdict
+        return None
+    for collective in database.collectives:
+        if collective.missing_ranks or not collective.pass_check:
+            what = f"{collective.collective_name} #{collective.collective_seq_id} of {collective.pg_desc}"
+            if collective.missing_ranks:
+                return f"torch's analyser: {_ranks(sorted(collective.missing_ranks))} never entered {what}"
+            return f"torch's analyser: the ranks entered {what} differently ({collective.type_of_mismatch})"
+    return None
 
 
 def _read(prefix: str, ranks: list[int]) -> dict[int, dict[str, Any]]:

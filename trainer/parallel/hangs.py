@@ -202,7 +202,7 @@ class Watchdog:
                              + (f", at {frame}" if frame else ""))
         who = "; ".join(parts) or "every rank entered it and still answers (a transient network failure?)"
         prefix = flight_recorder.dump_prefix()
-        recorded = flight_recorder.summary(prefix, [self.env.rank, *named]) if prefix and named else None
+        recorded = flight_recorder.summary(prefix, [self.env.rank, *named], world) if prefix and named else None
         line = (f"hang: {mine} did not complete within {timeout_s:g} s ({_detail(exc)}); {who}; "
                 f"stacks in {STACKS_DIR}; " + (f"{recorded}; " if recorded else "")
                 + "start the run again: it resumes from its last checkpoint")
