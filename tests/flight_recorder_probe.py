@@ -30,7 +30,7 @@ for _ in range(10):
     dist.all_reduce(torch.ones(4, device=env.device))
 if env.device.type == "cuda":
     torch.cuda.synchronize()
-flight_recorder.prepare()
+flight_recorder.prepare(0)
 path = flight_recorder.dump(0, backend == "nccl")
 records = pickle.loads(path.read_bytes())["entries"] if path else []
 names = flight_recorder.BUFFER_SIZE + flight_recorder.DUMP_FILE + flight_recorder.DUMP_ON_TIMEOUT

@@ -41,6 +41,18 @@ def test_a_variable_the_user_set_under_either_name_wins(tmp_path: Path) -> None:
     assert flight_recorder.dump_prefix(environ) == "/scratch/fr_"
 
 
+def test_a_start_removes_its_ranks_dump_of_an_earlier_start_and_makes_the_folder(tmp_path: Path) -> None:
+    environ: dict[str, str] = {}
+    flight_recorder.configure("on", 500, True, tmp_path, environ)
+    folder = tmp_path / "logs" / "flight_recorder"
+    flight_recorder.prepare(0, environ)
+    assert folder.is_dir(), "NCCL's watchdog writes there and creates no folder"
+    (folder / "rank_0").write_bytes(b"an earlier hang's")
+    (folder / "rank_1").write_bytes(b"an earlier hang's")
+    flight_recorder.prepare(0, environ)
+    assert not (folder / "rank_0").exists() and (folder / "rank_1").exists(), "each rank removes its own"
+
+
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Two real processes, each with a one-rank gloo group: ``dist.flight_recorder=on`` with 5

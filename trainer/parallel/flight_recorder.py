@@ -101,10 +101,14 @@ def _group_table(entries: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     return {name: {"name": name, "desc": desc, "ranks": str(ranks.get(name, []))} for name, desc in names.items()}
 
 
-def prepare(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Create the dumps' folder, where NCCL's watchdog writes on a timeout (it creates none)."""
+def prepare(rank: int, environ: MutableMapping[str, str] = os.environ) -> None:
+    """At the start of a run: remove this rank's dump from an earlier start (it would be taken for
+    this one's) and create the dumps' folder, where NCCL's watchdog writes on a timeout (it creates none)."""
     prefix = dump_prefix(environ)
-    if prefix is not None and environ.get(DUMP_ON_TIMEOUT[0]) == "1":
+    if prefix is None:
+        return
+    Path(f"{prefix}{rank}").unlink(missing_ok=True)
+    if environ.get(DUMP_ON_TIMEOUT[0]) == "1":
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -111,7 +111,7 @@ class Watchdog:
         self.answered = threading.Lock()
         self.done = False
         self.store.set(f"hang/host/{env.rank}", f"{socket.gethostname()} pid {os.getpid()}")
-        flight_recorder.prepare()
+        flight_recorder.prepare(env.rank)
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
