@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from launcher import nodes
 from launcher.plan import SHUTDOWN_TIMEOUT_S, STOP_SIGNALS, Machine, Plan, Request, make_plan
+from launcher.reaper import HangReaper
 from launcher.relay import StopRelay
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_USER_ERROR, UserError
 from trainer.parallel import openmp, slurm
@@ -88,11 +90,17 @@ def execute(plan: Plan, shutdown_timeout: int) -> int:
         relay.install()
         others = ",".join(name for name in STOP_SIGNALS.split(",") if name not in RELAYED_SIGNALS)
         argv = [f"--signals-to-handle={others}" if arg.startswith("--signals-to-handle=") else arg for arg in argv]
+    reaper = HangReaper()  # ends a rank the workers' hang verdict names as not answering
+    reaper.start()
     try:
         torchrun(argv)
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
         code = next((code for code in codes if code > 0), EXIT_FAILURE)
+        ended = ", ".join(f"rank {rank} " + (f"exit {f.exitcode}" if f.exitcode >= 0 else
+                                              f"killed by {signal.Signals(-f.exitcode).name}")
+                          for rank, f in sorted(exc.failures.items()))
+        print(f"launcher: workers that failed: {ended}", file=sys.stderr)
         if code == EXIT_HANG:  # the workers' verdict, last, after torchrun's own lines
             messages = [f.message.get("message") if isinstance(f.message, dict) else f.message
                         for f in exc.failures.values()]  # what a worker wrote to its error file
@@ -108,6 +116,8 @@ def execute(plan: Plan, shutdown_timeout: int) -> int:
             outcome += f"; {len(relay.killed)} killed after --shutdown-timeout {shutdown_timeout} s"
         print(f"launcher: got {exc.sigval.name}: {outcome}", file=sys.stderr)
         return code
+    finally:
+        reaper.stop()
     return 0
 
 

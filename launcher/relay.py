@@ -51,7 +51,7 @@ class StopRelay:
         return 0 if codes else 128 + signum
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        workers = _children()
+        workers = children(os.getpid())
         for pid in workers:
             _send(pid, signum)
         if self._relaying:  # a second signal while the first one's workers are saving: forwarded, no more
@@ -74,15 +74,15 @@ class StopRelay:
                               sigval=signal.Signals(signum))
 
 
-def _children() -> list[int]:
-    """This process's live child processes (the workers torchrun started)."""
-    me, found = os.getpid(), []
+def children(parent: int) -> list[int]:
+    """The live child processes of ``parent`` (the launcher's: the workers torchrun started)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        if int(fields[1]) == me and fields[0] != "Z":
+        if int(fields[1]) == parent and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
 

@@ -1,6 +1,7 @@
 """A user's data set that goes wrong on one rank, for the hang tests: on rank ``HANG_RANK``, its
 ``HANG_AT_READ``-th read blocks forever (``HANG_HOW=block``) or stops the whole process with
-SIGSTOP (``HANG_HOW=stop``), after writing the time to ``HANG_MARK``."""
+SIGSTOP (``HANG_HOW=stop``), after writing the time to ``HANG_MARK``. With ``HANG_RECORD`` set, each
+process appends every training index it reads to ``<HANG_RECORD>/rank<r>_pid<p>.txt``."""
 
 import os
 import signal
@@ -23,6 +24,9 @@ class Blobs(Dataset):
     def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
         global READS
         READS += 1
+        if self.faulty and os.environ.get("HANG_RECORD"):
+            with open(f"{os.environ['HANG_RECORD']}/rank{os.environ['RANK']}_pid{os.getpid()}.txt", "a") as record:
+                record.write(f"{index}\n")
         if self.faulty and READS == int(os.environ.get("HANG_AT_READ", "0")) \
                 and os.environ.get("RANK") == os.environ.get("HANG_RANK"):
             with open(os.environ["HANG_MARK"], "w") as mark:

@@ -124,3 +124,16 @@ def test_uint8_batches_normalised_on_cuda_equal_the_cpu_float_pipeline() -> None
     images = Normalize(mean, std, torch.device("cuda"))(on_device)
     assert images.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(images.cpu(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_flight_recorder_settings_are_in_force_on_an_nccl_group(tmp_path: Path) -> None:
+    """dist.flight_recorder=auto on NCCL: torch keeps the configured number of collectives, dumps
+    on a timeout, and a hang's dump lands in the run directory (tests/flight_recorder_probe.py)."""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "flight_recorder_probe.py"), "nccl", "auto", "7",
+                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["entries"] == 7 and found["last_record_id"] >= 9, found
+    assert found["ops"] == ["nccl:all_reduce"] and found["folder_exists"]
+    assert found["env"]["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and found["env"]["TORCH_FR_BUFFER_SIZE"] == "7"
+    assert found["dump"] == str(tmp_path / "logs" / "flight_recorder" / "rank_0")

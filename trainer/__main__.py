@@ -20,7 +20,7 @@ from trainer.config import cli, user_code
 from trainer.data import sources
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_USER_ERROR, ConfigError, UserError, one_line
 from trainer.observe.console import add_rank_file, log, setup_console
-from trainer.parallel import distributed, hangs, openmp, peers, slurm
+from trainer.parallel import distributed, flight_recorder, hangs, openmp, peers, slurm
 from trainer.parallel.signals import StopRequest
 
 
@@ -67,7 +67,8 @@ def _run(argv: list[str] | None) -> int:
         sources.check_source(cfg.data.source)
         models.check_weights(cfg.model)
         _check_model_and_optimizer(cfg)
-        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        env = distributed.setup(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s,
+                                before_group=lambda backend: _record_collectives(cfg, backend))
         log.debug("%s, %d torch threads", openmp.describe_wait_policy(), torch.get_num_threads())
         resume_from = _resume_source(cfg.ckpt.resume, cfg.run_dir.resolve())
         run_dir, lock = _agree_run_dir(env, cfg)
@@ -124,6 +125,14 @@ def _check_model_and_optimizer(cfg: config.Config) -> None:
     shape = models.sketch(cfg.model, cfg.data.image_size)
     if shape is not None and cfg.optim.layer_decay < 1:
         optim.layer_scales(shape, cfg.optim.layer_decay)
+
+
+def _record_collectives(cfg: config.Config, backend: str) -> None:
+    """Turn torch's flight recorder on or off as ``dist.flight_recorder`` says (before the group exists)."""
+    kept = flight_recorder.configure(cfg.dist.flight_recorder, cfg.dist.flight_recorder_entries, backend == "nccl",
+                                     cfg.run_dir.resolve())
+    if kept:
+        log.debug("flight recorder: %s from the environment", ", ".join(kept))
 
 
 def _error_line(line: str) -> None:

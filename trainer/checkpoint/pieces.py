@@ -69,7 +69,8 @@ class RankSums:
 
 
 # ----------------------------------------------------------------------------- compatibility
-NEUTRAL_KEYS = ("log.", "ckpt.", "dist.timeout_s", "dist.find_unused_parameters", "data.num_workers",
+NEUTRAL_KEYS = ("log.", "ckpt.", "dist.timeout_s", "dist.step_timeout_s", "dist.flight_recorder",
+                "dist.find_unused_parameters", "data.num_workers",
                 "data.persistent_workers", "data.pin_memory", "data.val_batch_size", "data.download",
                 "data.cache_dir", "data.root")
 """Config keys (or prefixes) that do not change the training math: changing them keeps a resume exact."""

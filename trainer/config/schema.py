@@ -141,6 +141,8 @@ class DistConfig:
     backend: str = "auto"
     timeout_s: float = 300.0
     step_timeout_s: float = 120.0
+    flight_recorder: str = "auto"  # auto (on under NCCL) | on | off: torch's record of the last collectives, for hangs
+    flight_recorder_entries: int = 20000  # collectives each process keeps (a ring buffer) when the recorder is on
     find_unused_parameters: bool = False
     strategy: str = "ddp"
     shard_blocks: str = "auto"
@@ -198,6 +200,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.device": ("auto", "cpu", "cuda", "mps"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.strategy": ("ddp", "fsdp", "hsdp"),
+    "dist.flight_recorder": ("auto", "on", "off"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "train.micro_batch": ("fixed", "auto"),
     "log.progress_bar": ("auto", "on", "off"),
@@ -219,7 +222,7 @@ builder (``my_pkg.module:build``), checked when it is imported."""
 
 POSITIVE = ("data.batch_size", "data.image_size", "data.ra_reps", "data.randaugment_ops", "train.epochs",
             "train.grad_accum_steps", "train.ema_steps", "optim.lr", "dist.timeout_s", "dist.step_timeout_s",
-            "log.every_steps", "ckpt.keep_last")
+            "dist.flight_recorder_entries", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_size", "data.val_crop_size",
                 "data.num_workers", "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -119,8 +119,10 @@ def select_device(requested: str, topology: Topology) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
-    """Resolve this process and, when the job has several, join the process group."""
+def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+          before_group: Callable[[str], None] | None = None) -> DistEnv:
+    """Resolve this process and, when the job has several, join the process group;
+    ``before_group(backend)`` runs just before it is made (e.g. to set torch's variables)."""
     topology = discover()
     dev = select_device(device, topology)
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -133,6 +135,8 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0)
         raise EnvironmentProblem("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if before_group is not None:
+        before_group(chosen)
     store = _rendezvous_store(topology, timeout_s)
     dist.init_process_group(chosen, store=store, rank=topology.rank,
                             world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),

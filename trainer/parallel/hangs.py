@@ -4,10 +4,11 @@ entered it, on which hosts, and where their code was (or that they did not answe
 Each rank keeps a trail in memory (the step it is on and what it is doing) and runs a watchdog
 thread that looks at the rendezvous store once a second. The rank whose collective times out
 asks every rank, through the store, to write its stacks (``logs/stacks/rank_<r>.txt``, its loader
-workers ``rank_<r>_worker_<w>.txt``) and report its trail and innermost frame of user or project
-code. A rank stuck outside any collective answers from its watchdog thread (its main thread is
-blocked), then prints the verdict and exits; a stopped or dead rank stays silent, and the verdict
-says so. Every rank that can prints the same line and exits with :data:`EXIT_HANG`.
+workers ``rank_<r>_worker_<w>.txt``), dump its flight recorder (trainer/parallel/flight_recorder.py)
+and report its trail and innermost frame of user or project code. A rank stuck outside any
+collective answers from its watchdog thread (its main thread is blocked), then prints the verdict
+and exits; a stopped or dead rank stays silent, and the verdict says so. Every rank that can
+prints the same line and exits with :data:`EXIT_HANG`.
 
 Two timeouts, as torchtitan has: ``dist.timeout_s`` for start-up, the first step and whatever
 follows rank-0-only work (checkpoints, pictures, validation), ``dist.step_timeout_s`` between
@@ -35,6 +36,7 @@ from typing import Iterator
 import torch.distributed as dist
 
 from trainer.errors import EXIT_HANG
+from trainer.parallel import flight_recorder
 from trainer.parallel.distributed import DistEnv
 
 REPORT_WAIT_S = 10.0
@@ -53,7 +55,7 @@ class Trail:
     PHASES = {"start": "start-up", "data": "waiting for its data of step {step}",
               "step": "the forward, backward and gradient all-reduce of step {step}",
               "agreement": "the stop agreement after step {step}", "checkpoint": "the checkpoint at step {step}",
-              "validation": "the validation after step {step}", "finish": "the end of the run"}
+              "validation": "the validation after step {step}"}
 
     def __init__(self) -> None:
         self.phase, self.step = "start", 0
@@ -109,6 +111,7 @@ class Watchdog:
         self.answered = threading.Lock()
         self.done = False
         self.store.set(f"hang/host/{env.rank}", f"{socket.gethostname()} pid {os.getpid()}")
+        flight_recorder.prepare(env.rank)
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
@@ -151,6 +154,7 @@ class Watchdog:
                 if first.startswith("innermost: ") and first != "innermost: none":
                     worker = path.stem.rpartition("_")[2]
                     frame = f"{first[len('innermost: '):]} (loader worker {worker})"
+            flight_recorder.dump(self.env.rank, self.env.backend == "nccl")
             report = {"trail": TRAIL.describe(), "frame": frame}
             self.store.set(f"hang/report/{self.env.rank}", json.dumps(report))
 
@@ -183,11 +187,13 @@ class Watchdog:
         while time.monotonic() < deadline and not all(store.check([key]) for key in keys):
             time.sleep(0.1)
         reports = {rank: json.loads(store.get(key)) for rank, key in enumerate(keys) if store.check([key])}
-        parts = []
+        parts, named = [], []
         per_node = self.env.topology.local_world_size
         for rank in range(world):
             host = store.get(f"hang/host/{rank}").decode() if store.check([f"hang/host/{rank}"]) else "?"
             where = f"rank {rank} (node {rank // per_node}, {host})"
+            if rank not in reports or reports[rank]["trail"] != mine:
+                named.append(rank)
             if rank not in reports:
                 parts.append(f"{where} did not answer: stopped, dead or cut off from the network")
             elif reports[rank]["trail"] != mine:
@@ -195,8 +201,11 @@ class Watchdog:
                 parts.append(f"{where} never entered it: {reports[rank]['trail']}"
                              + (f", at {frame}" if frame else ""))
         who = "; ".join(parts) or "every rank entered it and still answers (a transient network failure?)"
+        prefix = flight_recorder.dump_prefix()
+        recorded = flight_recorder.summary(prefix, [self.env.rank, *named], world) if prefix and named else None
         line = (f"hang: {mine} did not complete within {timeout_s:g} s ({_detail(exc)}); {who}; "
-                f"stacks in {STACKS_DIR}; start the run again: it resumes from its last checkpoint")
+                f"stacks in {STACKS_DIR}; " + (f"{recorded}; " if recorded else "")
+                + "start the run again: it resumes from its last checkpoint")
         return store.compare_set("hang/verdict", "", line).decode()
 
 
