@@ -105,9 +105,13 @@ def memory(tmp: Path, name: str) -> float:
 
 
 def test_fsdp_holds_a_world_size_fraction_of_the_training_state(runs: Path) -> None:
+    """From the start: the model is built without its parameters' memory, and each rank reads its
+    slices of the shared initial weights (the equality above proves the sharded step, not a copy)."""
     assert memory(runs, "fsdp") == pytest.approx(memory(runs, "ddp") / 2, rel=0.05)
     log = (run_dir(runs, "fsdp") / "logs" / "rank_0.log").read_text()
     assert "(gloo) | fsdp: " in log and "MB of parameters" in log
+    assert "deferred initialisation: the model was built without its parameters' memory" in log
+    assert "initial.pt: 45 tensors loaded (each rank its slices), 0 replaced" in log
 
 
 def test_sharded_checkpoints_are_dcp_folders_with_a_digest_per_file(runs: Path) -> None:
@@ -220,10 +224,7 @@ def test_a_resume_falls_back_past_a_damaged_shard_and_ignores_a_half_written_sav
 def test_fsdp_resume_on_another_world_size_sees_each_sample_once(runs: Path, stopped: dict, nproc: int) -> None:
     name = f"resumed-{nproc}"
     resume_copy(runs, name, nproc)
-    served = Counter((s["epoch"], s["index"]) for s in recorded(runs, name, "served") if s["size"] == TRAIN_SIZE)
-    for epoch in range(EPOCHS):
-        seen = sorted(i for (e, i), count in served.items() if e == epoch for _ in range(count))
-        assert seen == list(range(TRAIN_SIZE)), f"epoch {epoch + 1} missed or repeated samples"
+    assert_each_sample_once(runs, name)
     final = last_checkpoint(runs, name)
     assert final["epoch"] == EPOCHS and final["world_size"] == nproc
     # the learning rate is the same function of progress as in the uninterrupted run
@@ -233,6 +234,14 @@ def test_fsdp_resume_on_another_world_size_sees_each_sample_once(runs: Path, sto
     assert len(common) >= 4 and all(abs(a - b) <= 1e-9 for a, b in common)
     if nproc == 3:  # a third of the state per rank
         assert memory(runs, name) == pytest.approx(memory(runs, "ddp") / 3, rel=0.1)
+
+
+def assert_each_sample_once(tmp: Path, name: str) -> None:
+    """Every training sample served once per epoch, over all the attempts and ranks of run ``name``."""
+    served = Counter((s["epoch"], s["index"]) for s in recorded(tmp, name, "served") if s["size"] == TRAIN_SIZE)
+    for epoch in range(EPOCHS):
+        seen = sorted(i for (e, i), count in served.items() if e == epoch for _ in range(count))
+        assert seen == list(range(TRAIN_SIZE)), f"epoch {epoch + 1} missed or repeated samples"
 
 
 def evaluate(tmp: Path, path: Path) -> dict:
