@@ -4,7 +4,7 @@ read from a memory-mapped file); rank 0 saves each case's whole state to ``argv[
 
 The model mixes what a constructor can do: the sharding tests' residual net (convolutions,
 BatchNorm and its running statistics), a multi-head attention (whose reset also sets its child's
-bias), a LayerNorm, and a parameter of its own that no layer's reset covers.
+bias), a LayerNorm, and a parameter of the model's own that no layer's reset covers.
 """
 
 import sys
@@ -22,17 +22,11 @@ from trainer.models import deferred, find_blocks
 from trainer.models.weights import load_weights, read_weight_file
 
 
-class Tokens(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.token = nn.Parameter(torch.zeros(1, 5, 8))
-
-
 class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net, self.attention, self.norm, self.tokens = (residual_net(3), nn.MultiheadAttention(8, 2),
-                                                            nn.LayerNorm(8), Tokens())
+        self.net, self.attention, self.norm = residual_net(3), nn.MultiheadAttention(8, 2), nn.LayerNorm(8)
+        self.token = nn.Parameter(torch.zeros(1, 5, 8))  # the root's own, as a ViT's class token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

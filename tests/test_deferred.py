@@ -44,8 +44,8 @@ def assert_equal(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
 def test_the_shards_start_as_a_one_process_build(cases: dict, scheme: str) -> None:
     """Layers' resets (the attention's, which also zeroes its child's bias, included), BatchNorm's
     statistics and ``model.init``, bitwise; the parameter no reset covers gets the fallback."""
-    assert_equal(cases[scheme], one_process(scheme), but="tokens.token")
-    token = cases[scheme]["tokens.token"]
+    assert_equal(cases[scheme], one_process(scheme), but="token")
+    token = cases[scheme]["token"]
     assert token.abs().max() <= 0.04 and 0.01 < token.std() < 0.03
 
 

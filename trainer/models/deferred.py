@@ -17,7 +17,6 @@ read tensor by tensor from a memory-mapped file, each rank copying its slice.
 
 from __future__ import annotations
 
-import copy
 import logging
 from contextlib import contextmanager
 from functools import partial
@@ -157,7 +156,7 @@ def _twin(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], val
     """A shallow copy of ``module`` without children, with whole CPU copies of its own parameters
     (with ``values``, gathered: a collective every rank runs in the same order) and of its buffers;
     each (parameter, whole copy) is added to ``pairs``."""
-    twin = copy.copy(module)
+    twin = object.__new__(type(module))  # no constructor: FSDP's module classes construct in __new__
     twin.__dict__ = dict(module.__dict__)
     params: dict[str, nn.Parameter | None] = {}
     for name, param in module._parameters.items():
