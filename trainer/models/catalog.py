@@ -14,7 +14,7 @@ from torch import nn
 
 from trainer.config import Config, ModelConfig, user_code
 from trainer.errors import ConfigError, first_line
-from trainer.models.deferred import parameters_on_meta
+from trainer.models.deferred import FALLBACK_STD, parameters_on_meta
 from trainer.models.modules import head_parameter_names, initialise
 from trainer.models.weights import (checkpoint_data_settings, is_file_spec, load_weights, read_weight_file,
                                     torchvision_file)
@@ -161,9 +161,14 @@ def build_deferred(config: Config, num_classes: int) -> tuple[nn.Module, Callabl
     _freeze(model, config)
 
     def materialise(sharded: nn.Module, device: torch.device) -> None:
-        deferred.materialise(sharded, device)
+        uncovered = deferred.materialise(sharded, device)
         if weights.lower() != "none":
             log.info("%s", load_weights(sharded, _weight_tensors(key, weights, mapped=True), weights, into_shards=True))
+        elif uncovered:
+            log.warning("deferred initialisation: %d parameter(s) no layer's reset covers (%s%s) start from a "
+                        "normal of std %g; for %s's own initialisation save one build's state dict and give it as "
+                        "model.weights", len(uncovered), ", ".join(uncovered[:4]), " ..." if len(uncovered) > 4 else "",
+                        FALLBACK_STD, key)
 
     return model, materialise
 

@@ -8,7 +8,8 @@ replayed module by module, children before their parent (the order in which cons
 module's own parameters, and those of its direct children, are made whole on the CPU, the module's
 ``reset_parameters`` runs on them from the random state the build started with, and each rank
 keeps its slice. Parameters no reset covers (a constructor's own ``nn.Parameter(torch.randn(...))``)
-get a truncated normal of standard deviation 0.02, drawn whole in the same replay. So the start is
+get a truncated normal of standard deviation 0.02, drawn whole from a generator of their own
+(seeded as the build was: the layers draw what they draw in a one-process build). So the start is
 the same on any number of ranks, and equals a one-process build when the model leaves its
 initialisation to its layers; constructors that re-initialise their layers themselves (torchvision's
 ResNet and ViT, timm's models) start from their layers' defaults instead. ``model.weights`` is then
@@ -42,25 +43,19 @@ class DeferredInit:
     def __init__(self, rng_state: torch.Tensor, scheme: str) -> None:
         self.rng_state, self.scheme = rng_state, scheme
 
-    def materialise(self, net: nn.Module, device: torch.device) -> None:
+    def materialise(self, net: nn.Module, device: torch.device) -> list[str]:
         """Allocate ``net``'s shards on ``device`` and initialise them (see the module's docstring);
-        the global random state goes on from where a one-process build would leave it."""
+        the global random state goes on from where a one-process build would leave it. Returns
+        the names of the parameters no layer's reset covers."""
         allocate(net, device)
-        after = torch.random.get_rng_state()
         torch.random.set_rng_state(self.rng_state)
-        try:
-            uncovered = _replay_resets(net, torch.Generator().set_state(self.rng_state))
-            if self.scheme != "default":
-                for module in (m for m in net.modules() if any(p is not None for p in m._parameters.values())):
-                    _on_whole_copy(module, lambda twin: initialise_module(twin, self.scheme), own_values=True)
-        finally:
-            torch.random.set_rng_state(after)
+        uncovered = _replay_resets(net, torch.Generator().set_state(self.rng_state))
+        if self.scheme != "default":
+            for module in (m for m in net.modules() if any(p is not None for p in m._parameters.values())):
+                _on_whole_copy(module, lambda twin: initialise_module(twin, self.scheme), own_values=True)
         log.info("deferred initialisation: the model was built without its parameters' memory; each rank "
                  "initialised its own shards")
-        if uncovered:
-            log.warning("deferred initialisation: %d parameter(s) no layer's reset covers (%s%s) start from a "
-                        "normal of std %g; give model.weights for the model's own initialisation", len(uncovered),
-                        ", ".join(uncovered[:4]), " ..." if len(uncovered) > 4 else "", FALLBACK_STD)
+        return uncovered
 
 
 @contextmanager
