@@ -36,6 +36,13 @@ def build() -> nn.Module:
     return Mixed()
 
 
+def reads_its_weights(num_classes: int) -> nn.Module:
+    """A user's model whose constructor reads a parameter's value (the meta device has none)."""
+    model = nn.Linear(4, num_classes)
+    model.weight.data /= model.weight.abs().max().item()
+    return model
+
+
 def sharded(scheme: str, weights: str | None) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     with deferred.parameters_on_meta() as later:

@@ -11,6 +11,7 @@ from deferred_build import build
 from helpers import TESTS, child_env, run
 from safetensors.torch import save_file
 
+from trainer import config, models
 from trainer.models import initialise
 
 
@@ -52,3 +53,17 @@ def test_the_shards_start_as_a_one_process_build(cases: dict, scheme: str) -> No
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_weights_are_read_each_rank_its_slices(cases: dict, suffix: str) -> None:
     assert_equal(cases[f"weights{suffix}"], cases["file"])
+
+
+def test_the_build_holds_no_parameter_memory_but_real_buffers() -> None:
+    model, materialise = models.build_deferred(config.load(overrides=["model.name=smallcnn"]), 3)
+    assert materialise is not None and all(p.is_meta for p in model.parameters())
+    assert all(not b.is_meta for b in model.buffers()) and torch.equal(model[1].running_var, torch.ones(32))
+
+
+def test_a_constructor_that_reads_its_parameters_is_built_whole_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config.load(overrides=["model.name=deferred_build:reads_its_weights"])
+    model, materialise = models.build_deferred(cfg, 3)
+    assert materialise is None and not model.weight.is_meta and model.weight.abs().max() == 1
+    assert "cannot be built without its parameters' memory (Tensor.item() cannot be called on meta" in caplog.text

@@ -149,14 +149,21 @@ def builds_deferred(config: Config) -> bool:
     return not (key.startswith(TIMM_PREFIX) and not is_file_spec(weights) and weights.lower() != "none")
 
 
-def build_deferred(config: Config, num_classes: int) -> tuple[nn.Module, Callable[[nn.Module, torch.device], None]]:
+def build_deferred(config: Config,
+                   num_classes: int) -> tuple[nn.Module, Callable[[nn.Module, torch.device], None] | None]:
     """:func:`build_for_training` without the parameters' memory (see :mod:`trainer.models.deferred`),
     and what gives the model its values once sharded: the initialisation, then ``model.weights``,
-    each rank its slices of a memory-mapped file."""
+    each rank its slices of a memory-mapped file. A constructor that reads its parameters' values
+    (which the meta device has not) gets the model built whole instead, and None."""
     cfg = config.model
     key, weights = resolve_name(cfg.name), cfg.weights
-    with parameters_on_meta() as deferred:
-        model = build_model(key, num_classes, config.data.image_size, "default", cfg.drop_path)
+    try:
+        with parameters_on_meta() as deferred:
+            model = build_model(key, num_classes, config.data.image_size, "default", cfg.drop_path)
+    except (RuntimeError, NotImplementedError) as exc:
+        log.warning("model.name=%s cannot be built without its parameters' memory (%s): every process builds it "
+                    "whole before sharding it", key, first_line(exc))
+        return build_for_training(config, num_classes), None
     deferred.scheme = cfg.init
     _freeze(model, config)
 
