@@ -65,14 +65,15 @@ def last_checkpoint(tmp: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DDP and FSDP, each plain (with an EMA) and with accumulation, clipping and activation
-    checkpointing; HSDP."""
+    checkpointing (FSDP's with channels_last inputs); HSDP."""
     tmp = tmp_path_factory.mktemp("sharding")
     torch.manual_seed(1)
     torch.save(build(3).state_dict(), tmp / "initial.pt")
     sharded_run(tmp, "ddp", "ddp", *PLAIN)
     sharded_run(tmp, "fsdp", "fsdp", *PLAIN)
     sharded_run(tmp, "ddp-harder", "ddp", *HARDER, "train.activation_checkpointing=full")
-    sharded_run(tmp, "fsdp-harder", "fsdp", *HARDER, "train.activation_checkpointing=selective")
+    sharded_run(tmp, "fsdp-harder", "fsdp", *HARDER, "train.activation_checkpointing=selective",
+                "model.channels_last=true")  # FSDP takes contiguous parameters: the layout is the inputs
     # HSDP on a 2-D mesh: 2 replicas of 1 shard (hosts x processes per host, as on 2 one-GPU nodes)
     sharded_run(tmp, "hsdp-harder", "hsdp", *HARDER, "dist.hsdp_shard_size=1", "train.activation_checkpointing=full")
     return tmp
@@ -294,6 +295,7 @@ def test_compile_under_fsdp_compiles_each_block_in_place_then_shards(monkeypatch
     whole-model wrapper), then sharded; a step computes what the model computes uncompiled. Dynamo's
     ``aot_eager`` backend stands in for inductor: the same tracing, graphs and autograd, without
     generating C++ (minutes on CI's CPUs). One process: the wrapping is the point."""
+    assert config.load(overrides=["dist.strategy=fsdp", "model.compile=true"]).model.compile
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

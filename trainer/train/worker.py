@@ -61,7 +61,10 @@ class Worker:
         else:
             self.net = models.build_for_training(cfg, len(self.classes))
         memory_format = models.memory_format(cfg.model.channels_last)
-        self.net.to(None if materialise else self.device, memory_format=memory_format)
+        if not self.parallel.shards_parameters:
+            self.net.to(self.device, memory_format=memory_format)
+        elif materialise is None:  # FSDP takes contiguous parameters only: channels_last is the inputs' layout
+            self.net.to(self.device)
         # Sharded, the blocks are compiled in place (see Parallel.wrap): the evaluation runs them as they are.
         self.eval_net = torch.compile(self.net) if cfg.model.compile and not self.parallel.shards_parameters \
             else self.net
