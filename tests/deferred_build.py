@@ -4,7 +4,7 @@ read from a memory-mapped file); rank 0 saves each case's whole state to ``argv[
 
 The model mixes what a constructor can do: the sharding tests' residual net (convolutions,
 BatchNorm and its running statistics), a multi-head attention (whose reset also sets its child's
-bias), a LayerNorm, and a parameter of the model's own that no layer's reset covers.
+bias), a LayerNorm, and a parameter of the model's own whose reset reaches past the model's children.
 """
 
 import sys
@@ -27,6 +27,11 @@ class Mixed(nn.Module):
         super().__init__()
         self.net, self.attention, self.norm = residual_net(3), nn.MultiheadAttention(8, 2), nn.LayerNorm(8)
         self.token = nn.Parameter(torch.zeros(1, 5, 8))  # the root's own, as a ViT's class token
+
+    def reset_parameters(self) -> None:
+        """Reaches past its children (the replay's copy has only those): the token takes the fallback."""
+        nn.init.zeros_(self.token)
+        nn.init.zeros_(self.net[0].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

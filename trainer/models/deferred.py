@@ -7,7 +7,8 @@ After sharding, each rank allocates its shards (``to_empty``) and the layers' ow
 replayed module by module, children before their parent (the order in which constructors run): a
 module's own parameters, and those of its direct children, are made whole on the CPU, the module's
 ``reset_parameters`` runs on them from the random state the build started with, and each rank
-keeps its slice. Parameters no reset covers (a constructor's own ``nn.Parameter(torch.randn(...))``)
+keeps its slice. Parameters no reset covers (a constructor's own ``nn.Parameter(torch.randn(...))``,
+or a module whose reset reaches past its direct children)
 get a truncated normal of standard deviation 0.02, drawn whole from a generator of their own
 (seeded as the build was: the layers draw what they draw in a one-process build). So the start is
 the same on any number of ranks, and equals a one-process build when the model leaves its
@@ -117,8 +118,11 @@ def _replay_resets(net: nn.Module, fallback: torch.Generator) -> list[str]:
         reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
         if callable(reset):
             method = reset.__name__
-            _on_whole_copy(module, lambda twin: getattr(twin, method)(), own_values=False, children=True)
-            continue
+            try:
+                _on_whole_copy(module, lambda twin: getattr(twin, method)(), own_values=False, children=True)
+                continue
+            except (AttributeError, IndexError, KeyError):  # a reset reaching past its children: as if none
+                pass
         prefix = owners[id(module)] + "." if owners[id(module)] else ""
         uncovered += [prefix + name for name, p in module._parameters.items() if p is not None]
         _on_whole_copy(module, partial(_fallback, generator=fallback), own_values=False)
