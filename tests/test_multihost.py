@@ -21,6 +21,8 @@ import pytest
 import torch
 from netns_slurm import two_node_cluster
 from slurm_cluster import ClusterUnavailable
+from test_resume import RECORDING, args
+from test_sharding import EPOCHS, MODEL, assert_each_sample_once
 
 from trainer.errors import EXIT_HANG
 
@@ -168,6 +170,46 @@ def test_kubeflow_trainer_v2_variables_alone_start_two_hosts(hosts: tuple[netns.
     assert [p.returncode for p in pods] == [0, 0], "\n".join(outputs)
     assert "Kubeflow Trainer v2" in outputs[1] and "| 2 process(es) on cpu (gloo) |" in outputs[0]
     assert [r["val/samples"] for r in records(tmp_path / "runs" / "trainjob")] == [VAL_SAMPLES]
+
+
+def torchrun_on_two_hosts(hosts: tuple[netns.Host, netns.Host], tmp: Path, name: str, nproc: int,
+                          trainer_args: list[str], **env: str) -> list[subprocess.Popen]:
+    """``recording_worker.py`` under torchrun on each host (the launcher's command, with a script),
+    recording into ``tmp/record/<name>``."""
+    (tmp / "record" / name).mkdir(parents=True, exist_ok=True)
+    endpoint = f"{hosts[0].address}:{RDZV_PORT}"
+    processes = []
+    for rank, host in enumerate(hosts):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={name}", f"--rdzv-conf=is_host={int(rank == 0)}",
+                f"--local-addr={host.address}", f"--nproc_per_node={nproc}", str(RECORDING), *trainer_args]
+        environment = job_env(host, OMP_NUM_THREADS="1", RECORD_DIR=str(tmp / "record" / name), **env)
+        environment["PYTHONPATH"] += os.pathsep + str(REPO / "tests")  # the sharding tests' model
+        processes.append(host.popen(argv, environment, tmp / f"{name}-host{rank}.log", REPO))
+    return processes
+
+
+def test_hsdp_on_two_hosts_stops_mid_epoch_and_resumes_each_sample_once(hosts: tuple[netns.Host, netns.Host],
+                                                                       tmp_path: Path) -> None:
+    """HSDP on 2 hosts x 2 processes: each host's processes shard the model, the hosts replicate it.
+    Stopped by SIGTERM in the second epoch, it saves sharded (DCP) checkpoints, resumes from one on
+    the same hosts and finishes, every training sample served once per epoch."""
+    name = "hsdp"
+    trainer_args = args(tmp_path, name, "log.pictures=false", f"model.name={MODEL}", "dist.strategy=hsdp",
+                        "dist.hsdp_shard_size=2", f"train.epochs={EPOCHS}", "optim.lr=0.02")
+    logs = [f"{name}-host{rank}.log" for rank in range(2)]
+    stopped = finish(torchrun_on_two_hosts(hosts, tmp_path, name, 2, trainer_args, STOP_AT_STEP="9"), tmp_path, logs)
+    assert "checkpoint saved, exit code 3" in stopped[0], "\n".join(stopped)
+    assert "| 4 process(es) on cpu (gloo) | hsdp: " in stopped[0]
+    checkpoints = tmp_path / "runs" / name / "checkpoints"
+    assert (checkpoints / "last.ptr").is_file() and not list(checkpoints.glob("*.pt"))
+
+    resumed = torchrun_on_two_hosts(hosts, tmp_path, name, 2, trainer_args)
+    outputs = finish(resumed, tmp_path, logs)
+    assert [p.returncode for p in resumed] == [0, 0], "\n".join(outputs)
+    assert re.search(r"resumed from \S*last\.ptr: epoch 2, \d+ of 192 samples done", outputs[0]), outputs[0]
+    assert_each_sample_once(tmp_path, name)
+    assert [r["epoch"] for r in records(tmp_path / "runs" / name)] == [1, 2]
 
 
 @pytest.mark.slurm

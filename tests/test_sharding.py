@@ -9,6 +9,8 @@ here whole (as the tools read them) by :func:`last_checkpoint`.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import shutil
 from collections import Counter
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import TESTS, metrics_lines, run, run_dir
 from sharded_net import build
 from test_resume import recorded, recorded_run
@@ -23,6 +26,9 @@ from test_resume import recorded, recorded_run
 from trainer import checkpoint, config
 from trainer.checkpoint import sharded
 from trainer.errors import CheckpointError, ConfigError
+from trainer.models import find_blocks
+from trainer.parallel import distributed
+from trainer.parallel.sharded import FullyShardedParallel
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +65,15 @@ def last_checkpoint(tmp: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DDP and FSDP, each plain (with an EMA) and with accumulation, clipping and activation
-    checkpointing; HSDP."""
+    checkpointing (FSDP's with channels_last inputs); HSDP."""
     tmp = tmp_path_factory.mktemp("sharding")
     torch.manual_seed(1)
     torch.save(build(3).state_dict(), tmp / "initial.pt")
     sharded_run(tmp, "ddp", "ddp", *PLAIN)
     sharded_run(tmp, "fsdp", "fsdp", *PLAIN)
     sharded_run(tmp, "ddp-harder", "ddp", *HARDER, "train.activation_checkpointing=full")
-    sharded_run(tmp, "fsdp-harder", "fsdp", *HARDER, "train.activation_checkpointing=selective")
+    sharded_run(tmp, "fsdp-harder", "fsdp", *HARDER, "train.activation_checkpointing=selective",
+                "model.channels_last=true")  # FSDP takes contiguous parameters: the layout is the inputs
     # HSDP on a 2-D mesh: 2 replicas of 1 shard (hosts x processes per host, as on 2 one-GPU nodes)
     sharded_run(tmp, "hsdp-harder", "hsdp", *HARDER, "dist.hsdp_shard_size=1", "train.activation_checkpointing=full")
     return tmp
@@ -105,9 +112,13 @@ def memory(tmp: Path, name: str) -> float:
 
 
 def test_fsdp_holds_a_world_size_fraction_of_the_training_state(runs: Path) -> None:
+    """From the start: the model is built without its parameters' memory, and each rank reads its
+    slices of the shared initial weights (the equality above proves the sharded step, not a copy)."""
     assert memory(runs, "fsdp") == pytest.approx(memory(runs, "ddp") / 2, rel=0.05)
     log = (run_dir(runs, "fsdp") / "logs" / "rank_0.log").read_text()
     assert "(gloo) | fsdp: " in log and "MB of parameters" in log
+    assert "deferred initialisation: the model was built without its parameters' memory" in log
+    assert "initial.pt: 45 tensors loaded (each rank its slices), 0 replaced" in log
 
 
 def test_sharded_checkpoints_are_dcp_folders_with_a_digest_per_file(runs: Path) -> None:
@@ -220,10 +231,7 @@ def test_a_resume_falls_back_past_a_damaged_shard_and_ignores_a_half_written_sav
 def test_fsdp_resume_on_another_world_size_sees_each_sample_once(runs: Path, stopped: dict, nproc: int) -> None:
     name = f"resumed-{nproc}"
     resume_copy(runs, name, nproc)
-    served = Counter((s["epoch"], s["index"]) for s in recorded(runs, name, "served") if s["size"] == TRAIN_SIZE)
-    for epoch in range(EPOCHS):
-        seen = sorted(i for (e, i), count in served.items() if e == epoch for _ in range(count))
-        assert seen == list(range(TRAIN_SIZE)), f"epoch {epoch + 1} missed or repeated samples"
+    assert_each_sample_once(runs, name)
     final = last_checkpoint(runs, name)
     assert final["epoch"] == EPOCHS and final["world_size"] == nproc
     # the learning rate is the same function of progress as in the uninterrupted run
@@ -233,6 +241,14 @@ def test_fsdp_resume_on_another_world_size_sees_each_sample_once(runs: Path, sto
     assert len(common) >= 4 and all(abs(a - b) <= 1e-9 for a, b in common)
     if nproc == 3:  # a third of the state per rank
         assert memory(runs, name) == pytest.approx(memory(runs, "ddp") / 3, rel=0.1)
+
+
+def assert_each_sample_once(tmp: Path, name: str) -> None:
+    """Every training sample served once per epoch, over all the attempts and ranks of run ``name``."""
+    served = Counter((s["epoch"], s["index"]) for s in recorded(tmp, name, "served") if s["size"] == TRAIN_SIZE)
+    for epoch in range(EPOCHS):
+        seen = sorted(i for (e, i), count in served.items() if e == epoch for _ in range(count))
+        assert seen == list(range(TRAIN_SIZE)), f"epoch {epoch + 1} missed or repeated samples"
 
 
 def evaluate(tmp: Path, path: Path) -> dict:
@@ -274,7 +290,35 @@ def test_async_save_writes_while_training_goes_on_and_a_stop_waits_for_it(runs: 
         assert torch.equal(tensor, resumed["model"][key]), key
 
 
-@pytest.mark.parametrize("key", ["model.compile=true", "log.graph=true", "log.histogram_every_epochs=1"])
+def test_compile_under_fsdp_compiles_each_block_in_place_then_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.compile`` under fsdp: each block compiled in place (parameter names unchanged, no
+    whole-model wrapper), then sharded; a step computes what the model computes uncompiled. Dynamo's
+    ``aot_eager`` backend stands in for inductor: the same tracing, graphs and autograd, without
+    generating C++ (minutes on CI's CPUs). One process: the wrapping is the point."""
+    assert config.load(overrides=["dist.strategy=fsdp", "model.compile=true"]).model.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallel = FullyShardedParallel(distributed.DistEnv(distributed.Topology(), torch.device("cpu"), "gloo"),
+                                        "fp32", True, None, compile_model=True)
+        torch.manual_seed(0)
+        net = build(3)
+        reference = copy.deepcopy(net)
+        torch._dynamo.reset()
+        assert parallel.wrap(net, find_blocks(net)) is net
+        assert all(block._compiled_call_impl is not None for block in find_blocks(net))
+        assert net._compiled_call_impl is None and net.state_dict().keys() == reference.state_dict().keys()
+        images = torch.randn(4, 3, 8, 8)
+        for model in (net, reference):
+            model(images).square().mean().backward()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        for sharded_param, param in zip(net.parameters(), reference.parameters()):
+            torch.testing.assert_close(sharded_param.grad.full_tensor(), param.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("key", ["log.graph=true", "log.histogram_every_epochs=1"])
 def test_what_fsdp_does_not_do_yet_is_refused_in_one_line(key: str) -> None:
     with pytest.raises(ConfigError) as refused:
         config.load(overrides=["dist.strategy=fsdp", key])

@@ -156,13 +156,12 @@ def validate(cfg: Config) -> None:
     _validate_sharding(cfg)
 
 
-NOT_YET_SHARDED = {"model.compile": lambda cfg: cfg.model.compile,
-                   "log.graph": lambda cfg: cfg.log.graph,
+NOT_YET_SHARDED = {"log.graph": lambda cfg: cfg.log.graph,
                    "log.histogram_every_epochs": lambda cfg: cfg.log.histogram_every_epochs > 0,
                    "train.micro_batch=auto": lambda cfg: cfg.train.micro_batch == "auto"}
-"""What a sharded run does not do yet: each is refused at start rather than half-working (compiling
-per block is not built; the graph and histograms run the model on rank 0 alone, which a sharded
-model cannot do without the others; cutting batches after an out-of-memory is built for DDP only)."""
+"""What a sharded run does not do yet: each is refused at start rather than half-working (the graph
+and histograms run the model on rank 0 alone, which a sharded model cannot do without the others;
+cutting batches after an out-of-memory is built for DDP only)."""
 
 
 def _validate_sharding(cfg: Config) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from trainer.config import Config, ModelConfig, user_code
 from trainer.errors import ConfigError, first_line
+from trainer.models.deferred import FALLBACK_STD, parameters_on_meta
 from trainer.models.modules import head_parameter_names, initialise
 from trainer.models.weights import (checkpoint_data_settings, is_file_spec, load_weights, read_weight_file,
                                     torchvision_file)
@@ -137,11 +138,53 @@ def build_for_training(config: Config, num_classes: int) -> nn.Module:
         model = build_model(key, num_classes, image_size, cfg.init, cfg.drop_path)
         if weights.lower() != "none":
             log.info("%s", load_weights(model, _weight_tensors(key, weights), weights))
-    if cfg.freeze == "backbone" and config.train.freeze_epochs == 0:
+    _freeze(model, config)
+    return model
+
+
+def builds_deferred(config: Config) -> bool:
+    """Whether :func:`build_deferred` can build the configured model: all but timm's pretrained
+    weights, which timm loads into the whole model as it builds it."""
+    key, weights = resolve_name(config.model.name), config.model.weights
+    return not (key.startswith(TIMM_PREFIX) and not is_file_spec(weights) and weights.lower() != "none")
+
+
+def build_deferred(config: Config,
+                   num_classes: int) -> tuple[nn.Module, Callable[[nn.Module, torch.device], None] | None]:
+    """:func:`build_for_training` without the parameters' memory (see :mod:`trainer.models.deferred`),
+    and what gives the model its values once sharded: the initialisation, then ``model.weights``,
+    each rank its slices of a memory-mapped file. A constructor that reads its parameters' values
+    (which the meta device has not) gets the model built whole instead, and None."""
+    cfg = config.model
+    key, weights = resolve_name(cfg.name), cfg.weights
+    try:
+        with parameters_on_meta() as deferred:
+            model = build_model(key, num_classes, config.data.image_size, "default", cfg.drop_path)
+    except (RuntimeError, NotImplementedError) as exc:
+        log.warning("model.name=%s cannot be built without its parameters' memory (%s): every process builds it "
+                    "whole before sharding it", key, first_line(exc))
+        return build_for_training(config, num_classes), None
+    deferred.scheme = cfg.init
+    _freeze(model, config)
+
+    def materialise(sharded: nn.Module, device: torch.device) -> None:
+        uncovered = deferred.materialise(sharded, device)
+        if weights.lower() != "none":
+            log.info("%s", load_weights(sharded, _weight_tensors(key, weights, mapped=True), weights, into_shards=True))
+        elif uncovered:
+            log.warning("deferred initialisation: %d parameter(s) no layer's reset covers (%s%s) start from a "
+                        "normal of std %g; for %s's own initialisation save one build's state dict and give it as "
+                        "model.weights", len(uncovered), ", ".join(uncovered[:4]), " ..." if len(uncovered) > 4 else "",
+                        FALLBACK_STD, key)
+
+    return model, materialise
+
+
+def _freeze(model: nn.Module, config: Config) -> None:
+    if config.model.freeze == "backbone" and config.train.freeze_epochs == 0:
         head = head_parameter_names(model)
         for param_name, param in model.named_parameters():
             param.requires_grad_(param_name in head)
-    return model
 
 
 def _construct(key: str, num_classes: int, image_size: int, pretrained_tag: str | None,
@@ -225,12 +268,13 @@ def _timm_tags(arch: str) -> list[str]:
     return [name.split(".", 1)[1] for name in timm.list_pretrained(f"{arch}.*")][:6]
 
 
-def _weight_tensors(key: str, weights: str) -> dict[str, torch.Tensor]:
-    """The tensors ``model.weights`` names: a local file or a torchvision weights name."""
+def _weight_tensors(key: str, weights: str, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors ``model.weights`` names: a local file or a torchvision weights name (``mapped``:
+    views of the memory-mapped file)."""
     if is_file_spec(weights):
-        return read_weight_file(Path(weights).expanduser())
+        return read_weight_file(Path(weights).expanduser(), mapped)
     enum = _torchvision_weights(key, weights)
-    return read_weight_file(torchvision_file(enum))
+    return read_weight_file(torchvision_file(enum), mapped)
 
 
 def _torchvision_weights(key: str, weights: str) -> Any:

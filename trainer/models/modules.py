@@ -31,18 +31,23 @@ def initialise(model: nn.Module, scheme: str) -> None:
     if scheme == "default":
         return
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            if scheme == "kaiming":
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif scheme == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-            else:
-                raise ConfigError(f"model.init: unknown scheme '{scheme}'; use default, kaiming or xavier")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
-            nn.init.ones_(module.weight)
+        initialise_module(module, scheme)
+
+
+def initialise_module(module: nn.Module, scheme: str) -> None:
+    """:func:`initialise` for one module's own weight and bias (a conv, linear or norm layer)."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if scheme == "kaiming":
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            raise ConfigError(f"model.init: unknown scheme '{scheme}'; use default, kaiming or xavier")
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 @contextmanager

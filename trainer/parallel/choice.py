@@ -17,4 +17,4 @@ def build(env: DistEnv, cfg: DistConfig, compile_model: bool, precision: str) ->
     from trainer.parallel.sharded import FullyShardedParallel  # FSDP's modules only for a sharded run
 
     shard_size = (cfg.hsdp_shard_size or env.topology.local_world_size) if cfg.strategy == "hsdp" else None
-    return FullyShardedParallel(env, precision, cfg.reshard_after_forward, shard_size)
+    return FullyShardedParallel(env, precision, cfg.reshard_after_forward, shard_size, compile_model)

@@ -43,13 +43,24 @@ class FullyShardedParallel(Parallel):
 
     lockstep = True
     collective_forward = True
+    shards_parameters = True
 
-    def __init__(self, env: DistEnv, precision: str, reshard_after_forward: bool, shard_size: int | None) -> None:
-        super().__init__(env)
+    def __init__(self, env: DistEnv, precision: str, reshard_after_forward: bool, shard_size: int | None,
+                 compile_model: bool = False) -> None:
+        super().__init__(env, compile_model)
         self.mesh = _mesh(env, shard_size)
         self.policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES.get(precision), reduce_dtype=torch.float32)
         self.reshard_after_forward = reshard_after_forward
         self.root: FSDPModule | None = None
+
+    def wrap(self, net: nn.Module, blocks: Sequence[nn.Module] = ()) -> nn.Module:
+        """Sharded per block; with ``model.compile`` each innermost block is compiled in place first
+        (its parameter names unchanged), so that each unit's gather and reduction run between
+        compiled blocks rather than breaking one whole-model graph."""
+        if self.compile_model:
+            for block in _innermost(blocks) or [net]:
+                block.compile()
+        return self._distribute(net, blocks)
 
     def _distribute(self, net: nn.Module, blocks: Sequence[nn.Module] = ()) -> nn.Module:
         options = {"mesh": self.mesh, "mp_policy": self.policy}
@@ -110,6 +121,12 @@ def _mesh(env: DistEnv, shard_size: int | None) -> DeviceMesh:
         raise ConfigError(f"dist.hsdp_shard_size: {shard_size} does not divide the {world} processes; "
                           "use a divisor, e.g. the processes per node")
     return init_device_mesh(device, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def _innermost(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """The blocks that hold no other block (a block compiled inside a compiled one would be traced twice)."""
+    ids = {id(block) for block in blocks}
+    return [block for block in blocks if not any(id(sub) in ids for sub in block.modules() if sub is not block)]
 
 
 def _in_shards(state: dict[str, Any]) -> bool:

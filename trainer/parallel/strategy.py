@@ -38,6 +38,9 @@ class Parallel:
     sharded_state = False
     """Whether the state methods give each rank's shards (``ckpt.format=dcp``) instead of the whole
     state; only a sharding strategy has shards to give."""
+    shards_parameters = False
+    """Whether :meth:`wrap` shards the parameters, so that the model can be built without their
+    memory and given its values shard by shard once wrapped (see :mod:`trainer.models.deferred`)."""
     waits_outside_compute = False
     """Whether a rank waits for its peers only before its forward pass (DDP's buffer broadcast) and
     after its last gradient (the all-reduce it overlapped), so that its own compute can be timed

@@ -53,17 +53,31 @@ class Worker:
         self.task = build_task(cfg)
         self.inputs = build_inputs(cfg, env, self.task)
         self.classes = self.inputs.classes
-        self.net = models.build_for_training(cfg, len(self.classes))
+        self.parallel = choice.build(env, cfg.dist, cfg.model.compile, self.precision.name)
+        # Sharded: built without the parameters' memory, given its values shard by shard once sharded.
+        materialise = None
+        if self.parallel.shards_parameters and models.builds_deferred(cfg):
+            self.net, materialise = models.build_deferred(cfg, len(self.classes))
+        else:
+            self.net = models.build_for_training(cfg, len(self.classes))
         memory_format = models.memory_format(cfg.model.channels_last)
-        self.net.to(self.device, memory_format=memory_format)
-        self.eval_net = torch.compile(self.net) if cfg.model.compile else self.net
+        if not self.parallel.shards_parameters:
+            self.net.to(self.device, memory_format=memory_format)
+        elif materialise is None:  # FSDP takes contiguous parameters only: channels_last is the inputs' layout
+            self.net.to(self.device)
+        # Sharded, the blocks are compiled in place (see Parallel.wrap): the evaluation runs them as they are.
+        self.eval_net = torch.compile(self.net) if cfg.model.compile and not self.parallel.shards_parameters \
+            else self.net
         # Counted on the meta device before any hook or sharding touches the model.
         self.flops_per_image = (flops.training_flops_per_image(self.net, train_crop_size(cfg.data))
                                 if env.is_main else None)
-        self.parallel = choice.build(env, cfg.dist, cfg.model.compile, self.precision.name)
         ema_copy = copy.deepcopy(self.net) if cfg.train.ema_decay > 0 else None  # before hooks and shards
         self.model = self._distribute(self.net)
         ema_module = self.parallel.spread_copy(ema_copy, self._blocks(ema_copy)) if ema_copy is not None else None
+        if materialise is not None:
+            materialise(self.net, self.device)
+            if ema_module is not None:
+                models.copy_values(self.net, ema_module)
         fine_tuning = cfg.optim.head_lr_mult != 1 or cfg.model.freeze != "none"
         head = models.head_parameter_names(self.net) if fine_tuning else set()
         self.peak = optim.PeakLr(cfg.optim, optim.global_batch(cfg, env.world_size))  # a resume may keep another
