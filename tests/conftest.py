@@ -14,6 +14,20 @@ SHARED_CLUSTER_MODULES = ("test_slurm.py", "test_multihost.py")
 """Modules that start SLURM daemons (one local cluster, or two in network namespaces): never at once."""
 
 
+LONGEST_FIRST = ("test_slurm.py", "test_multihost.py", "test_resume.py", "test_sharding.py", "test_byo.py",
+                 "test_errors.py", "test_train.py", "test_converge.py", "test_training_features.py", "test_faults.py",
+                 "test_micro_batch.py", "test_hangs.py", "test_prepare.py", "test_bench.py", "test_recipes.py",
+                 "test_trackers.py", "test_tasks.py", "test_device_decode.py", "test_lr_scaling.py")
+"""The modules that take longest (``--durations``), longest first: under ``-n 2`` the long units
+start early and short ones fill the end, so both workers finish at about the same time."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run :data:`LONGEST_FIRST` before the other modules (each module's own order is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``pytest -n N`` (``make test``): one module is one unit of work, so a module-scoped
     fixture runs once, and the SLURM modules form a single unit, run one after the other."""
