@@ -248,7 +248,7 @@ class EvalSampler(Sampler[SampleKey]):
 
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker distinct Python and NumPy seeds derived from torch's, and its
-    answer to a hang report (its stacks), at a lower priority than the main process (workers.py)."""
+    answer to a hang report (its stacks)."""
     # Stop signals are the main process's business. SLURM signals every process of a job step
     # (scancel, preemption, `scontrol requeue`, --signal), and torch re-arms SIGTERM in DataLoader
     # workers so that it kills them: the main process then dies mid-stop with "DataLoader worker
@@ -256,7 +256,6 @@ def seed_worker(worker_id: int) -> None:
     for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     hangs.answer_in_worker(worker_id)
-    worker_plans.lower_priority()
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

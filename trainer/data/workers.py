@@ -7,9 +7,6 @@ pins them (one busy Python thread and two helpers), so it keeps one core and the
 rest; on the CPU it also computes the model, so the workers take a quarter and its OpenMP threads
 the rest. The main process's OpenMP threads are then cut to the cores the workers leave (a parallel
 region waits for its slowest thread, and a thread that shares its core with a busy worker is slow).
-
-Workers run at a lower priority (``nice`` :data:`WORKER_NICENESS`): when the cores are all busy,
-the main process, which every step waits for, wins the core it needs and the workers use the rest.
 """
 
 from __future__ import annotations
@@ -26,9 +23,6 @@ AUTO = "auto"
 MAX_AUTO_WORKERS = 32
 """The most workers ``auto`` starts per training process: beyond, each added worker costs start-up
 time and memory (its batches in flight) for little: pick an integer on a bigger machine if it helps."""
-WORKER_NICENESS = 5
-"""Added to each loader worker's nice value: a ``nice 0`` thread gets about 3x the CPU of a ``nice 5``
-one on a contended core (the kernel's weights: 1024 against 335)."""
 BATCHES_IN_FLIGHT = 16
 """Batches the workers of one loader prepare ahead together, about; each worker keeps 2 to 4."""
 
@@ -158,10 +152,3 @@ def plan(asked: int | str, device_type: str, environ: Mapping[str, str] = os.env
     threads = None if environ.get("OMP_NUM_THREADS") else main_threads(cores.per_process, workers)
     return WorkerPlan(workers, threads, cores)
 
-
-def lower_priority() -> None:
-    """In a loader worker: yield the cores to the main process when they are all busy."""
-    try:
-        os.nice(WORKER_NICENESS)
-    except (OSError, AttributeError):  # no nice() (Windows) or refused: run at the same priority
-        pass
