@@ -150,6 +150,7 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         rows += scale.measure(args.cache_dir, tree, 2 if args.quick else 4)
     if "loader_workers" in p.cases and args.device == "cpu":
         work = loader_workers.QUICK if args.quick else loader_workers.Plan()
+        work = replace(work, rounds=args.repeats) if args.repeats else work
         _say(f"loader_workers: {work.rounds} rounds per worker count {', '.join(work.workers)}")
         rows += loader_workers.measure(work, args.cache_dir).rows
     _say("done")
