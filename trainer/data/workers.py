@@ -47,7 +47,8 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), own: str | None = None
         except OSError:
             own = "/"
     limits = []
-    group = (root / own.lstrip("/")).resolve() if own else root
+    root = root.resolve()
+    group = (root / own.lstrip("/")).resolve()
     for folder in [group, *group.parents]:
         limit = _read_cpu_max(folder / "cpu.max")
         if limit is not None:
@@ -63,9 +64,9 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), own: str | None = None
 def _read_cpu_max(path: Path) -> float | None:
     try:
         quota, period = path.read_text().split()[:2]
+        return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
     except (OSError, ValueError):
         return None
-    return None if quota == "max" or int(period) <= 0 else int(quota) / int(period)
 
 
 def _read_v1_quota(folder: Path) -> float | None:
