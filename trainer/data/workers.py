@@ -85,7 +85,7 @@ class Cores:
     per_process: int
     """Cores for this training process and its workers."""
     seen: str
-    """How: e.g. ``16 in the affinity mask, cgroup quota 8.0, 2 local process(es)``."""
+    """How: e.g. ``16 in the affinity mask, cgroup quota 8, 2 local processes``."""
 
 
 def cores_per_process(affinity: int, quota: float | None, local_processes: int, cpus_per_task: int | None,
