@@ -10,7 +10,9 @@ Cases (each compares medians of interleaved rounds of fresh processes, see docs/
 * startup: seconds from process start to the first finished step, ``python -m trainer`` vs a script;
 * decode: images/s per core (one loader worker, one thread) of each JPEG decode path and of prepared
   shards, the tutorial pipeline on the original photos as baseline;
-* scale: a 200,000-image folder: first and cached scan, a cached 4-process start, loader worker memory.
+* scale: a 200,000-image folder: first and cached scan, a cached 4-process start, loader worker memory;
+* loader_workers: JPEG batches/s a main process with a fixed step receives, by loader worker count,
+  the trainer's loader (its worker policies, ``data.num_workers=auto``) vs a plain DataLoader.
 
 The hand-written side is always ``bench/plain_loop.py`` run by path, as a user's script: it imports
 neither ``trainer`` nor ``bench``, and every child starts from the user's environment.
@@ -30,10 +32,10 @@ from typing import Any
 
 import torch
 
-from bench import decode, files, overhead, report, scale, scaling, startup, throughput
+from bench import decode, files, loader_workers, overhead, report, scale, scaling, startup, throughput
 from bench.common import Row
 
-CASES = ("files", "throughput", "scaling", "overhead", "startup", "decode", "scale")
+CASES = ("files", "throughput", "scaling", "overhead", "startup", "decode", "scale", "loader_workers")
 DEFAULT_CACHE = Path("~/.cache/launchpad").expanduser()  # data.cache_dir's default: the sets are reused
 STARTED = time.monotonic()
 
@@ -147,6 +149,11 @@ def run(p: Plan, args: argparse.Namespace, workdir: Path) -> int:
         tree = scale.QUICK if args.quick else scale.FULL
         _say(f"scale: {tree.classes * tree.per_class} images")
         rows += scale.measure(args.cache_dir, tree, 2 if args.quick else 4)
+    if "loader_workers" in p.cases and args.device == "cpu":
+        work = loader_workers.QUICK if args.quick else loader_workers.Plan()
+        work = replace(work, rounds=args.repeats) if args.repeats else work
+        _say(f"loader_workers: {work.rounds} rounds per worker count {', '.join(work.workers)}")
+        rows += loader_workers.measure(work, args.cache_dir).rows
     _say("done")
     meta["load_average_end"] = os.getloadavg()
     print(f"\nResults: Worker and baseline are medians; ratio = median over rounds of Worker / baseline "

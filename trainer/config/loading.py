@@ -117,6 +117,7 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)}")
+    cfg.data.num_workers = _num_workers(cfg.data.num_workers)
     if cfg.task.name in TASK_METRICS:  # a user's task names its metrics when it is built
         check_metric(cfg, TASK_METRICS[cfg.task.name])
     if cfg.train.ema_decay >= 1:
@@ -154,6 +155,16 @@ def validate(cfg: Config) -> None:
     cfg.log.trackers = _validate_trackers(cfg.log.trackers)
     profile_range(cfg.log.profile_steps)
     _validate_sharding(cfg)
+
+
+def _num_workers(value: Any) -> int | str:
+    """``data.num_workers``: an integer >= 0, or ``auto`` (the count trainer/data/workers.py picks)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.num_workers: an integer >= 0 or auto (a count from the cores per process), "
+                          f"got {value!r}")
+    return value
 
 
 NOT_YET_SHARDED = {"log.graph": lambda cfg: cfg.log.graph,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     batch_size: int = 64
     val_batch_size: int = 0
-    num_workers: int = 2
+    num_workers: Any = "auto"  # an int >= 0 or "auto" (trainer/data/workers.py), checked in config/loading.py
     persistent_workers: bool = True
     pin_memory: bool = True
     on_bad_sample: str = "error"
@@ -224,7 +224,7 @@ POSITIVE = ("data.batch_size", "data.image_size", "data.ra_reps", "data.randaugm
             "train.grad_accum_steps", "train.ema_steps", "optim.lr", "dist.timeout_s", "dist.step_timeout_s",
             "dist.flight_recorder_entries", "log.every_steps", "ckpt.keep_last")
 NON_NEGATIVE = ("data.val_batch_size", "data.train_crop_size", "data.val_resize_size", "data.val_crop_size",
-                "data.num_workers", "optim.weight_decay", "optim.momentum",
+                "optim.weight_decay", "optim.momentum",
                 "train.label_smoothing", "train.clip_grad_norm", "sched.warmup_epochs",
                 "sched.warmup_samples_min", "optim.lr_base_batch",
                 "sched.min_lr_ratio", "data.synthetic_seed", "train.seed", "ckpt.every_steps",

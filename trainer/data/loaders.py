@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torchvision import transforms
 
 from trainer.config import DataConfig
-from trainer.data import decode, policies
+from trainer.data import decode, policies, workers as worker_plans
 from trainer.data.stages import Batch
 from trainer.errors import DataError, UserError
 from trainer.parallel import hangs
@@ -78,10 +78,6 @@ class TensorsPassThrough:
 
     def __call__(self, item: Any) -> torch.Tensor:
         return item if isinstance(item, torch.Tensor) else self.transform(item)
-
-
-LOADER_PREFETCH = 4
-"""Batches each DataLoader worker prepares ahead."""
 
 
 class SampleKey(NamedTuple):
@@ -272,7 +268,7 @@ def shared_memory_warning(num_workers: int, batch_bytes: int, path: str = "/dev/
     if num_workers == 0 or not os.path.isdir(path):
         return None
     free = shutil.disk_usage(path).free
-    needed = 2 * num_workers * LOADER_PREFETCH * batch_bytes
+    needed = 2 * num_workers * worker_plans.prefetch_factor(num_workers) * batch_bytes
     if free >= needed:
         return None
     return (f"{path} has {free / 2**20:.0f} MiB free but {num_workers} DataLoader workers need about "
@@ -307,9 +303,9 @@ def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, cfg: DataC
 
 
 def _loader_options(cfg: DataConfig, device: torch.device, seed: int, persistent: bool = True) -> dict[str, Any]:
-    workers = cfg.num_workers
+    workers = worker_plans.plan(cfg.num_workers, device.type).workers
     return dict(num_workers=workers, collate_fn=collate_skipping_bad,
                 pin_memory=cfg.pin_memory and device.type == "cuda",
                 persistent_workers=persistent and cfg.persistent_workers and workers > 0, worker_init_fn=seed_worker,
                 generator=torch.Generator().manual_seed(seed),
-                prefetch_factor=LOADER_PREFETCH if workers > 0 else None)
+                prefetch_factor=worker_plans.prefetch_factor(workers) or None)

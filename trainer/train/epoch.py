@@ -72,9 +72,10 @@ class EpochLoop:
             self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory.reset()
         bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
-        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
+        started, consumed_before = time.perf_counter(), position.consumed
         window_start = position.consumed  # where the current accumulation window began
-        batches = iter(self.inputs.train_loader)
+        batches = iter(self.inputs.train_loader)  # starts the workers: waiting for data too, as images/s counts it
+        waited = time.perf_counter() - started
         own_time = self.stragglers.clock if self.stragglers is not None else None
         for index, global_size in enumerate(global_batches):
             self.profiler.update(self.record.global_step)

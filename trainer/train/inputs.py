@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader
 
 from trainer.config import Config
-from trainer.data import loaders, sources
+from trainer.data import loaders, sources, workers
 from trainer.errors import DataError
 from trainer.observe.console import log
 from trainer.parallel.distributed import DistEnv
@@ -38,7 +39,11 @@ def build_inputs(cfg: Config, env: DistEnv, task: Task) -> Inputs:
     sampler = loaders.TrainBatchSampler(len(train_set), env.world_size, env.rank, batch, cfg.train.seed,
                                         cfg.data.ra_reps)
     batch_bytes = batch * 3 * loaders.train_crop_size(cfg.data) ** 2  # uint8 pixels
-    if (shm := loaders.shared_memory_warning(cfg.data.num_workers * env.topology.local_world_size, batch_bytes)):
+    plan = workers.plan(cfg.data.num_workers, env.device.type)
+    log.info("data: %s", plan.describe(cfg.data.num_workers))
+    if plan.main_threads:
+        torch.set_num_threads(plan.main_threads)
+    if (shm := loaders.shared_memory_warning(plan.workers * env.topology.local_world_size, batch_bytes)):
         log.warning(shm)
     classes = splits.classes
     stand_in = StandIn(train_set.transform, cfg.data.image_size,
