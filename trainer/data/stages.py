@@ -13,8 +13,9 @@ alike. A user's data set that yields float tensors is taken as already normalise
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ _Word = TypeVar("_Word", torch.Tensor, int)
 class Batch(NamedTuple):
     """What a loader yields: stacked images and targets as loaded, how many samples were dropped
     as unreadable, and the data-set index and repeat number of each sample kept (for per-sample
-    draws; no repeats: all 0)."""
+    draws; no repeats: all 0). With ``data.decode=gpu`` the images are still encoded
+    (:class:`trainer.data.encoded.EncodedImages`) until :meth:`DeviceStages.batches` decodes them."""
 
-    images: torch.Tensor
+    images: Any
     targets: torch.Tensor
     skipped: int
     indices: torch.Tensor
@@ -116,15 +118,88 @@ class Normalize:
         return images.permute(0, 2, 3, 1).numpy()
 
 
+class BatchDecoder(Protocol):
+    """Decodes a loader's batch of encoded images on the device (see :mod:`trainer.data.device_decode`),
+    counting the samples it served and those decoded on the CPU instead."""
+
+    device: torch.device
+    samples: int
+    cpu_decoded: int
+
+    def __call__(self, batch: Batch, describe: Any, skip_bad: bool) -> Batch: ...
+
+
+class DecodeAhead:
+    """A loader's batches with their images decoded on the device, one batch ahead.
+
+    torchvision's batched JPEG decoder waits for its own work on every call, so the decode runs
+    on a side CUDA stream (which waits for nothing on the compute stream: it reads host memory only)
+    and batch k+1 is decoded while the step of batch k, already queued on the compute stream, runs;
+    the compute stream waits for the side stream's event only, and the
+    decoded images are recorded on it (``record_stream``) so that their memory is not reused too
+    early. On the CPU it decodes inline. ``decoding`` adds up the seconds spent decoding, which is
+    not waiting for the loader.
+    """
+
+    def __init__(self, loader: Iterable[Batch], decoder: BatchDecoder | None) -> None:
+        self.loader, self.decoder, self.decoding = loader, decoder, 0.0
+        self.describe = getattr(getattr(loader, "dataset", None), "describe", lambda index: f"#{index}")
+        self.skip_bad = bool(getattr(getattr(loader, "dataset", None), "skip_bad", False))
+        device = decoder.device if decoder is not None else torch.device("cpu")
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.decoder is None:
+            yield from self.loader
+            return
+        batches = iter(self.loader)
+        pending = self._start(next(batches, None))
+        for batch in batches:
+            following = self._start(batch)
+            yield self._finish(pending)
+            pending = following
+        if pending is not None:
+            yield self._finish(pending)
+
+    def _start(self, batch: Batch | None) -> tuple[Batch, Any] | None:
+        if batch is None:
+            return None
+        assert self.decoder is not None
+        started = time.perf_counter()
+        if self.stream is None:
+            decoded, event = self.decoder(batch, self.describe, self.skip_bad), None
+        else:
+            with torch.cuda.stream(self.stream):
+                decoded = self.decoder(batch, self.describe, self.skip_bad)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        self.decoding += time.perf_counter() - started
+        return decoded, event
+
+    def _finish(self, pending: tuple[Batch, Any]) -> Batch:
+        decoded, event = pending
+        if event is not None:
+            compute = torch.cuda.current_stream(self.stream.device)  # type: ignore[union-attr]
+            compute.wait_event(event)
+            if decoded.images.is_cuda:
+                decoded.images.record_stream(compute)
+        return decoded
+
+
 class DeviceStages:
     """Copies a loader's batch to the device (in the model's memory format) and runs the stages
-    in order: normalisation first, then ``extra`` (training's random stages)."""
+    in order: normalisation first, then ``extra`` (training's random stages). With a ``decoder``
+    (``data.decode=gpu``), :meth:`batches` decodes the loader's batches on the device first."""
 
     def __init__(self, normalize: Normalize, device: torch.device, seed: int,
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 extra: Sequence[BatchStage] = ()) -> None:
+                 extra: Sequence[BatchStage] = (), decoder: BatchDecoder | None = None) -> None:
         self.normalize, self.device, self.seed, self.memory_format = normalize, device, seed, memory_format
-        self.extra = list(extra)
+        self.extra, self.decoder = list(extra), decoder
+
+    def batches(self, loader: Iterable[Batch]) -> DecodeAhead:
+        """``loader``'s batches, their images decoded on the device when there is a decoder."""
+        return DecodeAhead(loader, self.decoder)
 
     def copy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's images (as loaded) and targets on the device."""
