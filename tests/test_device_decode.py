@@ -116,6 +116,15 @@ def test_pixels_within_one_of_the_worker_path_and_fallbacks_counted(root: Path, 
     assert (decoder.samples, decoder.cpu_decoded) == (len(sample_keys), 3 if train else 0)
 
 
+def test_a_batch_of_fallbacks_alone_is_counted(root: Path) -> None:
+    _, on_device = both_ways(root, True)
+    fallbacks = [key for key in keys(on_device, 1) if Path(on_device.base.sample_path(key.index)).name in FALLBACKS]
+    batch = loaders.collate_skipping_bad([on_device[key] for key in fallbacks])
+    decoder = DeviceDecoder(CPU)
+    assert decoder(batch) is batch and isinstance(batch.images, torch.Tensor)
+    assert (decoder.samples, decoder.cpu_decoded) == (3, 3)
+
+
 def test_a_policy_on_the_device_makes_the_worker_paths_draws(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TrivialAugmentWide on the device continues each sample's RNG stream where the worker left it:
     the same operation and magnitude per sample as on the CPU path."""

@@ -61,7 +61,9 @@ class DeviceDecoder:
                  skip_bad: bool = False) -> Batch:
         """The batch with its images decoded; unreadable samples dropped (and counted) in skip mode."""
         encoded = batch.images
-        if not isinstance(encoded, EncodedImages):
+        if not isinstance(encoded, EncodedImages):  # no sample was for the device: all decoded by the workers
+            self.samples += len(batch.targets)
+            self.cpu_decoded += len(batch.targets)
             return batch
         images: list[torch.Tensor | None] = [None] * len(encoded)
         indices = batch.indices[encoded.at].tolist()
