@@ -262,17 +262,15 @@ def check_device_decode(results: Results, sizes: Sizes, workdir: Path) -> None:
     results.add("generate photo-sized ImageFolder", f"{sizes.images} JPEGs of {width}x{height}",
                 seconds=round(time.monotonic() - started))
     workers, classes = sizes.loader_workers[0], 10
-    common: dict[str, Any] = dict(model=sizes.model, image_size=sizes.image_size, batch=sizes.batch, workers=workers,
-                  classes=classes, train_per_class=sizes.images // classes, epochs=3, device=sizes.device,
-                  bf16=sizes.device == "cuda", channels_last=True)
+    common: dict[str, Any] = dict(model=sizes.model, image_size=sizes.image_size, batch=sizes.batch,
+                                  workers=workers, classes=classes, train_per_class=sizes.images // classes,
+                                  epochs=3, device=sizes.device, bf16=sizes.device == "cuda", channels_last=True)
+    trivial = "data.auto_augment=trivialaugment"
     runs = {"tensors in memory": Workload("memory", data=None, **common),
-            "JPEGs, data.decode=gpu": Workload("decode gpu", data=root, extra=("data.decode=gpu",),
-                                               **common),
-            "JPEGs, data.decode=gpu, TrivialAugmentWide": Workload(
-                "decode gpu trivialaugment", data=root, extra=("data.decode=gpu", "data.auto_augment=trivialaugment"),
-                **common),
-            "JPEGs, data.decode=cpu": Workload("decode cpu", data=root, extra=("data.decode=cpu",),
-                                               **common)}
+            "JPEGs, data.decode=gpu": Workload("decode gpu", data=root, extra=("data.decode=gpu",), **common),
+            "JPEGs, data.decode=gpu, TrivialAugmentWide": Workload("decode gpu trivialaugment", data=root,
+                                                                   extra=("data.decode=gpu", trivial), **common),
+            "JPEGs, data.decode=cpu": Workload("decode cpu", data=root, extra=("data.decode=cpu",), **common)}
     memory = None
     for name, work in runs.items():
         try:
