@@ -134,11 +134,10 @@ class DecodeAhead:
 
     torchvision's batched JPEG decoder waits for its own work on every call, so the decode runs
     on a side CUDA stream (which waits for nothing on the compute stream: it reads host memory only)
-    and batch k+1 is decoded while the step of batch k, already queued on the compute stream, runs;
-    the compute stream waits for the side stream's event only, and the
-    decoded images are recorded on it (``record_stream``) so that their memory is not reused too
-    early. On the CPU it decodes inline. ``decoding`` adds up the seconds spent decoding, which is
-    not waiting for the loader.
+    and batch k+1 is decoded while the step of batch k, already queued on the compute stream, runs.
+    The compute stream waits for the side stream's event only, and the decoded images are recorded
+    on it (``record_stream``) so that their memory is not reused too early. On the CPU it decodes
+    inline. ``decoding`` adds up the seconds spent decoding, which is not waiting for the loader.
     """
 
     def __init__(self, loader: Iterable[Batch], decoder: BatchDecoder | None) -> None:
