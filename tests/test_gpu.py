@@ -173,6 +173,24 @@ def test_nvjpeg_batches_give_the_cpu_paths_crops(tmp_path: Path) -> None:
     assert decoder.cpu_decoded == 0 and decoder.samples == 32
 
 
+def test_decoding_never_syncs_the_host_from_our_code(tmp_path: Path) -> None:
+    """torchvision waits for its own decoder stream (a raw CUDA call the debug mode does not see);
+    cutting, resizing, stacking and handing the batch to the compute stream must not sync."""
+    from trainer.data.device_decode import DeviceDecoder
+    from trainer.data.stages import DecodeAhead
+
+    _, batches = encoded_batches(photo_folder(tmp_path, {"train": 48, "val": 3}), 16)
+    decoder = DeviceDecoder(torch.device("cuda"), torch.channels_last)
+    list(DecodeAhead(batches, decoder))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        served = [batch.images.float().mean() for batch in DecodeAhead(batches, decoder)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(served) == 3
+
+
 def test_decode_ahead_overlaps_the_compute_stream(tmp_path: Path) -> None:
     """Decoding batch k+1 on the side stream runs while batch k's work runs on the compute stream:
     both together take clearly less than one after the other."""

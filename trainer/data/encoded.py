@@ -26,8 +26,8 @@ from trainer.data.decode import ResizedCrop
 from trainer.data.stages import Batch
 
 DEVICE_MODES = ("RGB",)
-"""PIL modes of the JPEGs sent to the device decoder: nvjpeg refuses CMYK; grayscale stays on the
-CPU too (rare, and nvjpeg's RGB output of it is not checked on every version)."""
+"""PIL modes of the JPEGs sent to the device decoder: nvjpeg knows no CMYK (nor YCCK) subsampling;
+grayscale stays on the CPU too (rare, and one case fewer to check on each nvjpeg version)."""
 
 
 class Plan(NamedTuple):
