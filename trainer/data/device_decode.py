@@ -13,7 +13,7 @@ counted with ``data.on_bad_sample=skip``).
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
@@ -46,6 +46,13 @@ def decodes_on_device(cfg: DataConfig, device: torch.device) -> bool:
     return True
 
 
+class Decoded(NamedTuple):
+    """A batch's files decoded in full (None: unreadable, skipped), and how many of them PIL read."""
+
+    images: list[torch.Tensor | None]
+    by_pil: int
+
+
 class DeviceDecoder:
     """Turns a batch of :class:`EncodedImages` into uint8 images on ``device``, in ``memory_format``.
 
@@ -60,18 +67,34 @@ class DeviceDecoder:
     def __call__(self, batch: Batch, describe: Callable[[int], str] = lambda index: f"#{index}",
                  skip_bad: bool = False) -> Batch:
         """The batch with its images decoded; unreadable samples dropped (and counted) in skip mode."""
+        return self.finish(batch, self.decode(batch, describe, skip_bad))
+
+    def decode(self, batch: Batch, describe: Callable[[int], str], skip_bad: bool) -> Decoded:
+        """The batch's files decoded, in full (no RNG, no state: it may run on another thread)."""
+        encoded = batch.images
+        if not isinstance(encoded, EncodedImages):
+            return Decoded([], 0)
+        files, indices = encoded.files(), batch.indices[encoded.at].tolist()
+        try:
+            return Decoded(list(decode_jpeg(files, mode=ImageReadMode.RGB, device=self.device)), 0)
+        except RuntimeError:  # one bad file fails the batch: each alone
+            images = [self._decode_one(file, index, describe, skip_bad) for file, index in zip(files, indices)]
+        return Decoded([image for image, _ in images], sum(by_pil for _, by_pil in images))
+
+    def finish(self, batch: Batch, decoded: Decoded) -> Batch:
+        """Each decoded file cut, resized, flipped (and augmented) as its plan says, beside the pixels
+        the workers decoded, stacked in the memory format; unreadable samples dropped."""
         encoded = batch.images
         if not isinstance(encoded, EncodedImages):  # no sample was for the device: all decoded by the workers
             self.samples += len(batch.targets)
             self.cpu_decoded += len(batch.targets)
             return batch
         images: list[torch.Tensor | None] = [None] * len(encoded)
-        indices = batch.indices[encoded.at].tolist()
-        decoded = self._decode(encoded.files(), indices, describe, skip_bad)
+        self.cpu_decoded += decoded.by_pil
         plans = encoded.plans.tolist()
         saved = torch.get_rng_state() if encoded.rng is not None and self.policy is not None else None
         try:
-            for j, (position, image) in enumerate(zip(encoded.at.tolist(), decoded)):
+            for j, (position, image) in enumerate(zip(encoded.at.tolist(), decoded.images)):
                 if image is not None:
                     if saved is not None:
                         torch.set_rng_state(encoded.rng[j].clone())  # type: ignore[index]  # a view crashes it
@@ -96,21 +119,11 @@ class DeviceDecoder:
         return Batch(stacked, batch.targets[rows], batch.skipped + len(images) - len(kept), batch.indices[rows],
                      None if batch.repeats is None else batch.repeats[rows])
 
-    def _decode(self, files: list[torch.Tensor], indices: list[int], describe: Callable[[int], str],
-                skip_bad: bool) -> list[torch.Tensor | None]:
-        """Every file at once; if that fails, one by one (see :meth:`_decode_one`)."""
-        if not files:
-            return []
-        try:
-            return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:
-            return [self._decode_one(file, index, describe, skip_bad) for file, index in zip(files, indices)]
-
     def _decode_one(self, file: torch.Tensor, index: int, describe: Callable[[int], str],
-                    skip_bad: bool) -> torch.Tensor | None:
-        """One file on the device, else by PIL (counted as decoded on the CPU), else unreadable."""
+                    skip_bad: bool) -> tuple[torch.Tensor | None, bool]:
+        """One file on the device, else by PIL, else unreadable (None in skip mode); and whether PIL read it."""
         try:
-            return decode_jpeg([file], mode=ImageReadMode.RGB, device=self.device)[0]
+            return decode_jpeg([file], mode=ImageReadMode.RGB, device=self.device)[0], False
         except RuntimeError:
             pass
         try:
@@ -118,11 +131,10 @@ class DeviceDecoder:
                 pixels = F.pil_to_tensor(image.convert("RGB"))
         except Exception as exc:  # PIL's errors for a damaged file: OSError, SyntaxError, ValueError...
             if skip_bad:
-                return None
+                return None, False
             raise DataError(f"cannot read sample {describe(index)}: {exc}; "
                             "fix or remove it, or set data.on_bad_sample=skip") from None
-        self.cpu_decoded += 1
-        return pixels.to(self.device)
+        return pixels.to(self.device), True
 
     def _shape(self, image: torch.Tensor, plan: Plan, augment: bool) -> torch.Tensor:
         """Box, resize, crop and flip, as the CPU transform does them; then the policy."""

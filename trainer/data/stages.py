@@ -14,6 +14,7 @@ alike. A user's data set that yields float tensors is taken as already normalise
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
@@ -119,69 +120,82 @@ class Normalize:
 
 
 class BatchDecoder(Protocol):
-    """Decodes a loader's batch of encoded images on the device (see :mod:`trainer.data.device_decode`),
-    counting the samples it served and those decoded on the CPU instead."""
+    """Decodes a loader's batch of encoded images on the device (see :mod:`trainer.data.device_decode`)
+    in two parts: ``decode`` the files (stateless: any thread), then ``finish`` the batch (cut, resize,
+    augment: the main thread, it uses the torch RNG); counts the samples it served and those decoded
+    on the CPU instead."""
 
     device: torch.device
     samples: int
     cpu_decoded: int
 
-    def __call__(self, batch: Batch, describe: Any, skip_bad: bool) -> Batch: ...
+    def decode(self, batch: Batch, describe: Any, skip_bad: bool) -> Any: ...
+
+    def finish(self, batch: Batch, decoded: Any) -> Batch: ...
 
 
 class DecodeAhead:
     """A loader's batches with their images decoded on the device, one batch ahead.
 
-    torchvision's batched JPEG decoder waits for its own work on every call, so the decode runs
-    on a side CUDA stream (which waits for nothing on the compute stream: it reads host memory only)
-    and batch k+1 is decoded while the step of batch k, already queued on the compute stream, runs.
-    The compute stream waits for the side stream's event only, and the decoded images are recorded
-    on it (``record_stream``) so that their memory is not reused too early. On the CPU it decodes
-    inline. ``decoding`` adds up the seconds spent decoding, which is not waiting for the loader.
+    torchvision's batched JPEG decoder makes the calling thread wait until its own stream has
+    decoded the files, so the files of batch k+1 are decoded on a thread of this class while the
+    main thread cuts batch k (on a side CUDA stream, which waits for nothing on the compute stream)
+    and queues its step. The compute stream waits for the side stream's event only, and the images
+    are recorded on it (``record_stream``) so that their memory is not reused too early. On a CPU
+    the same happens with CPU tensors. ``decoding`` adds up the seconds the main thread spends
+    waiting for decoded files and cutting them: not waiting for the loader.
     """
 
     def __init__(self, loader: Iterable[Batch], decoder: BatchDecoder | None) -> None:
         self.loader, self.decoder, self.decoding = loader, decoder, 0.0
         self.describe = getattr(getattr(loader, "dataset", None), "describe", lambda index: f"#{index}")
         self.skip_bad = bool(getattr(getattr(loader, "dataset", None), "skip_bad", False))
-        device = decoder.device if decoder is not None else torch.device("cpu")
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.device = decoder.device if decoder is not None else torch.device("cpu")
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __iter__(self) -> Iterator[Batch]:
         if self.decoder is None:
             yield from self.loader
             return
-        batches = iter(self.loader)
-        pending = self._start(next(batches, None))
-        for batch in batches:
-            following = self._start(batch)
-            yield self._finish(pending)
-            pending = following
-        if pending is not None:
-            yield self._finish(pending)
+        with ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=self._on_thread) as thread:
+            batches = iter(self.loader)
+            pending = self._submit(thread, next(batches, None))
+            for batch in batches:
+                following = self._submit(thread, batch)
+                yield self._finish(*pending)  # type: ignore[misc]
+                pending = following
+            if pending is not None:
+                yield self._finish(*pending)
 
-    def _start(self, batch: Batch | None) -> tuple[Batch, Any] | None:
-        if batch is None:
-            return None
+    def _on_thread(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_device(self.device)
+
+    def _submit(self, thread: ThreadPoolExecutor, batch: Batch | None) -> tuple[Batch, Future] | None:
+        return None if batch is None else (batch, thread.submit(self._decode, batch))
+
+    def _decode(self, batch: Batch) -> Any:
+        assert self.decoder is not None
+        if self.stream is None:
+            return self.decoder.decode(batch, self.describe, self.skip_bad)
+        with torch.cuda.stream(self.stream):  # its images are allocated for the side stream, which waits for them
+            return self.decoder.decode(batch, self.describe, self.skip_bad)
+
+    def _finish(self, batch: Batch, files: Future) -> Batch:
         assert self.decoder is not None
         started = time.perf_counter()
         if self.stream is None:
-            decoded, event = self.decoder(batch, self.describe, self.skip_bad), None
+            decoded = self.decoder.finish(batch, files.result())
         else:
             with torch.cuda.stream(self.stream):
-                decoded = self.decoder(batch, self.describe, self.skip_bad)
+                decoded = self.decoder.finish(batch, files.result())
                 event = torch.cuda.Event()
                 event.record(self.stream)
-        self.decoding += time.perf_counter() - started
-        return decoded, event
-
-    def _finish(self, pending: tuple[Batch, Any]) -> Batch:
-        decoded, event = pending
-        if event is not None:
-            compute = torch.cuda.current_stream(self.stream.device)  # type: ignore[union-attr]
+            compute = torch.cuda.current_stream(self.device)
             compute.wait_event(event)
             if decoded.images.is_cuda:
                 decoded.images.record_stream(compute)
+        self.decoding += time.perf_counter() - started
         return decoded
 
 
