@@ -6,7 +6,10 @@
 3. real files: a generated ImageFolder of 224 px JPEGs through ``python -m trainer`` with 8 and 15
    loader workers (RandomResizedCrop + flip): images/s, data-wait fraction, per-worker decode rate;
 4. NCCL: two processes on one GPU (refused in one line, or run) and one process in a real group;
-5. bitwise resume on CUDA with ``train.deterministic=true``: stopped by SIGTERM, resumed, compared.
+5. bitwise resume on CUDA with ``train.deterministic=true``: stopped by SIGTERM, resumed, compared;
+6. decoding on the device: a folder of photo-sized JPEGs (500x375) through ``python -m trainer`` with
+   ``data.decode=gpu`` (and with TrivialAugmentWide), ``data.decode=cpu``, and the same run on tensors
+   in memory: steady-state images/s (the first epoch is warm-up), ratio to memory, data wait.
 
 ``--quick`` is a dry run on the CPU with tiny sizes: it checks that the script works before the GPU
 time is spent. Each result is appended to ``DIR/gpu_results.md`` (and ``.json``) as soon as it is
@@ -48,10 +51,11 @@ class Sizes:
     loader_workers: tuple[int, ...]
     decode_samples: int
     compile: tuple[bool, ...]  # throughput with torch.compile off and/or on
+    photo: tuple[int, int]  # (width, height) of the JPEGs the device-decoding check reads
 
 
-GPU = Sizes("cuda", "resnet50", 224, 256, 10, 5, 5, 20_000, (8, 15), 800, (False, True))
-QUICK = Sizes("cpu", "resnet18", 32, 8, 2, 1, 1, 120, (1, 2), 40, (False,))  # compiling on 2 cores: minutes
+GPU = Sizes("cuda", "resnet50", 224, 256, 10, 5, 5, 20_000, (8, 15), 800, (False, True), (500, 375))
+QUICK = Sizes("cpu", "resnet18", 32, 8, 2, 1, 1, 120, (1, 2), 40, (False,), (64, 48))  # compiling on 2 cores: minutes
 
 
 class Results:
@@ -122,26 +126,27 @@ def _pct(value: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- 3. real files
-def _write_jpegs(job: tuple[Path, int, int, int]) -> None:
+def _write_jpegs(job: tuple[Path, int, int, int, int]) -> None:
     from PIL import Image
 
-    folder, first, count, size = job
+    folder, first, count, width, height = job
     gen = torch.Generator().manual_seed(first)
     for index in range(first, first + count):
         base = torch.randint(0, 256, (3,), generator=gen)
-        noise = torch.randint(0, 64, (size // 8, size // 8, 3), generator=gen)
+        noise = torch.randint(0, 64, (height // 8, width // 8, 3), generator=gen)
         pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
-        image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
+        image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
         image.save(folder / f"class{index % 10}" / f"{index:06d}.jpg", quality=90)
 
 
-def make_image_folder(root: Path, count: int, size: int) -> Path:
-    """``count`` JPEGs (+ a tenth for val) of ``size`` px in 10 classes, written by all cores."""
+def make_image_folder(root: Path, count: int, size: int, height: int | None = None) -> Path:
+    """``count`` JPEGs (+ a tenth for val) of ``size`` px (or ``size`` x ``height``) in 10 classes,
+    written by all cores."""
     for split, n in (("train", count), ("val", max(20, count // 10))):
         for c in range(10):
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
         chunk = max(1, n // (4 * (os.cpu_count() or 1)))
-        jobs = [(root / split, first, min(chunk, n - first), size) for first in range(0, n, chunk)]
+        jobs = [(root / split, first, min(chunk, n - first), size, height or size) for first in range(0, n, chunk)]
         with Pool() as pool:
             pool.map(_write_jpegs, jobs)
     return root
@@ -245,8 +250,44 @@ def check_resume(results: Results, sizes: Sizes, workdir: Path) -> None:
                     stop_exit=stopped, stop_line=tail(stop_line, 1))
 
 
+# ----------------------------------------------------------------------------- 6. decoding on the device
+def check_device_decode(results: Results, sizes: Sizes, workdir: Path) -> None:
+    """The JPEG-folder rate with ``data.decode=gpu`` against the in-memory rate of the same run (the
+    issue's bar: >= 0.9x, data wait < 5%), with and without TrivialAugmentWide, and the CPU decode."""
+    from bench.versus import Workload, run_worker, user_environment
+
+    started = time.monotonic()
+    width, height = sizes.photo
+    root = make_image_folder(workdir / "photos", sizes.images, width, height)
+    results.add("generate photo-sized ImageFolder", f"{sizes.images} JPEGs of {width}x{height}",
+                seconds=round(time.monotonic() - started))
+    workers, classes = sizes.loader_workers[0], 10
+    common: dict[str, Any] = dict(model=sizes.model, image_size=sizes.image_size, batch=sizes.batch,
+                                  workers=workers, classes=classes, train_per_class=sizes.images // classes,
+                                  epochs=3, device=sizes.device, bf16=sizes.device == "cuda", channels_last=True)
+    trivial = "data.auto_augment=trivialaugment"
+    runs = {"tensors in memory": Workload("memory", data=None, **common),
+            "JPEGs, data.decode=gpu": Workload("decode gpu", data=root, extra=("data.decode=gpu",), **common),
+            "JPEGs, data.decode=gpu, TrivialAugmentWide": Workload("decode gpu trivialaugment", data=root,
+                                                                   extra=("data.decode=gpu", trivial), **common),
+            "JPEGs, data.decode=cpu": Workload("decode cpu", data=root, extra=("data.decode=cpu",), **common)}
+    memory = None
+    for name, work in runs.items():
+        try:
+            run_ = run_worker(work, 1, workdir, work.label.replace(" ", "-"), user_environment())
+        except Exception as exc:  # one failed run must not cost the others
+            results.add(f"{name}, {workers} loader workers", f"FAIL {type(exc).__name__}",
+                        message=str(exc).splitlines()[0][:300])
+            continue
+        memory = memory or (run_.rate if work.data is None else None)
+        waits = [w for w in run_.extra["data_wait"][1:] if w is not None]
+        results.add(f"{name}, {workers} loader workers, steady state", f"{run_.rate:.0f} img/s",
+                    ratio_to_memory=round(run_.rate / memory, 3) if memory else "-",
+                    data_wait=_pct(max(waits) if waits else None), epochs_img_s=[round(r) for r in run_.images_per_s])
+
+
 CHECKS = {"tests": check_tests, "throughput": check_throughput, "files": check_real_files, "nccl": check_nccl,
-          "resume": check_resume}
+          "resume": check_resume, "decode": check_device_decode}
 
 
 def main(argv: list[str] | None = None) -> int:

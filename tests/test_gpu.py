@@ -137,3 +137,124 @@ def test_the_flight_recorder_settings_are_in_force_on_an_nccl_group(tmp_path: Pa
     assert found["ops"] == ["nccl:all_reduce"] and found["folder_exists"]
     assert found["env"]["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and found["env"]["TORCH_FR_BUFFER_SIZE"] == "7"
     assert found["dump"] == str(tmp_path / "logs" / "flight_recorder" / "rank_0")
+
+
+# ----------------------------------------------------------------------------- decoding on the device
+def photo_folder(root: Path, per_split: dict[str, int]) -> Path:
+    """Photo-sized JPEGs (smooth random content) in 3 classes, each split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in per_split.items():
+        for i in range(count):
+            folder = root / split / f"class{i % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            width, height = int(rng.integers(300, 640)), int(rng.integers(240, 480))
+            coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR).save(
+                folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def encoded_batches(root: Path, batch: int, train: bool = True):  # type: ignore[no-untyped-def]
+    """(the CPU path's batches, the same batches left encoded) over the training split."""
+    from trainer import config
+    from trainer.data import loaders, sources
+
+    cfg = config.load([], ["data.source=imagefolder", f"data.root={root}", "data.image_size=128",
+                           "data.random_resized_crop=true", "data.jpeg_draft=false"]).data
+    split = sources.load_splits(cfg).train
+    on_cpu = loaders.SeededTransformDataset(split, loaders.build_transform(cfg, train), 0)
+    on_device = loaders.SeededTransformDataset(split, loaders.build_transform(cfg, train, True), 0)
+    starts = range(0, len(split) - batch + 1, batch)
+    return ([loaders.collate_skipping_bad([on_cpu[(0, i)] for i in range(s, s + batch)]) for s in starts],
+            [loaders.collate_skipping_bad([on_device[(0, i)] for i in range(s, s + batch)]) for s in starts])
+
+
+def test_nvjpeg_batches_give_the_cpu_paths_crops(tmp_path: Path) -> None:
+    from trainer.data.device_decode import DeviceDecoder
+
+    expected, encoded = encoded_batches(photo_folder(tmp_path, {"train": 32, "val": 3}), 16)
+    decoder = DeviceDecoder(torch.device("cuda"), torch.channels_last)
+    for cpu_batch, batch in zip(expected, encoded):
+        decoded = decoder(batch)
+        assert decoded.images.is_cuda and decoded.images.is_contiguous(memory_format=torch.channels_last)
+        difference = (decoded.images.cpu().int() - cpu_batch.images.int()).abs().float()
+        # nvjpeg's IDCT and upsampling and CUDA's resize are not libjpeg's and PIL's: close, not within 1
+        assert difference.mean() < 1.5, difference.mean()
+    assert decoder.cpu_decoded == 0 and decoder.samples == 32
+
+
+def test_decoding_never_syncs_the_host_from_our_code(tmp_path: Path) -> None:
+    """torchvision waits for its own decoder stream (a raw CUDA call the debug mode does not see);
+    cutting, resizing, stacking and handing the batch to the compute stream must not sync."""
+    from trainer.data.device_decode import DeviceDecoder
+    from trainer.data.stages import DecodeAhead
+
+    _, batches = encoded_batches(photo_folder(tmp_path, {"train": 48, "val": 3}), 16)
+    decoder = DeviceDecoder(torch.device("cuda"), torch.channels_last)
+    list(DecodeAhead(batches, decoder))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        served = [batch.images.float().mean() for batch in DecodeAhead(batches, decoder)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(served) == 3
+
+
+def test_decode_ahead_overlaps_the_compute_stream(tmp_path: Path) -> None:
+    """Decoding batch k+1 on the side stream runs while batch k's work runs on the compute stream:
+    both together take clearly less than one after the other."""
+    import time
+
+    from trainer.data.device_decode import DeviceDecoder
+    from trainer.data.stages import DecodeAhead
+
+    _, batches = encoded_batches(photo_folder(tmp_path, {"train": 8 * 32, "val": 3}), 32)
+    decoder = DeviceDecoder(torch.device("cuda"), torch.channels_last)
+    list(DecodeAhead(batches[:2], decoder))  # warm-up: nvjpeg handles, kernels
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    list(DecodeAhead(batches, decoder))
+    torch.cuda.synchronize()
+    decoding = time.perf_counter() - started
+    x = torch.randn(4096, 4096, device="cuda")
+
+    def step(count: int) -> None:
+        y = x
+        for _ in range(count):
+            y = torch.tanh(y @ x * 1e-4)
+
+    step(2)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    step(20)
+    torch.cuda.synchronize()
+    per_matmul = (time.perf_counter() - started) / 20
+    count = max(1, round(decoding / len(batches) / per_matmul))  # a step as long as a batch's decode
+    started = time.perf_counter()
+    for _ in batches:
+        step(count)
+    torch.cuda.synchronize()
+    stepping = time.perf_counter() - started
+    started = time.perf_counter()
+    for batch in DecodeAhead(batches, decoder):
+        step(count)
+        batch.images.float().mean()  # the step reads the decoded images on the compute stream
+    torch.cuda.synchronize()
+    both = time.perf_counter() - started
+    assert both < 0.85 * (decoding + stepping), (both, decoding, stepping)
+
+
+def test_a_run_decodes_on_cuda(tmp_path: Path) -> None:
+    root = photo_folder(tmp_path / "photos", {"train": 96, "val": 24})
+    result = trainer(*small(tmp_path, "decode", "data.source=imagefolder", f"data.root={root}", "data.decode=gpu",
+                            "data.auto_augment=trivialaugment", "data.random_resized_crop=true",
+                            "data.image_size=64", "data.batch_size=16", "train.epochs=2", "model.channels_last=true",
+                            "train.precision=bf16"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "JPEGs decoded on cuda:0" in result.stdout and "decoded on the CPU" not in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "decode" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/decode_time_s"] > 0 for r in records)

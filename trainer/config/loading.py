@@ -138,6 +138,10 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.data.randaugment_magnitude}")
     if not 1 <= cfg.data.augmix_severity <= 10:
         raise ConfigError(f"data.augmix_severity: must be in [1, 10], got {cfg.data.augmix_severity}")
+    if cfg.data.decode == "gpu" and cfg.data.auto_augment == "augmix":
+        raise ConfigError("data.decode=gpu: data.auto_augment=augmix draws its mixing weights from the device's "
+                          "generator, not the sample's seed; use trivialaugment, randaugment or autoaugment, "
+                          "or data.decode=cpu")
     if not 0 <= cfg.data.random_erase <= 1:
         raise ConfigError(f"data.random_erase: a probability in [0, 1] (0: off), got {cfg.data.random_erase}")
     for key in ("data.mixup_prob", "data.mixup_switch_prob"):

@@ -50,6 +50,7 @@ class DataConfig:
     pin_memory: bool = True
     on_bad_sample: str = "error"
     jpeg_draft: bool = True
+    decode: str = "cpu"  # where JPEGs are decoded: cpu (loader workers) | gpu (the run's device, batched) | auto
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_sample": ("error", "skip"),
+    "data.decode": ("cpu", "gpu", "auto"),
     "data.auto_augment": ("none", "autoaugment", "randaugment", "trivialaugment", "augmix"),
     "data.autoaugment_policy": ("imagenet", "cifar10", "svhn"),
     "model.init": ("default", "kaiming", "xavier"),

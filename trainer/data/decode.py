@@ -56,9 +56,12 @@ class ResizedCrop:
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.size, self.scale, self.ratio, self.draft = size, scale, ratio, draft
 
+    def box(self, image: Image.Image) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop, drawn from the header's size alone."""
+        return transforms.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        top, left, height, width = transforms.RandomResizedCrop.get_params(image, list(self.scale),
-                                                                          list(self.ratio))
+        top, left, height, width = self.box(image)
         factor = self._reduce(image, height, width) if self.draft else 1.0
         image = to_rgb(image)
         if factor == 1.0:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torchvision import transforms
 
 from trainer.config import DataConfig
-from trainer.data import decode, policies, workers as worker_plans
+from trainer.data import decode, encoded, policies, workers as worker_plans
 from trainer.data.stages import Batch
 from trainer.errors import DataError, UserError
 from trainer.parallel import hangs
@@ -44,30 +44,40 @@ def val_sizes(cfg: DataConfig) -> tuple[int, int]:
     return cfg.val_resize_size or round(crop / cfg.val_crop_fraction), crop
 
 
-def build_transform(cfg: DataConfig, train: bool) -> Callable[[Any], torch.Tensor]:
+def build_transform(cfg: DataConfig, train: bool, device_decode: bool = False) -> Callable[[Any], Any]:
     """Train: random resized crop and flip (each optional), then the augmentation policy
     (``data.auto_augment``); val: resize and centre crop.
 
     The result is a uint8 (3, H, W) tensor: :class:`trainer.data.stages.Normalize` makes it float
-    and normalises it on the device.
+    and normalises it on the device. With ``device_decode`` (``data.decode=gpu``) a JPEG the device
+    decoder takes leaves as its bytes and geometry instead (:class:`encoded.EncodedTransform`).
     """
     steps: list[Callable] = []
+    geometry: Callable
+    policy = policies.build_policy(cfg) if train else None
     if train:
         size = train_crop_size(cfg)
         if cfg.random_resized_crop:
-            steps.append(decode.ResizedCrop(size, (cfg.crop_scale_min, 1.0), cfg.jpeg_draft))
+            crop = decode.ResizedCrop(size, (cfg.crop_scale_min, 1.0), cfg.jpeg_draft)
+            steps.append(crop)
+            geometry = encoded.RandomBox(crop, cfg.hflip)
         else:
-            steps += [decode.to_rgb, transforms.Resize(round(size / cfg.val_crop_fraction), antialias=True),
-                      transforms.CenterCrop(size)]
+            resize = round(size / cfg.val_crop_fraction)
+            steps += [decode.to_rgb, transforms.Resize(resize, antialias=True), transforms.CenterCrop(size)]
+            geometry = encoded.ResizeCentre(resize, size, cfg.hflip)
         if cfg.hflip:
             steps.append(transforms.RandomHorizontalFlip())
-        if (policy := policies.build_policy(cfg)) is not None:
+        if policy is not None:
             steps.append(policy)
     else:
-        resize, crop = val_sizes(cfg)
-        steps += [decode.to_rgb, transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop)]
+        resize, crop_size = val_sizes(cfg)
+        steps += [decode.to_rgb, transforms.Resize(resize, antialias=True), transforms.CenterCrop(crop_size)]
+        geometry = encoded.ResizeCentre(resize, crop_size, False)
     steps.append(decode.to_uint8_tensor)
-    return TensorsPassThrough(transforms.Compose(steps))
+    on_cpu = transforms.Compose(steps)
+    if device_decode:
+        return TensorsPassThrough(encoded.EncodedTransform(geometry, on_cpu, keep_rng=policy is not None))
+    return TensorsPassThrough(on_cpu)
 
 
 class TensorsPassThrough:
@@ -76,7 +86,7 @@ class TensorsPassThrough:
     def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
         self.transform = transform
 
-    def __call__(self, item: Any) -> torch.Tensor:
+    def __call__(self, item: Any) -> Any:
         return item if isinstance(item, torch.Tensor) else self.transform(item)
 
 
@@ -138,10 +148,11 @@ class SeededTransformDataset(Dataset):
         """``None`` in skip mode; else the error naming the sample."""
         if self.skip_bad:
             return None
-        raise DataError(f"cannot read sample {self._describe(index)}: {exc}; "
+        raise DataError(f"cannot read sample {self.describe(index)}: {exc}; "
                         "fix or remove it, or set data.on_bad_sample=skip") from None
 
-    def _describe(self, index: int) -> str:
+    def describe(self, index: int) -> str:
+        """The sample as an error names it: its file, else its index."""
         if hasattr(self.base, "sample_path"):
             return f"'{self.base.sample_path(index)}'"
         samples: Sequence | None = getattr(self.base, "samples", None)  # e.g. the user's own ImageFolder
@@ -154,6 +165,8 @@ def collate_skipping_bad(batch: list[Any]) -> Batch:
     if not good:
         nothing = torch.empty(0, dtype=torch.long)
         return Batch(torch.empty(0), nothing, len(batch), nothing, nothing)
+    if any(isinstance(sample[0], encoded.Encoded) for sample in good):
+        return encoded.collate_encoded(good, len(batch) - len(good))
     images, targets, indices, repeats = default_collate(good)
     return Batch(images, targets, len(batch) - len(good), indices, repeats)
 
@@ -277,13 +290,15 @@ def shared_memory_warning(num_workers: int, batch_bytes: int, path: str = "/dev/
 
 
 def build_val_loader(split: Dataset, cfg: DataConfig, world_size: int, rank: int, device: torch.device,
-                     seed: int) -> DataLoader:
-    """This rank's share of the validation set with the eval transform: every sample counted once.
+                     seed: int, device_decode: bool = False) -> DataLoader:
+    """This rank's share of the validation set with the eval transform: every sample counted once
+    (JPEGs left encoded for the device with ``device_decode``).
 
     Its workers start at each validation and exit after it (never persistent): they would
     otherwise sit resident, holding memory, through every training epoch.
     """
-    dataset = SeededTransformDataset(split, build_transform(cfg, False), seed, cfg.on_bad_sample == "skip")
+    dataset = SeededTransformDataset(split, build_transform(cfg, False, device_decode), seed,
+                                     cfg.on_bad_sample == "skip")
     return build_loader(dataset, EvalSampler(len(dataset), world_size, rank), cfg.val_batch_size or cfg.batch_size,
                         cfg, device, seed, drop_last=False, persistent=False)
 

@@ -13,8 +13,10 @@ alike. A user's data set that yields float tensors is taken as already normalise
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,9 +28,10 @@ _Word = TypeVar("_Word", torch.Tensor, int)
 class Batch(NamedTuple):
     """What a loader yields: stacked images and targets as loaded, how many samples were dropped
     as unreadable, and the data-set index and repeat number of each sample kept (for per-sample
-    draws; no repeats: all 0)."""
+    draws; no repeats: all 0). With ``data.decode=gpu`` the images are still encoded
+    (:class:`trainer.data.encoded.EncodedImages`) until :meth:`DeviceStages.batches` decodes them."""
 
-    images: torch.Tensor
+    images: Any
     targets: torch.Tensor
     skipped: int
     indices: torch.Tensor
@@ -116,15 +119,100 @@ class Normalize:
         return images.permute(0, 2, 3, 1).numpy()
 
 
+class BatchDecoder(Protocol):
+    """Decodes a loader's batch of encoded images on the device (see :mod:`trainer.data.device_decode`)
+    in two parts: ``decode`` the files (stateless: any thread), then ``finish`` the batch (cut, resize,
+    augment: the main thread, it uses the torch RNG); counts the samples it served and those decoded
+    on the CPU instead."""
+
+    device: torch.device
+    samples: int
+    cpu_decoded: int
+
+    def decode(self, batch: Batch, describe: Any, skip_bad: bool) -> Any: ...
+
+    def finish(self, batch: Batch, decoded: Any) -> Batch: ...
+
+
+class DecodeAhead:
+    """A loader's batches with their images decoded on the device, one batch ahead.
+
+    torchvision's batched JPEG decoder makes the calling thread wait until its own stream has
+    decoded the files, so the files of batch k+1 are decoded on a thread of this class while the
+    main thread cuts batch k (on a side CUDA stream, which waits for nothing on the compute stream)
+    and queues its step. The compute stream waits for the side stream's event only, and the images
+    are recorded on it (``record_stream``) so that their memory is not reused too early. On a CPU
+    the same happens with CPU tensors. ``decoding`` adds up the seconds the main thread spends
+    waiting for decoded files and cutting them: not waiting for the loader.
+    """
+
+    def __init__(self, loader: Iterable[Batch], decoder: BatchDecoder | None) -> None:
+        self.loader, self.decoder, self.decoding = loader, decoder, 0.0
+        self.describe = getattr(getattr(loader, "dataset", None), "describe", lambda index: f"#{index}")
+        self.skip_bad = bool(getattr(getattr(loader, "dataset", None), "skip_bad", False))
+        self.device = decoder.device if decoder is not None else torch.device("cpu")
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.decoder is None:
+            yield from self.loader
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=self._on_thread) as thread:
+            batches = iter(self.loader)
+            pending = self._submit(thread, next(batches, None))
+            for batch in batches:
+                following = self._submit(thread, batch)
+                yield self._finish(*pending)  # type: ignore[misc]
+                pending = following
+            if pending is not None:
+                yield self._finish(*pending)
+
+    def _on_thread(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_device(self.device)
+
+    def _submit(self, thread: ThreadPoolExecutor, batch: Batch | None) -> tuple[Batch, Future] | None:
+        return None if batch is None else (batch, thread.submit(self._decode, batch))
+
+    def _decode(self, batch: Batch) -> Any:
+        assert self.decoder is not None
+        if self.stream is None:
+            return self.decoder.decode(batch, self.describe, self.skip_bad)
+        with torch.cuda.stream(self.stream):  # its images are allocated for the side stream, which waits for them
+            return self.decoder.decode(batch, self.describe, self.skip_bad)
+
+    def _finish(self, batch: Batch, files: Future) -> Batch:
+        assert self.decoder is not None
+        started = time.perf_counter()
+        if self.stream is None:
+            decoded = self.decoder.finish(batch, files.result())
+        else:
+            with torch.cuda.stream(self.stream):
+                decoded = self.decoder.finish(batch, files.result())
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            if decoded.images.is_cuda:
+                decoded.images.record_stream(compute)
+        self.decoding += time.perf_counter() - started
+        return decoded
+
+
 class DeviceStages:
     """Copies a loader's batch to the device (in the model's memory format) and runs the stages
-    in order: normalisation first, then ``extra`` (training's random stages)."""
+    in order: normalisation first, then ``extra`` (training's random stages). With a ``decoder``
+    (``data.decode=gpu``), :meth:`batches` decodes the loader's batches on the device first."""
 
     def __init__(self, normalize: Normalize, device: torch.device, seed: int,
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 extra: Sequence[BatchStage] = ()) -> None:
+                 extra: Sequence[BatchStage] = (), decoder: BatchDecoder | None = None) -> None:
         self.normalize, self.device, self.seed, self.memory_format = normalize, device, seed, memory_format
-        self.extra = list(extra)
+        self.extra, self.decoder = list(extra), decoder
+
+    def batches(self, loader: Iterable[Batch]) -> DecodeAhead:
+        """``loader``'s batches, their images decoded on the device when there is a decoder."""
+        return DecodeAhead(loader, self.decoder)
 
     def copy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's images (as loaded) and targets on the device."""

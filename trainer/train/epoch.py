@@ -72,17 +72,19 @@ class EpochLoop:
             self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory.reset()
         bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
-        started, consumed_before = time.perf_counter(), position.consumed
+        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed  # the loader starts its
+        # workers at the first batch: their start-up counts as waiting for data, as images/s counts it
         window_start = position.consumed  # where the current accumulation window began
-        batches = iter(self.inputs.train_loader)  # starts the workers: waiting for data too, as images/s counts it
-        waited = time.perf_counter() - started
+        feed = self.stages.batches(self.inputs.train_loader)
+        batches, decoder = iter(feed), self.stages.decoder
+        served, on_cpu = (decoder.samples, decoder.cpu_decoded) if decoder is not None else (0, 0)
         own_time = self.stragglers.clock if self.stragglers is not None else None
         for index, global_size in enumerate(global_batches):
             self.profiler.update(self.record.global_step)
             hangs.TRAIL.at("data", self.record.global_step + 1)
-            wait_start = time.perf_counter()
+            wait_start, decoding = time.perf_counter(), feed.decoding
             batch = next(batches)
-            wait = time.perf_counter() - wait_start
+            wait = time.perf_counter() - wait_start - (feed.decoding - decoding)  # the loader's part
             waited += wait
             if own_time is not None:
                 own_time.waited(wait)
@@ -132,6 +134,12 @@ class EpochLoop:
         stats = self.meter.reduce(self.env.control)
         stats.update(images_per_s=(position.consumed - consumed_before) / elapsed, data_wait=waited / elapsed,
                      time_s=elapsed)
+        if decoder is not None:  # the main process's time spent decoding (not counted in data_wait)
+            stats["decode_time_s"] = feed.decoding
+            if on_cpu := decoder.cpu_decoded - on_cpu:
+                log.info("epoch %d: %d of %d samples decoded on the CPU, not the device (not an RGB JPEG, or the "
+                         "device decoder refused it; data.decode=%s)", position.epoch + 1, on_cpu,
+                         decoder.samples - served, cfg.data.decode)
         return stats
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, window: int, last: bool,

@@ -41,7 +41,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, task: Task, num_classes
     if cut is not None and cut.auto:
         skipped = _evaluate_in_pieces(model, loader, meter, stages, precision, stop, observer, cut)
     else:
-        for batch in loader:
+        for batch in stages.batches(loader):
             if stop():
                 break
             skipped += batch.skipped
@@ -72,7 +72,7 @@ def _evaluate_in_pieces(model: nn.Module, loader: DataLoader, meter: Any, stages
     in rounds until none has a piece left (a rank with fewer batches, or stopped, joins with none).
     A forward out of memory anywhere doubles the pieces everywhere and that piece runs again, halved.
     Returns the unreadable samples skipped here."""
-    batches, skipped, current, piece = iter(loader), 0, None, 0
+    batches, skipped, current, piece = iter(stages.batches(loader)), 0, None, 0
     while True:
         while current is None and not stop() and (batch := next(batches, None)) is not None:
             skipped += batch.skipped
@@ -146,4 +146,4 @@ def _image_shape(loader: DataLoader) -> torch.Size:
         raise DataError("this rank has no readable validation sample, and the first one (index 0) cannot be "
                         "read to size the blank forwards that keep the ranks in step: fix that sample or "
                         "validate on fewer processes")
-    return sample[0].shape
+    return torch.Size(sample[0].shape)  # a tensor, or an encoded JPEG's decoded shape

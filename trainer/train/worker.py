@@ -11,6 +11,8 @@ import torch
 
 from trainer import checkpoint, models
 from trainer.config import Config, flatten, profile_range, to_dict, to_yaml
+from trainer.data import policies
+from trainer.data.device_decode import DeviceDecoder
 from trainer.data.erasing import RandomErasing
 from trainer.data.loaders import Position, train_crop_size
 from trainer.data.mixing import Mixing
@@ -91,7 +93,10 @@ class Worker:
         if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:  # after erasing, as in torchvision's recipes
             training_stages.append(Mixing(len(self.classes), cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                                           cfg.data.mixup_prob, cfg.data.mixup_switch_prob))
-        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, training_stages)
+        decoder = (DeviceDecoder(self.device, memory_format, policies.build_policy(cfg.data))
+                   if self.inputs.device_decode else None)
+        self.stages = DeviceStages(self.normalize, self.device, cfg.train.seed, memory_format, training_stages,
+                                   decoder)
         self.micro_batches = self._micro_batches()
         self.step = TrainStep(self.net, self.model, self.optimizer, self.parallel, self.task, self.precision,
                               self.device, cfg.train, ema_module, self.micro_batches)
@@ -160,7 +165,7 @@ class Worker:
             checkpoint.rewrite_lines(jsonl, [json.dumps(record) for record in self.record.history])
         try:
             self.sinks.start(flatten(to_dict(cfg)), config_yaml, self.record.global_step)
-            self.visuals.at_start(self.sinks, self.net, self.inputs.train_set, self.inputs.sampler, self.device,
+            self.visuals.at_start(self.sinks, self.net, self.inputs.pictured_set, self.inputs.sampler, self.device,
                                   self.record.global_step)
             if self.position.epoch >= cfg.train.epochs:
                 log.info("nothing to do: the run in %s already finished %d epochs (train.epochs=%d); "
