@@ -5,6 +5,7 @@ size serving every sample once; a damaged shard is refused in one line, exit 2."
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import last_checkpoint, run, small_run
 from PIL import Image
 from refusals import error_line
 from test_resume import EPOCHS, recorded, recorded_run
 from torch.utils.data import DataLoader
 
-from trainer.data import loaders, shards
+from trainer.data import decode, loaders, shards
 from trainer.errors import DataError
 from trainer.tools import prepare
 
@@ -144,6 +146,22 @@ def test_an_unreadable_image_leaves_no_destination_or_is_skipped(tmp_path: Path)
     assert prepare.prepare(tmp_path / "src", tmp_path / "dst", options(tmp_path, skip_bad=True), say=lambda line: None)
     manifest = shards.read_manifest(tmp_path / "dst")
     assert manifest.counts["train"] == [2, 1, 2] and manifest.raw["splits"]["train"]["skipped"] == ["dog/001.jpg"]
+
+
+def test_training_crops_of_prepared_samples_are_tensor_decoded_within_1_of_pil(prepared) -> None:
+    """A prepared sample is a JPEG in memory: its crop is decoded and resized as a uint8 tensor
+    (torchvision.io), the same box from the same seed and pixels within 1 of PIL's decode and crop."""
+    crop = decode.ResizedCrop(16, (0.08, 1.0), draft=True)
+    split = shards.load_splits(prepared[1])[0]
+    for index in range(len(split)):
+        torch.manual_seed(index)
+        from_memory = crop(split[index][0])
+        decoded = Image.open(io.BytesIO(split.read(index)))
+        decoded.load()  # pixels already there: PIL crops them
+        torch.manual_seed(index)
+        with_pil = decode.to_uint8_tensor(crop(decoded))
+        assert isinstance(from_memory, torch.Tensor) and from_memory.dtype == torch.uint8
+        assert (from_memory.int() - with_pil.int()).abs().max() <= 1, index
 
 
 def test_forked_workers_and_unpickled_copies_open_their_own_files(prepared) -> None:

@@ -11,14 +11,24 @@ augmentation stays a pure function of the per-sample seed (see ``data.SeededTran
 only the resampling of the chosen box differs from a full-size decode. This needs the data set to
 hand over the file opened but not yet decoded (:func:`open_image`); an image already decoded is
 cropped at full size.
+
+An RGB JPEG held in memory (a prepared shard's sample, :mod:`trainer.data.shards`) that no reduced
+decode applies to is decoded by ``torchvision.io.decode_jpeg`` and cropped as a uint8 tensor: the
+same libjpeg-turbo decode and antialiased bilinear resize as PIL's (pixels within 1), without PIL's
+copies and conversions, at about half the cost (docs/benchmarks.md); the steps after it (flip,
+policy) take the tensor as torchvision's transforms do.
 """
 
 from __future__ import annotations
 
+import io
+
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.io import decode_jpeg
 from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as tensor_ops
 
 DRAFT_SCALES = (8, 4, 2)
 """The reductions libjpeg decodes at, largest first (1/8, 1/4, 1/2)."""
@@ -38,9 +48,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a uint8 (3, H, W) tensor (channels-last in memory; collation stacks it)."""
-    return F.pil_to_tensor(image)
+def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """An RGB PIL image as a uint8 (3, H, W) tensor (channels-last in memory; collation stacks it);
+    a tensor (cropped from an in-memory JPEG) as it is."""
+    return image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
+
+
+def jpeg_in_memory(image: Image.Image) -> torch.Tensor | None:
+    """The bytes of an RGB JPEG opened from memory and not decoded yet (``tile`` still set), else None.
+
+    Files keep PIL's decode: torchvision's policies and the tests of the pipeline against them work
+    on PIL images, and a file's large photo may decode at a reduced size (``data.jpeg_draft``)."""
+    source = getattr(image, "fp", None)
+    if image.format != "JPEG" or image.mode != "RGB" or not image.tile or not isinstance(source, io.BytesIO):
+        return None
+    return torch.frombuffer(bytearray(source.getvalue()), dtype=torch.uint8)
+
+
+def _decoded(image: Image.Image) -> torch.Tensor | None:
+    """An RGB JPEG in memory, not decoded yet, decoded by torchvision.io into a uint8 (3, H, W) tensor; None for
+    any other image, or for damaged data (PIL then decodes it and names what is wrong, as for any file)."""
+    data = jpeg_in_memory(image)
+    if data is None:
+        return None
+    try:
+        pixels = decode_jpeg(data)
+    except RuntimeError:
+        return None
+    image.close()
+    return pixels
 
 
 def draft_scale(crop_height: int, crop_width: int, size: int) -> int:
@@ -60,9 +96,12 @@ class ResizedCrop:
         """(top, left, height, width) of the crop, drawn from the header's size alone."""
         return transforms.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image) -> Image.Image | torch.Tensor:
         top, left, height, width = self.box(image)
         factor = self._reduce(image, height, width) if self.draft else 1.0
+        if factor == 1.0 and (pixels := _decoded(image)) is not None:
+            return tensor_ops.resized_crop(pixels, top, left, height, width, [self.size, self.size],
+                                           antialias=True)  # uint8 all through (torchvision's v1 goes by float)
         image = to_rgb(image)
         if factor == 1.0:
             return F.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
