@@ -7,7 +7,8 @@
   naming the disk, and training goes on unchanged.
 * A read-only run directory is refused at start, in one line, before any training.
 * A process saving checkpoints, SIGKILLed at random moments: the checkpoint ``ckpt.resume=auto``
-  picks is always the newest complete one, and no temporary file passes for a checkpoint.
+  picks is always the newest complete one, and no temporary file passes for a checkpoint; the same
+  for sharded (DCP) checkpoint folders.
 
 Full and read-only disks are real tmpfs mounts (root, as in CI; skipped with the reason otherwise),
 unmounted whatever the outcome. ``KILLED_SAVES=1000`` (``make faults``) kills more saves than
@@ -33,6 +34,7 @@ from helpers import TESTS, child_env, run, small_run
 from refusals import error_line, snapshot, snapshot_diff, tmpfs
 
 from trainer import checkpoint
+from trainer.checkpoint import sharded
 
 pytestmark = pytest.mark.slow
 
@@ -292,3 +294,65 @@ def test_kill_during_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) 
     assert temp_files(folder) == [], "a killed writer's temporary file outlived the next save"
     print(f"{KILLED_SAVES} kills: {reported} saves completed, {mid_write} kills mid-write, "
           f"{unlinked} between a step file and last.pt")
+
+
+def save_sharded_forever(folder: Path, done_fd: int) -> None:
+    """:func:`save_forever` for sharded checkpoints: what one process of an fsdp run does at each
+    save (DCP shards into a hidden folder, ``pieces.pt`` with their digests, the rename, ``last.ptr``,
+    pruning), without a process group."""
+    torch.set_num_threads(1)
+    found = checkpoint.latest(folder.parent)
+    step = checkpoint.load(found, whole=False)["global_step"] if found else 0
+    while True:
+        step += 1
+        save_sharded(folder, step, best=step % 3 == 0)
+        os.write(done_fd, f"{step}\n".encode())
+
+
+def save_sharded(folder: Path, step: int, best: bool) -> None:
+    """One sharded save as train/checkpointing.py makes it on one process."""
+    state = weights(step)
+    tensors = sharded.split(state)
+    tmp = sharded.temporary_folder(folder, step)
+    sharded.write_shards(tensors, tmp)
+    pieces = {**state, sharded.SHARDS: sharded.digests(tmp)}
+    sharded.publish(tmp, folder, step, best, lambda path: checkpoint.save_atomic(pieces, path))
+    checkpoint.prune(folder, keep_last=2)
+
+
+def test_kill_during_a_sharded_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    """The same for DCP folders: ``last.ptr``, ``best.ptr`` and every ``step_*`` folder name a complete
+    checkpoint whose files match their digests, a resume finds the newest, and a killed writer's
+    hidden folder goes at the next save."""
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    folder.mkdir()
+    rng = random.Random(25)
+    fork = multiprocessing.get_context("fork")
+    reported, mid_write = 0, 0
+    for _ in range(max(10, KILLED_SAVES // 3)):
+        read_fd, write_fd = os.pipe()
+        child = fork.Process(target=save_sharded_forever, args=(folder, write_fd), daemon=True)
+        child.start()
+        os.close(write_fd)
+        time.sleep(rng.uniform(0.05, 0.6))
+        child.kill()
+        child.join()
+        with os.fdopen(read_fd) as done:
+            reported = max([reported, *(int(line) for line in done.read().split())])
+        steps = checkpoint.step_files(folder)
+        for path in [*steps, folder / "last.ptr", folder / "best.ptr"]:
+            if path.exists():
+                state = checkpoint.load(path)  # checks every file's digest
+                assert torch.equal(state["model"]["w"], weights(state["global_step"])["model"]["w"]), path
+        found = checkpoint.latest(tmp_path)
+        if found is None:
+            assert reported == 0
+            continue
+        state, used = checkpoint.load_for_resume(found, fall_back=True, announce=False)
+        assert used == found, f"resume had to fall back from {found}"
+        assert state["global_step"] == int(steps[-1].name.split("_")[1]) >= reported, (found, reported)
+        mid_write += any(p.is_dir() for p in folder.glob(f".*.tmp.{child.pid}"))
+    assert reported > 0 and mid_write > 0, (reported, mid_write)
+    save_sharded(folder, checkpoint.load(checkpoint.latest(tmp_path), whole=False)["global_step"] + 1, best=False)
+    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert hidden == [], f"a killed writer's folders outlived the next save: {hidden}"

@@ -100,8 +100,10 @@ def prune(folder: Path, keep_last: int) -> list[Path]:
     old = [p for p in (step_files(folder)[:-keep_last] if keep_last > 0 else []) if p not in named]
     old += atomic.leftovers(folder)
     for path in old:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():  # hidden first: a kill during the removal leaves no half folder under a step's name
+            doomed = path if path.name.startswith(".") else atomic.temporary_name(path)
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     return old
