@@ -67,3 +67,17 @@ def test_a_constructor_that_reads_its_parameters_is_built_whole_with_one_warning
     model, materialise = models.build_deferred(cfg, 3)
     assert materialise is None and not model.weight.is_meta and model.weight.abs().max() == 1
     assert "cannot be built without its parameters' memory (Tensor.item() cannot be called on meta" in caplog.text
+
+
+def test_a_torchvision_constructors_own_initialisation_is_named_as_not_replayed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """torchvision's ResNet initialises its convolutions in its constructor: a deferred build says
+    its layers start from PyTorch's defaults and how to get the constructor's values; a model that
+    leaves its initialisation to its layers says nothing."""
+    for name in ("resnet18", "smallcnn"):
+        caplog.clear()
+        model, materialise = models.build_deferred(config.load(overrides=[f"model.name={name}"]), 3)
+        materialise(model, torch.device("cpu"))
+        assert all(not p.is_meta for p in model.parameters())
+        said = "its constructor initialises its layers itself" in caplog.text
+        assert said == (name == "resnet18") and ("give it as model.weights" in caplog.text) == said, name

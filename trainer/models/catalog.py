@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config, ModelConfig, user_code
@@ -171,13 +172,25 @@ def build_deferred(config: Config,
         uncovered = deferred.materialise(sharded, device)
         if weights.lower() != "none":
             log.info("%s", load_weights(sharded, _weight_tensors(key, weights, mapped=True), weights, into_shards=True))
-        elif uncovered:
-            log.warning("deferred initialisation: %d parameter(s) no layer's reset covers (%s%s) start from a "
+            return
+        if not (key in BUILTIN or user_code.is_import_path(key)):  # torchvision's and timm's constructors
+            _warn_on_rank_0("model.name=%s: its constructor initialises its layers itself, which a build without the "
+                        "parameters' memory does not replay: they start from PyTorch's layer defaults; for the "
+                        "constructor's own initialisation save one build's state dict and give it as model.weights",
+                        key)
+        if uncovered:
+            _warn_on_rank_0("deferred initialisation: %d parameter(s) no layer's reset covers (%s%s) start from a "
                         "normal of std %g; for %s's own initialisation save one build's state dict and give it as "
                         "model.weights", len(uncovered), ", ".join(uncovered[:4]), " ..." if len(uncovered) > 4 else "",
                         FALLBACK_STD, key)
 
     return model, materialise
+
+
+def _warn_on_rank_0(message: str, *args: object) -> None:
+    """A warning every rank would give alike, given once."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(message, *args)
 
 
 def _freeze(model: nn.Module, config: Config) -> None:
