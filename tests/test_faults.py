@@ -26,7 +26,7 @@ import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -235,16 +235,36 @@ def weights(step: int) -> dict[str, Any]:
     return {"model": {"w": torch.full((64, 1024), float(step))}, "global_step": step}
 
 
-def save_forever(folder: Path, done_fd: int) -> None:
-    """What a run's rank 0 does at each save, one step after the other, telling ``done_fd`` each
+def save_file(folder: Path, step: int) -> None:
+    """What a run's rank 0 does at each save (a step file, ``last.pt``, every third ``best.pt``, pruning)."""
+    checkpoint.save_step(weights(step), folder, step, best=step % 3 == 0, keep_last=2)
+
+
+def save_forever(folder: Path, done_fd: int, save: Callable[[Path, int], None]) -> None:
+    """``save`` one step after the other from the newest checkpoint on, telling ``done_fd`` each
     step whose save returned; runs until killed."""
     torch.set_num_threads(1)
     found = checkpoint.latest(folder.parent)
-    step = checkpoint.load(found)["global_step"] if found else 0
+    step = checkpoint.load(found, whole=False)["global_step"] if found else 0
     while True:
         step += 1
-        checkpoint.save_step(weights(step), folder, step, best=step % 3 == 0, keep_last=2)
+        save(folder, step)
         os.write(done_fd, f"{step}\n".encode())
+
+
+def kill_a_saver(folder: Path, save: Callable[[Path, int], None], delay: float) -> tuple[int, list[int]]:
+    """A forked process saving with ``save`` in a loop, SIGKILLed after ``delay`` seconds: its pid
+    and the steps whose save returned before."""
+    read_fd, write_fd = os.pipe()
+    child = multiprocessing.get_context("fork").Process(target=save_forever, args=(folder, write_fd, save),
+                                                        daemon=True)
+    child.start()
+    os.close(write_fd)
+    time.sleep(delay)
+    child.kill()
+    child.join()
+    with os.fdopen(read_fd) as done:
+        return child.pid, [int(line) for line in done.read().split()]
 
 
 def test_kill_during_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) -> None:
@@ -252,19 +272,10 @@ def test_kill_during_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) 
     folder = checkpoint.checkpoint_dir(tmp_path)
     folder.mkdir()
     rng = random.Random(28)
-    fork = multiprocessing.get_context("fork")
     reported, since_prune, mid_write, unlinked = 0, [], 0, 0
     for _ in range(KILLED_SAVES):
-        read_fd, write_fd = os.pipe()
-        child = fork.Process(target=save_forever, args=(folder, write_fd), daemon=True)
-        child.start()
-        os.close(write_fd)
-        time.sleep(rng.uniform(0.0, 0.15))
-        child.kill()
-        child.join()
-        with os.fdopen(read_fd) as done:
-            steps_done = [int(line) for line in done.read().split()]
-        since_prune = [child.pid] if steps_done else [*since_prune, child.pid]
+        pid, steps_done = kill_a_saver(folder, save_file, rng.uniform(0.0, 0.15))
+        since_prune = [pid] if steps_done else [*since_prune, pid]
         reported = max([reported, *steps_done])
 
         steps = checkpoint.step_files(folder)
@@ -284,7 +295,7 @@ def test_kill_during_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) 
 
         leftovers = temp_files(folder)
         assert all(int(p.name.rsplit(".", 1)[1]) in since_prune for p in leftovers), (leftovers, since_prune)
-        mid_write += any(child.pid == int(p.name.rsplit(".", 1)[1]) for p in leftovers)
+        mid_write += any(pid == int(p.name.rsplit(".", 1)[1]) for p in leftovers)
         last = folder / "last.pt"
         unlinked += not last.exists() or last.stat().st_ino != steps[-1].stat().st_ino
 
@@ -296,21 +307,11 @@ def test_kill_during_save_leaves_the_newest_complete_checkpoint(tmp_path: Path) 
           f"{unlinked} between a step file and last.pt")
 
 
-def save_sharded_forever(folder: Path, done_fd: int) -> None:
-    """:func:`save_forever` for sharded checkpoints: what one process of an fsdp run does at each
-    save (DCP shards into a hidden folder, ``pieces.pt`` with their digests, the rename, ``last.ptr``,
-    pruning), without a process group."""
-    torch.set_num_threads(1)
-    found = checkpoint.latest(folder.parent)
-    step = checkpoint.load(found, whole=False)["global_step"] if found else 0
-    while True:
-        step += 1
-        save_sharded(folder, step, best=step % 3 == 0)
-        os.write(done_fd, f"{step}\n".encode())
-
-
-def save_sharded(folder: Path, step: int, best: bool) -> None:
-    """One sharded save as train/checkpointing.py makes it on one process."""
+def save_sharded(folder: Path, step: int) -> None:
+    """What one process of an fsdp run does at each save, without a process group (as
+    train/checkpointing.py makes it): DCP shards into a hidden folder, ``pieces.pt`` with their
+    digests, the rename, ``last.ptr`` (every third ``best.ptr``), pruning."""
+    best = step % 3 == 0
     state = weights(step)
     tensors = sharded.split(state)
     tmp = sharded.temporary_folder(folder, step)
@@ -327,18 +328,10 @@ def test_kill_during_a_sharded_save_leaves_the_newest_complete_checkpoint(tmp_pa
     folder = checkpoint.checkpoint_dir(tmp_path)
     folder.mkdir()
     rng = random.Random(25)
-    fork = multiprocessing.get_context("fork")
     reported, mid_write = 0, 0
     for _ in range(max(10, KILLED_SAVES // 3)):
-        read_fd, write_fd = os.pipe()
-        child = fork.Process(target=save_sharded_forever, args=(folder, write_fd), daemon=True)
-        child.start()
-        os.close(write_fd)
-        time.sleep(rng.uniform(0.05, 0.6))
-        child.kill()
-        child.join()
-        with os.fdopen(read_fd) as done:
-            reported = max([reported, *(int(line) for line in done.read().split())])
+        pid, steps_done = kill_a_saver(folder, save_sharded, rng.uniform(0.05, 0.6))
+        reported = max([reported, *steps_done])
         steps = checkpoint.step_files(folder)
         for path in [*steps, folder / "last.ptr", folder / "best.ptr"]:
             if path.exists():
@@ -351,8 +344,8 @@ def test_kill_during_a_sharded_save_leaves_the_newest_complete_checkpoint(tmp_pa
         state, used = checkpoint.load_for_resume(found, fall_back=True, announce=False)
         assert used == found, f"resume had to fall back from {found}"
         assert state["global_step"] == int(steps[-1].name.split("_")[1]) >= reported, (found, reported)
-        mid_write += any(p.is_dir() for p in folder.glob(f".*.tmp.{child.pid}"))
+        mid_write += any(p.is_dir() for p in folder.glob(f".*.tmp.{pid}"))
     assert reported > 0 and mid_write > 0, (reported, mid_write)
-    save_sharded(folder, checkpoint.load(checkpoint.latest(tmp_path), whole=False)["global_step"] + 1, best=False)
+    save_sharded(folder, checkpoint.load(checkpoint.latest(tmp_path), whole=False)["global_step"] + 1)
     hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
     assert hidden == [], f"a killed writer's folders outlived the next save: {hidden}"
