@@ -72,8 +72,9 @@ class EpochLoop:
             self.meter = TrainMeter(cfg.log.every_steps)
         self.peak_memory.reset()
         bar = ProgressBar(self.env, cfg.log.progress_bar, len(global_batches), f"epoch {position.epoch + 1}")
-        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed  # the loader starts its
-        # workers at the first batch: their start-up counts as waiting for data, as images/s counts it
+        # The loader starts its workers at the first batch: their start-up counts as waiting for data,
+        # as images/s counts it.
+        started, waited, consumed_before = time.perf_counter(), 0.0, position.consumed
         window_start = position.consumed  # where the current accumulation window began
         feed = self.stages.batches(self.inputs.train_loader)
         batches, decoder = iter(feed), self.stages.decoder
