@@ -43,6 +43,7 @@ from bench.common import Row, Timing, clock, interleave, median, paired_ratios, 
 from trainer import config
 from trainer.data import loaders, shards, sources
 from trainer.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from trainer.parallel import openmp
 from trainer.tools import prepare
 
 BATCH = 32
@@ -152,7 +153,7 @@ def paths(train: Path, size: int, scale_min: float) -> dict[str, Dataset]:
 def _prepared(train: Path) -> Dataset:
     """The photo folder through ``python -m trainer.prepare --short-side 256``: its training split."""
     folder = train.parent.with_name(f"photos-prepared-{PREPARED_SIDE}")
-    prepare.prepare(train.parent, folder, prepare.Options(PREPARED_SIDE, workers=prepare.available_cores()),
+    prepare.prepare(train.parent, folder, prepare.Options(PREPARED_SIDE, workers=openmp.usable_cores()),
                     say=lambda line: None)
     return shards.load_splits(folder)[0]
 

@@ -42,6 +42,7 @@ from trainer.checkpoint import atomic
 from trainer.data import decode, shards, sources
 from trainer.data.image_index import IndexedImageFolder
 from trainer.errors import EXIT_OK, EXIT_USER_ERROR, DataError, UserError, one_line
+from trainer.parallel import openmp
 
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_MB = 256
@@ -55,11 +56,6 @@ class Options:
     workers: int = 1
     skip_bad: bool = False
     cache_dir: str = config.DataConfig.cache_dir
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def reencode(path: str, short_side: int, quality: int) -> bytes:
@@ -314,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality, 1-95 (default %(default)s)")
     parser.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_MB,
                         help="about this many MiB per tar shard (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=available_cores(),
+    parser.add_argument("--workers", type=int, default=openmp.usable_cores(),
                         help="encoding processes (default: the cores this process may use, %(default)s)")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
     parser.add_argument("--cache-dir", default=config.DataConfig.cache_dir, help="where the source's index is kept")
